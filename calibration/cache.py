@@ -1,0 +1,59 @@
+"""Statistics on disk, keyed by a digest of everything they depend on.
+
+The key covers the exact model weights (a digest of the state dict), the exact calibration inputs,
+the statistic kinds and the settings of the pass (propagation, dtype, and for sequential passes
+the pruning that shaped upstream activations), so a second run with the same recipe skips every
+forward pass and a change anywhere misses the cache instead of reusing stale numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = 1
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 over parameter and buffer names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps({"format": FORMAT, **parts}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StatsCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / "stats" / f"{key[:32]}.safetensors"
+
+    def load(self, key: str) -> dict[str, dict[str, torch.Tensor]] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for flat, t in load_file(path).items():
+            module, field = flat.rsplit("|", 1)
+            out.setdefault(module, {})[field] = t
+        return out
+
+    def save(self, key: str, stats: dict[str, dict[str, torch.Tensor]]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{m}|{f}": t.contiguous() for m, fields in stats.items() for f, t in fields.items()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(flat, tmp)
+        tmp.replace(path)

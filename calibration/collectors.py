@@ -1,0 +1,177 @@
+"""Statistics at the inputs of Linear layers, and per-weight gradient magnitudes.
+
+Everything is upcast before squaring and accumulated in fp64 (LLaMA down_proj inputs reach 1e3-1e4,
+whose squares overflow fp16), and padding positions are excluded from sums and counts.
+
+Kinds (what a stage can ask the calibrate stage for):
+- ``sq_norm``  S1: sum over tokens of x_j^2 per input channel (Wanda, GBLM, Wanda-sp, FLAP WIFN)
+- ``mean_var`` S2: per-channel mean and unbiased variance (FLAP IFV/WIFV, bias compensation)
+- ``abs_max``  per-channel max |x_j| (SmoothQuant)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+KINDS = ("sq_norm", "mean_var", "abs_max")
+
+
+class InputStats:
+    """Running sums over the tokens seen at one Linear's input."""
+
+    def __init__(self, kinds: Iterable[str]):
+        self.kinds = frozenset(kinds)
+        self.sum_sq = self.sum = self.abs_max = None
+        self.tokens = 0
+        self.sequences = 0
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """``x`` is [B, T, C] (or [B, C]); ``mask`` [B, T] bool marks real tokens."""
+        seqs = x.shape[0]
+        x = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
+        x = x.to(torch.float64)
+        if self.sum_sq is None:
+            c = x.shape[-1]
+            self.sum_sq = torch.zeros(c, dtype=torch.float64)
+            self.sum = torch.zeros(c, dtype=torch.float64)
+            self.abs_max = torch.zeros(c, dtype=torch.float64)
+        if self.kinds & {"sq_norm", "mean_var"}:
+            self.sum_sq += (x * x).sum(0)
+        if "mean_var" in self.kinds:
+            self.sum += x.sum(0)
+        if "abs_max" in self.kinds:
+            self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        self.tokens += x.shape[0]
+        self.sequences += seqs
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as flat tensors (what the on-disk cache stores)."""
+        out = {"tokens": torch.tensor(self.tokens), "sequences": torch.tensor(self.sequences)}
+        if self.kinds & {"sq_norm", "mean_var"}:
+            out["sum_sq"] = self.sum_sq
+        if "mean_var" in self.kinds:
+            out["sum"] = self.sum
+        if "abs_max" in self.kinds:
+            out["abs_max"] = self.abs_max
+        return out
+
+
+class Stats:
+    """Read-only view of one Linear's input statistics, with the derived quantities methods use."""
+
+    def __init__(self, t: dict[str, torch.Tensor]):
+        self.t = t
+
+    @property
+    def sequences(self) -> int:
+        return int(self.t["sequences"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.t["tokens"])
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """Wanda's s_j = ||X_j||^2 / N (N = sequences), as the reference's running mean gives."""
+        return (self.t["sum_sq"] / self.sequences).float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.t["sum"] / self.tokens).float()
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Exact unbiased variance over all tokens (the FLAP reference only approximates it)."""
+        n = self.tokens
+        mean = self.t["sum"] / n
+        return ((self.t["sum_sq"] - n * mean * mean) / max(n - 1, 1)).clamp_min(0).float()
+
+    @property
+    def abs_max(self) -> torch.Tensor:
+        return self.t["abs_max"].float()
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the last statistic of a layer is in: the rest of the forward is waste."""
+
+
+class InputHooks:
+    """Forward pre-hooks that feed `InputStats` for a set of named modules.
+
+    ``stop_after_last``: once the execution order is known (first batch), abort the forward pass
+    right after the last hooked module has seen its input. The sequential engine recomputes the
+    layer's output after pruning anyway, so the tail of the stats pass would be thrown away.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], kinds: Iterable[str], stop_after_last: bool = False):
+        self.stats = {name: InputStats(kinds) for name in modules}
+        self.mask: torch.Tensor | None = None
+        self.stop_after_last = stop_after_last
+        self._order: list[str] = []
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            self.stats[name].update(args[0], self.mask)
+            if len(self._order) < len(self.stats):
+                self._order.append(name)
+            elif self.stop_after_last and name == self._order[-1]:
+                raise _StopForward
+
+        return hook
+
+    def run(self, fn, mask: torch.Tensor | None):
+        self.mask = mask
+        try:
+            return fn()
+        except _StopForward:
+            return None
+
+    def remove(self) -> dict[str, dict[str, torch.Tensor]]:
+        for h in self._handles:
+            h.remove()
+        return {name: s.tensors() for name, s in self.stats.items()}
+
+
+class GradientHooks:
+    """Per-sample gradient magnitudes of Linear weights, without materialising weight gradients.
+
+    GBLM accumulates |g_n| and g_n^2 over samples n, where g_n is one sample's gradient. For a
+    Linear, g_n = sum_t dL/dy[n, t]^T x[n, t]; we form it from the saved input and the output
+    gradient, per sample in the batch, so any batch size gives the same result as batch 1.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.sum_sq = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+        self.sum_abs = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+        self.samples = 0
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name, m in modules.items():
+            self._handles.append(m.register_forward_hook(self._save(name)))
+            self._handles.append(m.register_full_backward_hook(self._accumulate(name)))
+
+    def _save(self, name):
+        def hook(module, args, output):
+            self._inputs[name] = args[0].detach()
+
+        return hook
+
+    def _accumulate(self, name):
+        def hook(module, grad_input, grad_output):
+            x = self._inputs.pop(name).float()
+            go = grad_output[0].float()
+            g = torch.einsum("b...o,b...i->boi", go, x)  # one gradient per sample
+            self.sum_sq[name] += (g * g).sum(0)
+            self.sum_abs[name] += g.abs().sum(0)
+
+        return hook
+
+    def remove(self) -> dict[str, dict[str, torch.Tensor]]:
+        for h in self._handles:
+            h.remove()
+        return {n: {"grad_sum_sq": self.sum_sq[n], "grad_sum_abs": self.sum_abs[n],
+                    "grad_samples": torch.tensor(self.samples)} for n in self.sum_sq}

@@ -1,0 +1,142 @@
+"""The layer-wise calibration engine shared by every method (the SparseGPT "catcher" pattern).
+
+Block 0's inputs, and *all* other arguments the model passes it, positional (BERT and CLIP pass
+the attention mask positionally) and keyword (position embeddings, masks: transformers versions
+differ), are captured once per batch; then blocks run one at a time on the
+whole calibration set, batched. Two propagation modes:
+
+- ``dense``: one pass per block with hooks; the next block sees the dense block's output.
+  FLAP and the calibrate stage use it.
+- ``sequential``: a statistics pass (stopped after the last hooked module), then the block is
+  changed (pruned) by a callback, then a propagation pass through the changed block, so the next
+  block calibrates on compressed upstream activations (Wanda, GBLM, SparseGPT).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.adapters import Adapter, Block
+
+from .batches import Batches
+from .collectors import InputHooks
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]
+    args: list[tuple]  # positional arguments after the hidden states
+    kwargs: list[dict]
+    masks: list[torch.Tensor | None]
+
+
+def _cast(obj, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, batches: Batches, dtype: torch.dtype) -> BlockInputs:
+    """Run each batch up to block 0 and keep what block 0 receives."""
+    _, layers = adapter.layers(model)
+    caught = BlockInputs([], [], [], [])
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.hidden.append(hidden.detach().to(dtype))
+        caught.args.append(_cast(tuple(args[1:]), dtype))
+        caught.kwargs.append(_cast(kwargs, dtype))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            caught.masks.append(batch.token_mask)
+            try:
+                model(**batch.inputs, use_cache=False) if "input_ids" in batch.inputs else model(**batch.inputs)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def _forward(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class LayerwiseEngine:
+    """Runs blocks over captured inputs; ``dtype`` is the compute dtype (statistics stay fp64)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, batches: Batches,
+                 dtype: torch.dtype = torch.float32, progress=None):
+        self.model, self.adapter, self.batches, self.dtype = model, adapter, batches, dtype
+        self.progress = progress
+
+    def _compute_copy(self, block: nn.Module) -> nn.Module:
+        """The block in the compute dtype; a copy when that differs, so fp32 weights never round-trip."""
+        return block if self.dtype == torch.float32 else copy.deepcopy(block).to(self.dtype)
+
+    @torch.no_grad()
+    def run(self, targets: dict[int, dict[str, nn.Module]], kinds: set[str], propagation: str,
+            on_block: Callable[[Block, dict[str, dict[str, torch.Tensor]]], None] | None = None,
+            ) -> dict[str, dict[str, torch.Tensor]]:
+        """Collect ``kinds`` at the inputs of ``targets`` (block index -> {name: module}).
+
+        ``on_block(block, stats)`` runs after a block's statistics are complete (e.g. to prune it).
+        Returns the statistics of every target.
+        """
+        blocks = self.adapter.blocks(self.model)
+        last = max(targets) if targets else -1
+        inputs = capture_inputs(self.model, self.adapter, self.batches, self.dtype)
+        result: dict[str, dict[str, torch.Tensor]] = {}
+        task = self.progress.task(f"calibrating {last + 1} blocks ({propagation})", total=last + 1) if self.progress else None
+        for block in blocks[: last + 1]:
+            wanted = targets.get(block.index, {})
+            sequential = propagation == "sequential" and bool(wanted)
+            if wanted:
+                stats = self._pass(block, inputs, wanted, kinds, keep_outputs=not sequential)
+                if on_block is not None:
+                    on_block(block, stats)
+                result.update(stats)
+            if block.index < last and (sequential or not wanted):  # outputs not yet computed
+                self._pass(block, inputs, {}, kinds, keep_outputs=True)
+            if task:
+                task.advance()
+        if task:
+            task.done()
+        return result
+
+    def _pass(self, block: Block, inputs: BlockInputs, modules: dict[str, nn.Module], kinds: set[str],
+              keep_outputs: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """One pass of ``block`` over all batches; replaces ``inputs.hidden`` when ``keep_outputs``."""
+        compute = self._compute_copy(block.module)
+        if modules and compute is not block.module:
+            names = {id(m): n for n, m in block.module.named_modules()}
+            modules = {full: compute.get_submodule(names[id(m)]) for full, m in modules.items()}
+        hooks = InputHooks(modules, kinds, stop_after_last=not keep_outputs) if modules else None
+        for i, (hidden, args, kwargs, mask) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs,
+                                                             inputs.masks)):
+            if hooks:
+                out = hooks.run(lambda: _forward(compute, hidden, args, kwargs), mask)
+            else:
+                out = _forward(compute, hidden, args, kwargs)
+            if keep_outputs:
+                inputs.hidden[i] = out
+        return hooks.remove() if hooks else {}

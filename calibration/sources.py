@@ -1,0 +1,171 @@
+"""Raw data in: the built-in offline text, local text files, folders of images, `datasets`.
+
+The built-in text is two public-domain Jane Austen novels shipped with the package (from Debian's
+``r-cran-janeaustenr``): *Northanger Abbey* for calibration and *Pride and Prejudice* for
+evaluation, so the two never overlap. The Lee document-similarity benchmark is read from the
+``gensim`` 4.4.0 wheel on PyPI (downloaded once into the cache; gensim is never installed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import DataSpec
+
+DATA = Path(__file__).parent / "data"
+BUILTIN = {"calibration": "austen_northangerabbey.txt.gz", "evaluation": "austen_prideprejudice.txt.gz"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class TextData:
+    text: str
+    origin: str  # provenance recorded in the manifest
+
+
+@dataclass
+class ImageData:
+    images: list  # PIL images
+    labels: list[int] | None
+    classes: list[str] | None
+    origin: str
+
+
+def load_text(spec: DataSpec, role: str, field: str) -> TextData:
+    """All text of a source as one string (paragraphs separated by blank lines)."""
+    if spec.source == "builtin":
+        name = BUILTIN[role]
+        return TextData(gzip.decompress((DATA / name).read_bytes()).decode("utf-8"), f"builtin:{name.removesuffix('.gz')}")
+    if spec.source == "files":
+        files = text_files(spec.path, field)
+        return TextData("\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files),
+                        f"files:{spec.path} ({len(files)} file{'s' if len(files) > 1 else ''})")
+    if spec.source == "datasets":
+        rows = _dataset(spec, field)
+        column = spec.dataset.column
+        if column not in rows.column_names:
+            raise RecipeError(f"column {column!r} not in the dataset; columns: {', '.join(rows.column_names)}",
+                              field=f"{field}.dataset.column")
+        d = spec.dataset
+        return TextData("\n\n".join(str(t) for t in rows[column] if t),
+                        f"datasets:{d.name}/{d.config or '-'}[{d.split}].{column}")
+    raise RecipeError(f"source {spec.source!r} holds images; this task needs text (builtin, files or datasets)",
+                      field=f"{field}.source")
+
+
+def load_images(spec: DataSpec, field: str) -> ImageData:
+    """Images from a folder (class subfolders give labels) or a `datasets` image column."""
+    from PIL import Image
+
+    if spec.source == "images":
+        root = Path(spec.path)
+        files = image_files(spec.path, field)
+        subdirs = sorted({f.parent.relative_to(root).parts[0] for f in files if f.parent != root})
+        labelled = bool(subdirs) and all(f.parent != root for f in files)
+        labels = [subdirs.index(f.parent.relative_to(root).parts[0]) for f in files] if labelled else None
+        images = [Image.open(f).convert("RGB") for f in files]
+        return ImageData(images, labels, subdirs if labelled else None, f"images:{spec.path} ({len(files)} files)")
+    if spec.source == "datasets":
+        rows = _dataset(spec, field)
+        d = spec.dataset
+        column = d.column if d.column in rows.column_names else "image"
+        if column not in rows.column_names:
+            raise RecipeError(f"no image column {d.column!r}; columns: {', '.join(rows.column_names)}",
+                              field=f"{field}.dataset.column")
+        labels = list(rows[d.label_column]) if d.label_column else None
+        return ImageData([im.convert("RGB") for im in rows[column]], labels, None,
+                         f"datasets:{d.name}/{d.config or '-'}[{d.split}].{column}")
+    raise RecipeError(f"source {spec.source!r} has no images; image tasks need source 'images' (a folder) "
+                      "or 'datasets'", field=f"{field}.source")
+
+
+def text_files(path: str, field: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".text"))
+        if files:
+            return files
+        raise RecipeError(f"folder {path!r} has no .txt/.md files", field=f"{field}.path")
+    raise RecipeError(f"no such file or folder {path!r}", field=f"{field}.path")
+
+
+def image_files(path: str, field: str) -> list[Path]:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise RecipeError(f"no such folder {path!r} (a folder of images, optionally one subfolder per class)",
+                          field=f"{field}.path")
+    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise RecipeError(f"folder {path!r} has no images ({', '.join(IMAGE_SUFFIXES)})", field=f"{field}.path")
+    return files
+
+
+def _dataset(spec: DataSpec, field: str):
+    try:
+        import datasets
+    except ImportError:
+        raise RecipeError("source 'datasets' needs the datasets package: pip install 'edgeprune[datasets]'",
+                          field=f"{field}.source") from None
+    d = spec.dataset
+    try:
+        return datasets.load_dataset(d.name, d.config, split=d.split)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RecipeError(f"could not load dataset {d.name!r} (config {d.config!r}, split {d.split!r}): {first}",
+                          field=f"{field}.dataset") from None
+
+
+def paragraphs(text: str, min_words: int = 8) -> list[str]:
+    """Blank-line separated paragraphs, whitespace collapsed, short ones (headings, dialogue tags) dropped."""
+    out = (" ".join(p.split()) for p in text.replace("\r\n", "\n").split("\n\n"))
+    return [p for p in out if len(p.split()) >= min_words]
+
+
+@dataclass
+class LeeBenchmark:
+    documents: list[str]
+    similarity: list[list[float]]  # 50 x 50, upper triangle filled (human mean ratings in [0, 1])
+
+
+LEE_WHEEL = "gensim==4.4.0"
+LEE_MEMBERS = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
+
+
+def lee_benchmark(cache: Path) -> LeeBenchmark | None:
+    """The Lee et al. (2005) similarity set, fetched once from PyPI's gensim wheel; None if unreachable."""
+    folder = cache / "lee"
+    files = [folder / Path(m).name for m in LEE_MEMBERS]
+    if not all(f.is_file() for f in files):
+        folder.mkdir(parents=True, exist_ok=True)
+        wheel_dir = folder / "wheel"
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               LEE_WHEEL, "-d", str(wheel_dir)]
+        if subprocess.run(cmd, capture_output=True, timeout=600).returncode != 0:
+            return None
+        wheel = next(wheel_dir.glob("gensim-*.whl"), None)
+        if wheel is None:
+            return None
+        with zipfile.ZipFile(wheel) as z:
+            for member, target in zip(LEE_MEMBERS, files):
+                target.write_bytes(z.read(member))
+        for w in wheel_dir.iterdir():
+            w.unlink()
+        wheel_dir.rmdir()
+    return read_lee(files[0], files[1])
+
+
+def read_lee(corpus: Path, ratings: Path) -> LeeBenchmark:
+    docs = corpus.read_bytes().decode("latin-1").split("\n")
+    rows = [[float(x) for x in line.split("\t")] for line in io.StringIO(ratings.read_text()) if line.strip()]
+    if len(rows) != len(docs) or any(len(r) != len(docs) for r in rows):
+        raise ValueError(f"Lee benchmark files disagree: {len(docs)} documents, {len(rows)} rating rows")
+    return LeeBenchmark(docs, rows)

@@ -1,0 +1,1 @@
+"""From a torch model to deployable files: ONNX export, checks, graph inspection."""

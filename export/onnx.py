@@ -1,0 +1,161 @@
+"""ONNX export with fully static shapes, structural checks, and ONNX Runtime parity.
+
+The dynamo exporter (``torch.onnx.export(..., dynamo=True)``) is the one path: the TorchScript
+exporter fails on transformers-5 Llama mask code. It emits opset 18 (TensorRT 10.3's parser takes
+opsets up to 20). The IR version is set explicitly because onnx >= 1.23 helpers default to an IR
+that onnxruntime 1.31 refuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.errors import StageFailed
+
+IR_VERSION = 10
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
+NP_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
+             onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names, output_names,
+           opset: int) -> onnx.ModelProto:
+    """Export ``module`` at the shapes of ``example``; the file is written under a temporary name, then renamed."""
+    module.eval()
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(module, example, None, opset_version=opset, dynamo=True, optimize=True,
+                                    verbose=False)
+    model = program.model_proto
+    rename_io(model, input_names, output_names)
+    model.ir_version = IR_VERSION
+    problems = static_shape_problems(model)
+    if problems:
+        raise StageFailed(f"exported graph has dynamic dimensions: {'; '.join(problems[:5])}", field="export")
+    save(model, path, external=param_bytes > EXTERNAL_DATA_BYTES)
+    onnx.checker.check_model(str(path), full_check=True)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs warnings about optional packages and constant folding; none are actionable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def rename_io(model: onnx.ModelProto, input_names, output_names) -> None:
+    """Give graph inputs/outputs our names. Done here rather than by the exporter, which can
+    emit an internal value with the same name (aten.embedding's output is called "embedding")."""
+    g = model.graph
+    wanted = dict(zip([v.name for v in g.input], input_names)) | dict(zip([v.name for v in g.output], output_names))
+    taken = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
+    clash = {new: f"{new}__internal" for old, new in wanted.items() if new in taken and new != old}
+    mapping = {**clash, **wanted}
+
+    def fix(name: str) -> str:
+        return mapping.get(name, name)
+
+    for node in g.node:
+        node.input[:] = [fix(n) for n in node.input]
+        node.output[:] = [fix(n) for n in node.output]
+    for v in [*g.input, *g.output, *g.value_info]:
+        v.name = fix(v.name)
+    for init in g.initializer:
+        init.name = fix(init.name)
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if external:
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    else:
+        onnx.save_model(model, tmp)
+    tmp.replace(path)
+
+
+def static_shape_problems(model: onnx.ModelProto) -> list[str]:
+    """Every graph input/output dimension must be a fixed positive number."""
+    out = []
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            for i, d in enumerate(v.type.tensor_type.shape.dim):
+                if d.HasField("dim_param") or d.dim_value <= 0:
+                    out.append(f"{kind} {v.name!r} dim {i} is {d.dim_param or '?'}")
+    return out
+
+
+def io_spec(model: onnx.ModelProto) -> dict:
+    def one(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": NP_DTYPES.get(t.elem_type, str(t.elem_type)),
+                "shape": [d.dim_value for d in t.shape.dim]}
+
+    return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output]}
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Parity:
+    max_abs_err: float
+    max_rel_err: float  # max |ort - torch| / max |torch|, per output, worst output
+    samples: int
+
+    def as_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err, "samples": self.samples}
+
+
+def parity(path: Path, module: torch.nn.Module, input_names, batches: list[tuple[torch.Tensor, ...]]) -> Parity:
+    """Run the same inputs through PyTorch and ONNX Runtime and compare every output.
+
+    The relative error is scaled by each output's largest magnitude: element-wise relative error
+    is meaningless where the reference is near zero.
+    """
+    sess = session(path)
+    max_abs = max_rel = 0.0
+    n = 0
+    module.eval()
+    for inputs in batches:
+        with torch.no_grad():
+            ref = [t.float().numpy() for t in module(*inputs)]
+        got = sess.run(None, {name: t.numpy() for name, t in zip(input_names, inputs)})
+        for r, g in zip(ref, got):
+            err = float(np.abs(r - g.astype(np.float32)).max())
+            max_abs = max(max_abs, err)
+            max_rel = max(max_rel, err / max(float(np.abs(r).max()), 1e-12))
+        n += inputs[0].shape[0]
+    return Parity(max_abs, max_rel, n)
+
+
+def file_bytes(path: Path) -> int:
+    data = path.with_name(f"{path.name}.data")
+    return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)

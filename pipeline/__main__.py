@@ -1,0 +1,81 @@
+"""python -m pipeline run|validate|inspect
+
+User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
+whose result is unacceptable exits with 1. Neither prints a traceback (PIPELINE_DEBUG=1 does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import PipelineError, RecipeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe into runs/<name>/ (or --output)")
+    r.add_argument("recipe")
+    r.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
+    r.add_argument("--force", action="store_true", help="replace an existing run folder")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run, reusing complete stages")
+    v = sub.add_parser("validate", help="check a recipe (schema, model, data, targets) without running it")
+    v.add_argument("recipe")
+    i = sub.add_parser("inspect", help="print a run folder's summary")
+    i.add_argument("run_dir")
+    i.add_argument("--json", action="store_true", help="print manifest.json instead")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        if args.command == "run":
+            from .runner import run
+
+            run(args.recipe, args.output, force=args.force, resume=args.resume)
+        elif args.command == "validate":
+            from .recipe import load_recipe
+            from .runner import plan
+
+            p = plan(load_recipe(args.recipe))
+            stages = ", ".join(p.labels)
+            print(f"ok: {p.recipe.name}: {p.source.model_type} ({p.source.kind}) for {p.recipe.model.task}; "
+                  f"stages: {stages}")
+        else:
+            _inspect(Path(args.run_dir), args.json)
+    except PipelineError as e:
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        if args.command == "run" and not isinstance(e, RecipeError):
+            print("the partial run was kept; fix the cause and rerun with --resume", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _inspect(folder: Path, as_json: bool) -> None:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise RecipeError(f"no manifest.json in '{folder}' (is it a finished run folder?)", field="run_dir")
+    manifest = json.loads(path.read_text())
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    from .report import summary
+
+    print(summary(manifest), end="")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""events.jsonl (one JSON object per event) and rich progress bars, from one call site."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Events:
+    def __init__(self, path: Path | None, console: Console | None = None):
+        self.path = path
+        self.console = console or Console(file=sys.stderr)
+        self._progress: Progress | None = None
+        self.stage: str | None = None
+
+    def emit(self, event: str, **fields) -> None:
+        if self.path is None:
+            return
+        record = {"time": round(time.time(), 3), "event": event, "stage": self.stage, **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def log(self, message: str) -> None:
+        """``message`` may use rich markup; events.jsonl gets the plain text."""
+        self.console.print(message, highlight=False)
+        self.emit("log", message=Text.from_markup(message).plain)
+
+    def task(self, description: str, total: int) -> "ProgressTask":
+        if self._progress is None:
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                                      transient=False)
+            self._progress.start()
+        return ProgressTask(self, self._progress.add_task(description, total=total), description, total)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class ProgressTask:
+    def __init__(self, events: Events, task_id, description: str, total: int):
+        self.events, self.id, self.description, self.total = events, task_id, description, total
+        self.completed = 0
+        events.emit("progress", task=description, completed=0, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self.completed += n
+        self.events._progress.update(self.id, advance=n)
+        self.events.emit("progress", task=self.description, completed=self.completed, total=self.total)
+
+    def done(self) -> None:
+        progress = self.events._progress
+        if progress is not None:
+            progress.remove_task(self.id)
+        self.events.console.print(f"  {self.description}: done", highlight=False)

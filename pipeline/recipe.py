@@ -1,0 +1,257 @@
+"""The recipe: one YAML file validated as a whole before any work starts.
+
+Sections are pydantic models with ``extra="forbid"``; each stage's arguments are the typed model
+its stage class declares (see ``stages.REGISTRY``). Every problem becomes one ``RecipeError``
+naming the field (``stages[1].sparsity``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+TASKS = ("causal-lm", "feature-extraction", "image-classification", "image-feature-extraction")
+Task = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
+Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Section):
+    """Where the model comes from and what it is for.
+
+    ``source`` is a Hugging Face hub id, a local folder, a ``.gguf`` file (or a folder plus
+    ``gguf_file``), or ``package:<module>/<path>`` for weights shipped inside an installed Python
+    package (read by path; the package is never imported).
+    """
+
+    source: str = Field(min_length=1)
+    task: Task
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+
+
+class DatasetSpec(Section):
+    """A `datasets` dataset: ``load_dataset(name, config, split=split)[column]``."""
+
+    name: str = Field(min_length=1)
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    label_column: str | None = None
+
+
+class DataSpec(Section):
+    """A data source: the built-in offline text, local files or image folders, or `datasets`."""
+
+    source: Literal["builtin", "files", "images", "datasets"] = "builtin"
+    path: str | None = None
+    dataset: DatasetSpec | None = None
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source in ("files", "images") and not self.path:
+            raise ValueError(f"source '{self.source}' needs 'path' (a file or a folder)")
+        if self.source == "datasets" and self.dataset is None:
+            raise ValueError("source 'datasets' needs 'dataset: {name, config, split, column}'")
+        if self.source in ("builtin", "datasets") and self.path:
+            raise ValueError(f"'path' is only used with source 'files' or 'images', not '{self.source}'")
+        return self
+
+
+class CalibrationSpec(DataSpec):
+    num_samples: int = Field(default=128, ge=1, le=100_000)
+    seq_len: int = Field(default=128, ge=2, le=32_768)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LatencySpec(Section):
+    threads: int = Field(default=2, ge=1, le=256)
+    warmup: int = Field(default=3, ge=0, le=1000)
+    iterations: int = Field(default=20, ge=1, le=100_000)
+
+
+class EvaluationSpec(DataSpec):
+    """Held-out data and settings; shapes come from ``export`` so the artifact itself is measured."""
+
+    num_samples: int = Field(default=32, ge=1, le=100_000)
+    lee: bool = True
+    latency: LatencySpec = LatencySpec()
+
+
+class ExportSpec(Section):
+    """Static shapes of the exported graph (no dynamic axis anywhere)."""
+
+    batch_size: int = Field(default=1, ge=1, le=4096)
+    seq_len: int = Field(default=128, ge=2, le=32_768)
+    image_size: int | None = Field(default=None, ge=8, le=4096)
+    opset: int = Field(default=18, ge=18, le=20)
+    rtol: float = Field(default=1e-4, gt=0, le=1)
+    parity_batches: int = Field(default=2, ge=1, le=64)
+
+
+class Recipe(Section):
+    name: Slug
+    model: ModelSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    stages: list[Any]
+    export: ExportSpec = ExportSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (defaults filled in), as saved in the run folder."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+_SECTIONS: dict[str, type[Section]] = {
+    "model": ModelSpec,
+    "calibration": CalibrationSpec,
+    "export": ExportSpec,
+    "evaluation": EvaluationSpec,
+}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"no such file '{path}'", field="recipe")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"not valid YAML{where}: {getattr(e, 'problem', e)}", field="recipe") from None
+    return parse_recipe(raw)
+
+
+def parse_recipe(raw: Any) -> Recipe:
+    from stages import REGISTRY  # stages import torch; only needed once a recipe is parsed
+
+    if not isinstance(raw, dict):
+        raise RecipeError("the recipe must be a mapping with keys name, model, stages, ...", field="recipe")
+    allowed = list(Recipe.model_fields)
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(f"unknown key; allowed keys: {', '.join(allowed)}", field=str(key))
+    for key in ("name", "model", "stages"):
+        if key not in raw:
+            raise RecipeError("required key is missing", field=key)
+    sections = {key: _validate(cls, raw.get(key, {}) or {}, key) for key, cls in _SECTIONS.items() if key in raw}
+    stages_raw = raw["stages"]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError("must be a non-empty list of stages, each a mapping with a 'type'", field="stages")
+    stages = []
+    for i, item in enumerate(stages_raw):
+        where = f"stages[{i}]"
+        if not isinstance(item, dict) or "type" not in item:
+            raise RecipeError(f"each stage needs a 'type'; allowed: {', '.join(REGISTRY)}", field=where)
+        if item["type"] not in REGISTRY:
+            raise RecipeError(f"unknown stage type {item['type']!r}; allowed: {', '.join(REGISTRY)}", field=f"{where}.type")
+        stages.append(_validate(REGISTRY[item["type"]].Args, item, where))
+    try:
+        recipe = Recipe(name=raw["name"], stages=stages, **sections)
+    except ValidationError as e:
+        raise _to_recipe_error(e, Recipe, "") from None
+    _check_stage_order(recipe)
+    return recipe
+
+
+def _validate(cls: type[BaseModel], data: Any, where: str) -> BaseModel:
+    if not isinstance(data, dict):
+        raise RecipeError(f"must be a mapping, got {type(data).__name__}", field=where)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise _to_recipe_error(e, cls, where) from None
+
+
+def _to_recipe_error(e: ValidationError, cls: type[BaseModel], prefix: str) -> RecipeError:
+    err = e.errors()[0]
+    loc = [p for p in err["loc"]]
+    field = prefix
+    for part in loc:
+        field = f"{field}[{part}]" if isinstance(part, int) else (f"{field}.{part}" if field else str(part))
+    kind, value = err["type"], err.get("input")
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        owner = _owner(cls, loc[:-1])
+        allowed = ", ".join(owner.model_fields) if owner else ""
+        text = f"unknown key; allowed keys: {allowed}"
+    elif kind == "missing":
+        text = "required key is missing"
+    elif kind.startswith(("greater", "less")):
+        text = f"{value!r} is out of range: {msg[0].lower()}{msg[1:]}"
+    elif kind == "value_error":
+        text = msg.removeprefix("Value error, ")
+    else:
+        text = f"{value!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+    more = len(e.errors()) - 1
+    if more:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return RecipeError(text, field=field or "recipe")
+
+
+def _owner(cls: type[BaseModel], loc: list) -> type[BaseModel] | None:
+    """The model class that owns the field at ``loc`` (for listing allowed keys)."""
+    current: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = field.annotation
+        args = getattr(current, "__args__", None)
+        if args:  # Optional[Model] / list[Model]
+            current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _check_stage_order(recipe: Recipe) -> None:
+    """Rules that span stages: data before the stages that need it, export last among changes."""
+    from stages import REGISTRY
+
+    calibrated_at: int | None = None
+    changed_since_calibration = False
+    exported_at: int | None = None
+    for i, args in enumerate(recipe.stages):
+        stage_cls = REGISTRY[args.type]
+        where = f"stages[{i}]"
+        if args.type == "calibrate":
+            calibrated_at, changed_since_calibration = i, False
+        needs = stage_cls.needs_calibration(args)
+        if needs and calibrated_at is None:
+            raise RecipeError(
+                f"stage '{args.type}' ({stage_cls.describe(args)}) needs calibration data: "
+                "add '- type: calibrate' before it", field=where)
+        if needs == "dense-statistics" and changed_since_calibration:
+            raise RecipeError(
+                f"stage '{args.type}' uses statistics of the model as calibrated at stages[{calibrated_at}], "
+                "but an earlier stage changed the model since: add another '- type: calibrate' before it",
+                field=where)
+        if stage_cls.changes_model:
+            changed_since_calibration = True
+            if exported_at is not None:
+                raise RecipeError(
+                    f"stage '{args.type}' changes the model after it was exported at stages[{exported_at}]: "
+                    "move 'export' after every stage that changes the model", field=where)
+        if args.type == "export":
+            if exported_at is not None:
+                raise RecipeError("only one 'export' stage is allowed", field=where)
+            exported_at = i

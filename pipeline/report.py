@@ -1,0 +1,77 @@
+"""report.md from the manifest and the stages' tables; `inspect` prints the same summary."""
+
+from __future__ import annotations
+
+
+def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
+    def cell(v):
+        return "" if v is None else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows[:limit]]
+    if len(rows) > limit:
+        lines.append(f"\n({len(rows) - limit} more rows in manifest.json)")
+    return "\n".join(lines)
+
+
+def summary(manifest: dict) -> str:
+    m = manifest["model"]
+    lines = [f"# Run `{manifest['name']}`", "",
+             f"- model: `{m['source']}` ({m['architecture']}, task {m['task']}), sha256 `{m['sha256'][:16]}…`",
+             f"- parameters: {m['params_before']:,} → {m['params_after']:,} "
+             f"(non-zero after: {m['nonzero_params_after']:,})",
+             f"- created {manifest['created']} with edgeprune {manifest['environment']['packages'].get('edgeprune')}"]
+    onnx = manifest.get("onnx")
+    if onnx:
+        ins = ", ".join(f"{d['name']} {d['dtype']}{d['shape']}" for d in onnx["inputs"])
+        outs = ", ".join(f"{d['name']} {d['dtype']}{d['shape']}" for d in onnx["outputs"])
+        p = onnx["parity"]
+        lines.append(f"- ONNX opset {onnx['opset']}, IR {onnx['ir_version']}: inputs {ins}; outputs {outs}; "
+                     f"parity max abs {p['max_abs_err']:.3g}, max rel {p['max_rel_err']:.3g}")
+    lines += ["", "| stage | type | seconds | summary |", "|---|---|---|---|"]
+    for s in manifest["stages"]:
+        lines.append(f"| {s['name']} | {s['type']} | {s['seconds']} | {_headline(s)} |")
+    ev = manifest.get("evaluation")
+    if ev:
+        lines += ["", f"Evaluation ({ev['backend']}, {ev['data']['origin']}):", ""]
+        lines.append(md_table(["metric", "dense", "compressed"], _eval_rows(ev)))
+    return "\n".join(lines) + "\n"
+
+
+def _headline(stage: dict) -> str:
+    m = stage["metrics"]
+    keys = ("method", "pattern", "achieved_sparsity", "samples", "origin", "parity", "cache", "comparison")
+    parts = []
+    for k in keys:
+        if k in m:
+            v = m[k]
+            if isinstance(v, dict):
+                v = ", ".join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+            parts.append(f"{k}: {v}")
+    if stage.get("status") == "resumed":
+        parts.append("(resumed)")
+    return "; ".join(parts)
+
+
+def _eval_rows(ev: dict) -> list[list]:
+    rows = []
+    for key in sorted(set(ev["dense"]) | set(ev["compressed"])):
+        rows.append([key, ev["dense"].get(key), ev["compressed"].get(key)])
+    rows += [[k, "", v] for k, v in ev.get("comparison", {}).items()]
+    for k in ev.get("size", {}).get("dense", {}):
+        rows.append([k, ev["size"]["dense"][k], ev["size"]["compressed"].get(k)])
+    lat = ev.get("latency")
+    if lat:
+        rows.append([f"median latency ms (batch {lat['batch_size']}, {lat['threads']} threads)",
+                     lat["dense"]["median_ms"], lat["compressed"]["median_ms"]])
+        rows.append(["speedup", "", lat["speedup"]])
+    return rows
+
+
+def render(manifest: dict, tables: dict[str, list]) -> str:
+    """Full report: the summary, then every stage's own tables."""
+    parts = [summary(manifest)]
+    for s in manifest["stages"]:
+        for t in tables.get(s["name"], []):
+            parts.append(f"\n## {s['name']}: {t.title}\n\n{md_table(t.headers, t.rows)}\n")
+    return "".join(parts)

@@ -1,0 +1,189 @@
+"""The only orchestrator: validate everything, then run stages in order into a temporary folder.
+
+`plan` does every check that needs no weights (model exists, architecture supported, data paths,
+targets against a meta-device copy of the model) so a bad recipe fails before a folder exists.
+`run` executes the plan; each stage's completion is recorded with a fingerprint of everything it
+depends on, which is what ``--resume`` compares before reusing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calibration.cache import StatsCache
+from calibration.sources import image_files, text_files
+from stages import REGISTRY, Stage, StageResult, Table
+
+from . import models
+from .adapters import Adapter, adapter_for
+from .context import RunContext
+from .errors import RecipeError
+from .events import Events
+from .manifest import SCHEMA, RunFolder, artifacts, dump, environment, now, write_atomic
+from .recipe import DataSpec, Recipe, load_recipe
+from .report import render
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    source: models.Source
+    adapter: Adapter
+    stages: list[Stage]
+    labels: list[str]
+
+
+def plan(recipe: Recipe) -> Plan:
+    source = models.resolve_source(recipe.model)
+    adapter = adapter_for(source.model_type, recipe.model.task)
+    types = [s.type for s in recipe.stages]
+    if any(t in ("calibrate", "export") for t in types):
+        _check_data(recipe.calibration, recipe.model.task, "calibration")
+    if "evaluate" in types:
+        _check_data(recipe.evaluation, recipe.model.task, "evaluation")
+    meta = models.meta_model(recipe.model, source)
+    stages = [REGISTRY[a.type](a) for a in recipe.stages]
+    for i, stage in enumerate(stages):
+        stage.validate(recipe, meta, adapter, f"stages[{i}]")
+    return Plan(recipe, source, adapter, stages, _labels(recipe))
+
+
+def _check_data(spec: DataSpec, task: str, field: str) -> None:
+    image_task = task.startswith("image")
+    if image_task and spec.source in ("builtin", "files"):
+        raise RecipeError(f"task {task!r} needs images: set source 'images' with a folder path, or 'datasets' "
+                          f"(the built-in data is text)", field=f"{field}.source")
+    if not image_task and spec.source == "images":
+        raise RecipeError(f"task {task!r} needs text: use source 'builtin', 'files' or 'datasets'",
+                          field=f"{field}.source")
+    if spec.source == "files":
+        text_files(spec.path, field)
+    elif spec.source == "images":
+        image_files(spec.path, field)
+
+
+def _labels(recipe: Recipe) -> list[str]:
+    explicit = [s.name for s in recipe.stages if s.name]
+    if len(set(explicit)) != len(explicit):
+        raise RecipeError("stage names must be unique", field="stages")
+    auto = [s.name or s.type for s in recipe.stages]
+    return [label if auto.count(label) == 1 or recipe.stages[i].name else f"{label}-{i}"
+            for i, label in enumerate(auto)]
+
+
+def _chain(previous: str, payload) -> str:
+    return hashlib.sha256((previous + json.dumps(payload, sort_keys=True, default=str)).encode()).hexdigest()
+
+
+def run(recipe_path: str | Path, output: str | Path | None = None, force: bool = False,
+        resume: bool = False, events: Events | None = None) -> Path:
+    recipe = load_recipe(recipe_path)
+    p = plan(recipe)
+    folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
+    resuming = folder.open(force, resume)
+    work = folder.partial
+    write_atomic(work / "recipe.yaml", recipe.to_yaml())
+    events = events or Events(None)
+    events.path = work / "events.jsonl"
+    events.emit("run_start", recipe=recipe.name, resume=resuming)
+    events.log(f"[bold]{recipe.name}[/]: loading {recipe.model.source}")
+    t0 = time.perf_counter()
+    model, preprocessor = models.load_model(recipe.model, p.source)
+    ctx = RunContext(recipe=recipe, source=p.source, model=model, preprocessor=preprocessor, adapter=p.adapter,
+                     workdir=work, cache=StatsCache(models.cache_dir()), events=events)
+    params_before = _params(model)
+    events.emit("model_loaded", seconds=round(time.perf_counter() - t0, 2), params=params_before)
+    records, tables = [], {}
+    fingerprint = _chain(p.source.sha256, recipe.model_dump(mode="json", include={"model", "calibration"}))
+    reusable = resuming
+    try:
+        for i, (stage, label) in enumerate(zip(p.stages, p.labels)):
+            extra = recipe.model_dump(mode="json", include={"export", "evaluation"}) if stage.type in ("export", "evaluate") else {}
+            fingerprint = _chain(fingerprint, {"args": stage.args.model_dump(mode="json"), **extra})
+            ctx.stage_index, events.stage = i, label
+            sdir = folder.stage_dir(i, label)
+            record = _read_record(sdir) if reusable else None
+            if record is not None and record["fingerprint"] == fingerprint:
+                result = StageResult(record["metrics"], [Table(**t) for t in record["tables"]])
+                if stage.changes_model:
+                    ctx.model, _ = models.load_checkpoint(sdir / "model")
+                stage.restore(ctx, sdir, result)
+                status, seconds = "resumed", record["seconds"]
+                events.log(f"[bold]{label}[/]: complete in the partial run, reused")
+                events.emit("stage_reused")
+            else:
+                reusable = False
+                shutil.rmtree(sdir, ignore_errors=True)
+                sdir.mkdir(parents=True)
+                events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")
+                events.emit("stage_start", type=stage.type, params=stage.args.model_dump(mode="json"))
+                t = time.perf_counter()
+                result = stage.run(ctx, sdir)
+                seconds = round(time.perf_counter() - t, 3)
+                if stage.changes_model:
+                    models.save_checkpoint(ctx.model, None, sdir / "model", recipe.model.task)
+                write_atomic(sdir / "result.json", dump({
+                    "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
+                    "tables": [t.__dict__ for t in result.tables]}))
+                status = "ran"
+                events.emit("stage_end", seconds=seconds, metrics=result.metrics)
+            records.append({"name": label, "type": stage.type, "params": stage.args.model_dump(mode="json"),
+                            "seconds": seconds, "status": status, "metrics": result.metrics})
+            tables[label] = result.tables
+        events.stage = None
+        _drop_stale_stage_dirs(folder, p.labels)
+        folder.drop_snapshots()
+        models.save_checkpoint(ctx.model, ctx.preprocessor, work / "checkpoint", recipe.model.task)
+        manifest = _manifest(ctx, records, params_before)
+        write_atomic(work / "report.md", render(manifest, tables))
+        events.emit("run_end", seconds=round(time.perf_counter() - t0, 2))
+        manifest["artifacts"] = artifacts(work)
+        write_atomic(work / "manifest.json", dump(manifest))
+    finally:
+        events.close()
+    final = folder.finalize()
+    events.console.print(f"wrote {final}/ ({len(manifest['artifacts'])} files)", highlight=False)
+    return final
+
+
+def _read_record(sdir: Path) -> dict | None:
+    path = sdir / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _drop_stale_stage_dirs(folder: RunFolder, labels: list[str]) -> None:
+    keep = {folder.stage_dir(i, label).name for i, label in enumerate(labels)}
+    for d in (folder.partial / "stages").glob("*"):
+        if d.name not in keep:
+            shutil.rmtree(d)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _manifest(ctx: RunContext, records: list[dict], params_before: int) -> dict:
+    recipe, src = ctx.recipe, ctx.source
+    calibration = next((r["metrics"] for r in records if r["type"] == "calibrate"), None)
+    return {
+        "schema": SCHEMA,
+        "name": recipe.name,
+        "created": now(),
+        "recipe": {"path": "recipe.yaml", "sha256": recipe.sha256()},
+        "model": {"source": recipe.model.source, "kind": src.kind, "sha256": src.sha256, "files": src.files,
+                  "architecture": src.model_type, "class": type(ctx.model).__name__, "task": recipe.model.task,
+                  "params_before": params_before, "params_after": _params(ctx.model),
+                  "nonzero_params_after": sum(int((q != 0).sum()) for q in ctx.model.parameters())},
+        "calibration": calibration,
+        "stages": records,
+        "onnx": ctx.onnx or None,
+        "evaluation": ctx.evaluation or None,
+        "environment": environment(),
+    }

@@ -1,0 +1,11 @@
+"""Stage registry: recipe ``type`` -> stage class (each declares its typed ``Args``)."""
+
+from .base import Stage, StageArgs, StageResult, Table
+from .calibrate import Calibrate
+from .evaluate import Evaluate
+from .export import Export
+from .prune_weights import PruneWeights
+
+REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneWeights, Export, Evaluate)}
+
+__all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

