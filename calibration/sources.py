@@ -117,7 +117,7 @@ def _dataset(spec: DataSpec, field: str):
                           field=f"{field}.source") from None
     d = spec.dataset
     try:
-        return datasets.load_dataset(d.name, d.config, split=d.split)
+        return datasets.load_dataset(d.name, d.config, split=d.split, data_files=d.data_files)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RecipeError(f"could not load dataset {d.name!r} (config {d.config!r}, split {d.split!r}): {first}",

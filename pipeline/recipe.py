@@ -43,10 +43,14 @@ class ModelSpec(Section):
 
 
 class DatasetSpec(Section):
-    """A `datasets` dataset: ``load_dataset(name, config, split=split)[column]``."""
+    """A `datasets` dataset: ``load_dataset(name, config, split=split, data_files=data_files)[column]``.
+
+    ``name: text`` (or json, csv, parquet) with ``data_files`` reads local files without a hub.
+    """
 
     name: str = Field(min_length=1)
     config: str | None = None
+    data_files: str | list[str] | None = None
     split: str = "train"
     column: str = "text"
     label_column: str | None = None

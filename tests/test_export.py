@@ -104,3 +104,12 @@ def test_llama_export_parity(llama_dir, tmp_path):
     proto = onnx_export.export(tm, (ids,), path, tm.input_names, tm.output_names, opset=18)
     assert onnx_export.io_spec(proto)["outputs"][0]["shape"] == [1, 16, 30522]
     assert onnx_export.parity(path, tm, tm.input_names, [(ids,)]).max_rel_err < 1e-4
+
+
+def test_external_data_layout_loads_in_onnx_runtime(bert_export, tmp_path):
+    tm, _, proto, example = bert_export
+    path = tmp_path / "big.onnx"
+    onnx_export.save(proto, path, external=True)
+    assert (tmp_path / "big.onnx.data").stat().st_size > path.stat().st_size
+    assert onnx_export.file_bytes(path) > (tmp_path / "big.onnx.data").stat().st_size
+    assert onnx_export.parity(path, tm, tm.input_names, [example]).max_rel_err < 1e-5

@@ -148,3 +148,37 @@ def test_force_resume_and_failed_stage(bert_dir, tmp_path):
     assert not list(tmp_path.glob(".out.*"))
     w = onnx_inspect.linear_weights(onnx.load(out / "model.onnx"))["encoder.layer.0.output.dense"]
     assert np.isclose((w == 0).mean(), 0.5)
+
+
+def test_dense_propagation_uses_calibrate_statistics(llama_dir, tmp_path):
+    """Wanda with dense propagation = masks from one full forward of the dense model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calibration.batches import calibration_batches
+    from pipeline.recipe import CalibrationSpec
+
+    stages = [{"type": "calibrate"}, {"type": "prune_weights", "method": "wanda", "sparsity": 0.5,
+                                      "propagation": "dense"}]
+    recipe = text_recipe(llama_dir, "causal-lm", stages)
+    out = run(write_recipe(tmp_path, recipe), output=tmp_path / "out")
+    m = json.loads((out / "manifest.json").read_text())
+    assert "activations (sq_norm)" in m["stages"][0]["metrics"]["statistics"]
+    pruned, _ = load_checkpoint(out / "checkpoint")
+
+    dense = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    spec = CalibrationSpec(**recipe["calibration"])
+    batches = calibration_batches("causal-lm", AutoTokenizer.from_pretrained(llama_dir), spec)
+    linears = {n: mod for n, mod in dense.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n}
+    sums = {n: 0.0 for n in linears}
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: sums.__setitem__(n, sums[n] + (a[0] ** 2).sum((0, 1))))
+             for n, mod in linears.items()]
+    with torch.no_grad():
+        for b in batches:
+            dense(**b.inputs)
+    for h in hooks:
+        h.remove()
+    for n, mod in linears.items():
+        score = mod.weight.abs() * (sums[n] / spec.num_samples).sqrt()
+        expected = torch.zeros_like(score, dtype=torch.bool).scatter_(
+            1, torch.sort(score, dim=1, stable=True).indices[:, : score.shape[1] // 2], True)
+        assert torch.equal(pruned.get_submodule(n).weight == 0, expected | (mod.weight == 0)), n

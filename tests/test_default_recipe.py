@@ -1,0 +1,32 @@
+"""The embedded default recipe on the real MiniLM weights: what `make demo` produces."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime as ort
+
+from export import inspect as onnx_inspect
+from pipeline.runner import run
+
+
+def test_default_recipe_end_to_end(tmp_path):
+    out = run("recipes/default.yaml", output=tmp_path / "default")
+    m = json.loads((out / "manifest.json").read_text())
+    model = onnx.load(out / "model.onnx")
+    dims = [d for v in [*model.graph.input, *model.graph.output] for d in v.type.tensor_type.shape.dim]
+    assert all(d.dim_value > 0 and not d.dim_param for d in dims)
+    ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert m["onnx"]["parity"]["max_rel_err"] <= 1e-4
+    weights = onnx_inspect.linear_weights(model)
+    targeted = [n for n in weights if n.startswith("encoder.layer.")]
+    assert len(targeted) == 36
+    for name in targeted:  # every group of 4 along K has at least 2 zeros
+        assert onnx_inspect.nm_violations(weights[name], 2, 4) == 0, name
+    ev = m["evaluation"]
+    assert ev["backend"] == "onnxruntime" and ev["comparison"]["samples"] == 64
+    assert 0.5 < ev["comparison"]["mean_cosine"] < 1.0
+    if isinstance(ev["dense"].get("lee"), dict):  # PyPI reachable: the dense model reproduces the known correlation
+        assert abs(ev["dense"]["lee"]["pearson"] - 0.65) < 0.02
+    assert m["model"]["params_before"] == 22_713_216
