@@ -222,18 +222,60 @@ def _converted_gguf(source: Source) -> Path:
 
 
 def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> None:
-    """Save a loadable checkpoint: safetensors weights, config, preprocessor, and our metadata."""
+    """Save a loadable checkpoint: safetensors weights, config, preprocessor, and our metadata.
+
+    Per-layer sizes that differ from what the config alone builds (structured pruning) are
+    recorded in the config as ``edgeprune_structure``; `load_checkpoint` rebuilds them. Without
+    them the folder is a plain transformers checkpoint.
+    """
+    from .adapters import adapter_for
+
     folder.mkdir(parents=True, exist_ok=True)
+    adapter = adapter_for(model.config.model_type, task)
+    config = model.config
+    if hasattr(config, "edgeprune_structure"):
+        del config.edgeprune_structure
+    shapes = [adapter.shape(model, b) for b in adapter.blocks(model)]
+    cls = type(model)
+    with torch.device("meta"):
+        stock = cls._from_config(config)
+    if shapes != [adapter.shape(stock, b) for b in adapter.blocks(stock)]:
+        config.edgeprune_structure = [s.as_dict() for s in shapes]
     model.save_pretrained(folder, safe_serialization=True)
     if preprocessor is not None:
         preprocessor.save_pretrained(folder)
-    (folder / CHECKPOINT_META).write_text(json.dumps({"task": task, "model_type": model.config.model_type}, indent=2))
+    (folder / CHECKPOINT_META).write_text(json.dumps({"task": task, "model_type": config.model_type}, indent=2))
 
 
 def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object]:
-    """Load a checkpoint written by `save_checkpoint` (the run folder's ``checkpoint/``)."""
+    """Load a checkpoint written by `save_checkpoint` (the run folder's ``checkpoint/``).
+
+    This is the one call for structurally pruned models, whose layers have their own head counts
+    and MLP widths; unpruned checkpoints also load with plain transformers.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from .adapters import BlockShape, adapter_for
+
     folder = Path(folder)
     meta = json.loads((folder / CHECKPOINT_META).read_text())
-    model = _auto_class(meta["task"], meta["model_type"]).from_pretrained(folder, dtype=torch.float32,
-                                                                        use_safetensors=True)
+    cls = _auto_class(meta["task"], meta["model_type"])
+    config = AutoConfig.from_pretrained(folder)
+    structure = getattr(config, "edgeprune_structure", None)
+    if not structure:
+        model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        return model.eval(), _preprocessor(meta["task"], folder)
+    model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") else cls.from_config(config)
+    adapter = adapter_for(meta["model_type"], meta["task"])
+    for block, shape in zip(adapter.blocks(model), structure):
+        adapter.reshape_block(model, block, BlockShape(**shape))
+    state = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"checkpoint {folder} does not match its recorded structure: "
+                         f"missing {untied[:3]}, unexpected {unexpected[:3]}")
     return model.eval(), _preprocessor(meta["task"], folder)

@@ -4,8 +4,9 @@ from .base import Stage, StageArgs, StageResult, Table
 from .calibrate import Calibrate
 from .evaluate import Evaluate
 from .export import Export
+from .prune_structured import PruneStructured
 from .prune_weights import PruneWeights
 
-REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneWeights, Export, Evaluate)}
+REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, Export, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

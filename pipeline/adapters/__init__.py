@@ -1,7 +1,7 @@
 """Architecture adapters: the only place that knows where heads and MLP channels live."""
 
 from ..errors import RecipeError
-from .base import Adapter, Block
+from .base import Adapter, Block, BlockShape, head_channels
 from .families import BertAdapter, ClipAdapter, LlamaAdapter, ViTAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), LlamaAdapter(), ViTAdapter(), ClipAdapter())
@@ -25,4 +25,4 @@ def adapter_for(model_type: str, task: str) -> Adapter:
         field="model.source")
 
 
-__all__ = ["ADAPTERS", "Adapter", "Block", "adapter_for", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "adapter_for", "head_channels", "supported_model_types"]

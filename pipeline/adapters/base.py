@@ -9,9 +9,10 @@ are read from the current weight shapes, so they stay true after structured prun
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 
@@ -35,6 +36,55 @@ class Block:
     def linears(self) -> tuple[str, ...]:
         """Every projection of the block, in execution order."""
         return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A block's own sizes after structured pruning: what a stock config cannot express."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    o_bias: bool
+    mlp_out_bias: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return model.get_submodule(parent), child
+
+
+def _slice_linear(model: nn.Module, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  add_bias: torch.Tensor | None = None) -> None:
+    """Replace Linear ``name`` by one holding only ``rows`` (outputs) and ``cols`` (inputs).
+
+    ``add_bias`` is added to the (sliced) bias, creating the bias if the layer had none.
+    """
+    old = model.get_submodule(name)
+    w = old.weight.data
+    b = old.bias.data if old.bias is not None else None
+    if rows is not None:
+        w, b = w[rows], (b[rows] if b is not None else None)
+    if cols is not None:
+        w = w[:, cols]
+    if add_bias is not None:
+        b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + add_bias.to(w.dtype)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    new.train(old.training)
+    parent, child = _parent(model, name)
+    setattr(parent, child, new)
+
+
+def head_channels(heads, head_dim: int) -> torch.Tensor:
+    """Channel indices of the given heads: head h owns [h*hd, (h+1)*hd)."""
+    heads = torch.as_tensor(list(heads), dtype=torch.long)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
 class Adapter:
@@ -77,6 +127,59 @@ class Adapter:
                 intermediate_size=model.get_submodule(mlp_out).in_features,
             ))
         return out
+
+    def shape(self, model: nn.Module, block: Block) -> BlockShape:
+        return BlockShape(block.num_heads, block.num_kv_heads, block.intermediate_size,
+                          model.get_submodule(block.o).bias is not None,
+                          model.get_submodule(block.mlp_out).bias is not None)
+
+    def slice_block(self, model: nn.Module, block: Block, heads, kv_heads, channels,
+                    o_bias: torch.Tensor | None = None, mlp_bias: torch.Tensor | None = None) -> None:
+        """Keep query ``heads``, ``kv_heads`` and MLP ``channels`` (sorted indices) of ``block``.
+
+        Dependency-aware: q rows and o columns by query head, k/v rows by KV head, MLP input-side
+        rows and output-side columns by channel, biases alongside. ``o_bias``/``mlp_bias`` are
+        added to the output projections' biases (bias compensation; created where absent).
+        With grouped-query attention every kept KV head must keep the same number of query heads,
+        contiguous and in order, because HF's repeat_kv maps query head j to KV head j // g.
+        """
+        heads, kv_heads, channels = sorted(heads), sorted(kv_heads), sorted(channels)
+        if not heads or not channels or len(heads) % len(kv_heads):
+            raise ValueError(f"block {block.index}: {len(heads)} heads, {len(kv_heads)} KV heads, "
+                             f"{len(channels)} channels is not a valid structure")
+        g_old, g_new = block.num_heads // block.num_kv_heads, len(heads) // len(kv_heads)
+        if [h // g_old for h in heads] != [kv_heads[i // g_new] for i in range(len(heads))]:
+            raise ValueError(f"block {block.index}: query heads {heads} do not split evenly over KV heads {kv_heads}")
+        hd = block.head_dim
+        q_cols, kv_rows = head_channels(heads, hd), head_channels(kv_heads, hd)
+        ch = torch.as_tensor(channels, dtype=torch.long)
+        _slice_linear(model, block.q, rows=q_cols)
+        _slice_linear(model, block.k, rows=kv_rows)
+        _slice_linear(model, block.v, rows=kv_rows)
+        _slice_linear(model, block.o, cols=q_cols, add_bias=o_bias)
+        for name in block.mlp_in:
+            _slice_linear(model, name, rows=ch)
+        _slice_linear(model, block.mlp_out, cols=ch, add_bias=mlp_bias)
+        attention = _parent(model, block.q)[0]
+        for attr, value in (("num_heads", len(heads)), ("num_attention_heads", len(heads)),
+                            ("num_key_value_heads", len(kv_heads)), ("num_key_value_groups", g_new),
+                            ("all_head_size", len(heads) * hd)):
+            if hasattr(attention, attr):
+                setattr(attention, attr, value)
+        mlp = _parent(model, block.mlp_out)[0]
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(channels)
+
+    def reshape_block(self, model: nn.Module, block: Block, shape: BlockShape) -> None:
+        """Give a freshly built block the sizes of a saved one (its weights are loaded next)."""
+        hidden = model.get_submodule(block.o).out_features
+        g = shape.num_heads // shape.num_kv_heads
+        g_old = block.num_heads // block.num_kv_heads
+        heads = [k * g_old + j for k in range(shape.num_kv_heads) for j in range(g)]
+        o_bias = torch.zeros(hidden) if shape.o_bias and model.get_submodule(block.o).bias is None else None
+        mlp_bias = torch.zeros(hidden) if shape.mlp_out_bias and model.get_submodule(block.mlp_out).bias is None else None
+        self.slice_block(model, block, heads, range(shape.num_kv_heads), range(shape.intermediate_size),
+                         o_bias, mlp_bias)
 
     def input_embedding(self, model: nn.Module) -> nn.Module:
         """The module whose output feeds block 0 (its output is made to require grad for gradients)."""
