@@ -40,7 +40,8 @@ def summary(manifest: dict) -> str:
 
 def _headline(stage: dict) -> str:
     m = stage["metrics"]
-    keys = ("method", "pattern", "achieved_sparsity", "samples", "origin", "parity", "cache", "comparison")
+    keys = ("method", "structure", "pattern", "achieved_ratio", "achieved_sparsity", "samples", "origin", "parity",
+            "cache", "comparison")
     parts = []
     for k in keys:
         if k in m:

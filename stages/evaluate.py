@@ -8,7 +8,6 @@ Latency alternates between the two graphs in rounds, so machine noise hits both 
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import onnx
 import torch
 
 from calibration.batches import Batches, encode_texts, evaluation_batches
+from calibration.cache import cache_key
 from calibration.sources import lee_benchmark
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
@@ -103,13 +103,10 @@ class Evaluate(Stage):
         batches = evaluation_batches(task, ctx.preprocessor, spec, ex.batch_size, ex.seq_len, ex.image_size)
         dense_model, _ = load_model(ctx.recipe.model, ctx.source)
         dense_tm, comp_tm = ctx.task_model(dense_model), ctx.task_model()
-        work = folder / "work"
-        work.mkdir(parents=True, exist_ok=True)
         dense_path = None
         if ctx.onnx_path is not None:
-            dense_path = work / "dense.onnx"
             example = tuple(batches.batches[0].inputs[n] for n in dense_tm.input_names)
-            onnx_export.export(dense_tm, example, dense_path, dense_tm.input_names, dense_tm.output_names, ex.opset)
+            dense_path = self._dense_onnx(ctx, dense_tm, example)
         threads = spec.latency.threads
         dense = Runner(dense_tm, dense_path, threads)
         comp = Runner(comp_tm, ctx.onnx_path, threads)
@@ -119,9 +116,21 @@ class Evaluate(Stage):
         result["size"] = self._size(ctx, dense_model, dense_path)
         if dense_path:
             result["latency"] = self._latency(dense, comp, batches, dense_tm.input_names, spec.latency)
-        shutil.rmtree(work)
         ctx.evaluation = result
         return StageResult(result)  # report.md renders the evaluation from the manifest
+
+    @staticmethod
+    def _dense_onnx(ctx: RunContext, module, example) -> Path:
+        """The dense model exported at the same shapes, cached by source hash, shapes and exporter."""
+        ex, m = ctx.recipe.export, ctx.recipe.model
+        key = cache_key(kind="dense-onnx", model=ctx.source.sha256, task=m.task, pooling=m.pooling,
+                        normalize=m.normalize, shapes=[list(t.shape) for t in example], opset=ex.opset,
+                        torch=torch.__version__)
+        path = cache_dir() / "onnx" / f"{key[:32]}.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            onnx_export.export(module, example, path, module.input_names, module.output_names, ex.opset)
+        return path
 
     def _quality(self, ctx, dense: Runner, comp: Runner, batches: Batches, names) -> dict:
         task = ctx.recipe.model.task

@@ -29,4 +29,6 @@ def test_default_recipe_end_to_end(tmp_path):
     assert 0.5 < ev["comparison"]["mean_cosine"] < 1.0
     if isinstance(ev["dense"].get("lee"), dict):  # PyPI reachable: the dense model reproduces the known correlation
         assert abs(ev["dense"]["lee"]["pearson"] - 0.65) < 0.02
-    assert m["model"]["params_before"] == 22_713_216
+    assert m["model"]["params_before"] == 22_713_216 and m["model"]["params_after"] < 22_713_216
+    flap = m["stages"][1]["metrics"]
+    assert abs(flap["achieved_ratio"] - 0.2) < 0.02 and all(l["mlp_channels"] % 64 == 0 for l in flap["layers"])
