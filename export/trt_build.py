@@ -105,12 +105,14 @@ def _write_golden(build_dir: Path, onnx_path: Path, feeds: list[dict[str, np.nda
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
     from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
 
     (build_dir / "golden").mkdir(exist_ok=True)
-    results = Comparator.run([OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))],
-                             data_loader=feeds)
-    save_json(feeds, build_dir / GOLDEN_INPUTS)
-    results.save(str(build_dir / GOLDEN_OUTPUTS))
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]))
+        results = Comparator.run([runner], data_loader=feeds)
+        save_json(feeds, build_dir / GOLDEN_INPUTS)
+        results.save(str(build_dir / GOLDEN_OUTPUTS))
 
 
 def build_script(spec: dict) -> str:
@@ -221,7 +223,7 @@ def unavailable() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return "the tensorrt Python package is not installed (pip install 'edgeprune[tensorrt]')"
+        return "the tensorrt Python package is not installed: pip install 'edgeprune[tensorrt]'"
     import torch
 
     if not torch.cuda.is_available():
@@ -241,6 +243,7 @@ def build_here(build_dir: Path, spec: dict, feeds: list[dict[str, np.ndarray]]) 
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine, TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
 
     cc = "{}.{}".format(*torch.cuda.get_device_capability())
     key = engine_key(trt.__version__, cc)
@@ -259,8 +262,10 @@ def build_here(build_dir: Path, spec: dict, feeds: list[dict[str, np.ndarray]]) 
     engine = SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(stage / TIMING_CACHE)),
                         path=str(stage / ENGINE))
     g = spec["golden"]
-    results = Comparator.run([TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(onnx_path))], data_loader=feeds)
-    passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=g["atol"], rtol=g["rtol"])))
+    with G_LOGGER.verbosity(G_LOGGER.WARNING):
+        results = Comparator.run([TrtRunner(engine), OnnxrtRunner(SessionFromOnnx(onnx_path))], data_loader=feeds)
+        compare = CompareFunc.simple(atol=g["atol"], rtol=g["rtol"])
+        passed = bool(Comparator.compare_accuracy(results, compare_func=compare))
     errors = _max_errors(results)
     record = {"key": key, "tensorrt": trt.__version__, "compute_capability": cc,
               "gpu": torch.cuda.get_device_name(), "platform": f"{platform.system()} {platform.machine()}",

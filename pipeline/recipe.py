@@ -194,7 +194,7 @@ def parse_recipe(raw: Any) -> Recipe:
     for key in ("name", "model", "stages"):
         if key not in raw:
             raise RecipeError("required key is missing", field=key)
-    sections = {key: _validate(cls, raw.get(key, {}) or {}, key) for key, cls in _SECTIONS.items() if key in raw}
+    sections = {key: _validate(cls, raw[key], key) for key, cls in _SECTIONS.items() if raw.get(key) is not None}
     stages_raw = raw["stages"]
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError("must be a non-empty list of stages, each a mapping with a 'type'", field="stages")

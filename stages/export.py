@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
+from rich.markup import escape
 
 from calibration.batches import calibration_batches
 from export import inspect as onnx_inspect
@@ -93,7 +94,7 @@ class Export(Stage):
             ctx.events.log(f"built {engine['engine']} ({engine['gpu']}); ONNX Runtime comparison "
                            f"{'passed' if engine['comparison']['passed'] else 'FAILED'}")
         else:
-            ctx.events.log(f"no TensorRT engine built here: {engine['reason']}; build it on the device with "
+            ctx.events.log(f"no TensorRT engine built here: {escape(engine['reason'])}; build it on the device with "
                            "build/build_engine.sh")
         return {**readiness.as_dict(), "build": {"spec": "build/build_spec.json", "script": "build/build_engine.sh",
                                                  "engine": engine}}
@@ -139,6 +140,6 @@ def _trt_table(trt: dict) -> Table:
     rows += [["warning", str(w["message"])] for w in trt["warnings"]]
     rows.append(["2:4 sparse MatMul/Gemm weights", f"{trt['sparse_2_4_layers']} of {len(trt['sparsity'])}"])
     rows.append(["engine", f"{engine['engine']} ({engine['gpu']}, TensorRT {engine['tensorrt']})" if engine["built"]
-                 else f"not built here ({engine['reason']}); on the device run build/build_engine.sh"])
+                 else f"not built here: {engine['reason']}. On the device run build/build_engine.sh"])
     return Table(f"TensorRT readiness: {trt['target']} (TensorRT {trt['tensorrt']}, {trt['platform']})",
                  ["check", "result"], rows)

@@ -83,7 +83,7 @@ def test_no_engine_built_here_is_said_plainly(deploy_run):
     assert m["onnx"]["tensorrt"]["build"]["engine"] == {"built": False, "reason": reason}
     assert not (deploy_run / "build" / "engines").exists()
     report = (deploy_run / "report.md").read_text()
-    assert f"not built here ({reason}); on the device run build/build_engine.sh" in report
+    assert f"not built here: {reason}. On the device run build/build_engine.sh" in report
 
 
 def test_build_script_builds_under_the_device_key(device):
