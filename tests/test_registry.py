@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,46 +18,22 @@ from pipeline.errors import RecipeError
 from pipeline.manifest import sha256_path
 from pipeline.recipe import parse_recipe
 
+from . import registry_server
 from .conftest import text_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
 def oci_registry(tmp_path_factory):
-    """docker-registry on 127.0.0.1 with a private config: loopback only, temporary storage, no auth."""
-    binary = shutil.which("docker-registry")
-    if binary is None:
+    """A real OCI registry on loopback for this module (skipped only where docker-registry is absent)."""
+    tmp = tmp_path_factory.mktemp("registry")
+    started = registry_server.start(tmp)
+    if started is None:
         if os.environ.get("CI"):
             pytest.fail("docker-registry is not installed; .ci/run installs it with apt-get")
         pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
-    tmp = tmp_path_factory.mktemp("registry")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp / "config.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp / 'data'}\n"
-                      f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
-    log = open(tmp / "registry.log", "w")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"docker-registry did not start: {(tmp / 'registry.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield {"host": f"127.0.0.1:{port}", "data": tmp / "data"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    proc, host = started
+    yield {"host": host, "data": tmp / "data"}
+    registry_server.stop(proc)
 
 
 def _pushed_files(run_dir: Path) -> list[str]:
