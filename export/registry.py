@@ -19,6 +19,7 @@ and only then moves the folder into place.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -164,15 +165,16 @@ def _manifest_annotations(manifest: dict) -> dict:
             f"{ANNOTATION}.target": str(trt.get("target")), f"{ANNOTATION}.tensorrt": str(trt.get("tensorrt"))}
 
 
-def _check_unchanged(run_dir: Path, files: list[str], manifest: dict) -> None:
+def _check_unchanged(run_dir: Path, layers: list[tuple[Path, dict]], manifest: dict) -> None:
     """Refuse to push files that differ from what the run recorded (engines: from engine.json)."""
     recorded = {a["path"]: a["sha256"] for a in manifest.get("artifacts", [])}
-    for rel in files:
+    for _, d in layers:
+        rel = d["annotations"][TITLE]
         expected = recorded.get(rel)
         if expected is None and rel.endswith("/model.plan"):
             info = run_dir / PurePosixPath(rel).parent / "engine.json"
             expected = json.loads(info.read_text()).get("sha256") if info.is_file() else None
-        if expected is not None and sha256_path(run_dir / rel) != expected:
+        if expected is not None and d["digest"] != f"sha256:{expected}":
             raise RegistryError(f"{rel} changed after the run recorded its sha256; rerun the pipeline or restore it",
                                 field="RUN_DIR")
 
@@ -193,9 +195,9 @@ def push(run_dir: str | Path, ref: str) -> dict:
         raise RecipeError(f"no manifest.json in '{run_dir}' (is it a finished run folder?)", field="RUN_DIR")
     manifest = json.loads(manifest_path.read_text())
     files = deployable_files(run_dir)
-    _check_unchanged(run_dir, files, manifest)
     layers = [(run_dir / rel, _descriptor(run_dir / rel, _media_type(rel), _annotations(run_dir, rel, manifest)))
               for rel in files]
+    _check_unchanged(run_dir, layers, manifest)
     config = _descriptor(manifest_path, CONFIG_MEDIA_TYPE)
     oci = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [d for _, d in layers],
            "annotations": _manifest_annotations(manifest)}
@@ -203,7 +205,7 @@ def push(run_dir: str | Path, ref: str) -> dict:
     store = _store(r)
     uploaded = 0
     for path, d in [(manifest_path, config), *layers]:
-        if not store.has_blob(d["digest"]):
+        if not store.has_blob(d):
             store.put_blob(path, d)
             uploaded += 1
     store.put_manifest(oci, body, r.tag)
@@ -276,9 +278,10 @@ class _FolderStore:
     def _blob(self, digest: str) -> Path:
         return self.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
 
-    def has_blob(self, digest: str) -> bool:
-        path = self._blob(digest)
-        return path.is_file() and f"sha256:{sha256_path(path)}" == digest
+    def has_blob(self, descriptor: dict) -> bool:
+        """Present with the right size, as a registry's HEAD says; pull verifies the content."""
+        path = self._blob(descriptor["digest"])
+        return path.is_file() and path.stat().st_size == descriptor["size"]
 
     def put_blob(self, path: Path, descriptor: dict) -> None:
         target = self._blob(descriptor["digest"])
@@ -346,41 +349,51 @@ class _OciStore:
         user, password = os.environ.get("EDGEPRUNE_REGISTRY_USER"), os.environ.get("EDGEPRUNE_REGISTRY_PASSWORD")
         if user and password:
             self.registry.auth.set_basic_auth(user, password)
-        elif ping.status_code == 401:
+        elif ping.status_code == 401 and backend == "basic":  # token registries may still grant anonymous pulls
             raise RegistryError(f"registry {r.location} needs credentials: set EDGEPRUNE_REGISTRY_USER and "
                                 "EDGEPRUNE_REGISTRY_PASSWORD")
         self.container = self.registry.get_container(f"{r.repo}:{r.tag}")
+
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        """oras-py reports refusals as ValueError (e.g. no upload session without valid credentials)."""
+        try:
+            yield
+        except (ValueError, requests.RequestException) as e:
+            raise RegistryError(f"{what} failed on {self.ref}: {e}") from None
 
     def _check(self, response, what: str):
         if response.status_code not in (200, 201, 202):
             raise RegistryError(f"{what} failed on {self.ref}: HTTP {response.status_code} {response.reason}")
         return response
 
-    def has_blob(self, digest: str) -> bool:
-        return self.registry.blob_exists({"digest": digest}, self.container)
+    def has_blob(self, descriptor: dict) -> bool:
+        with self._errors("checking a blob"):
+            return self.registry.blob_exists(descriptor, self.container)
 
     def put_blob(self, path: Path, descriptor: dict) -> None:
-        self._check(self.registry.upload_blob(str(path), self.container, descriptor), f"uploading {path.name}")
+        with self._errors(f"uploading {path.name}"):
+            self._check(self.registry.upload_blob(str(path), self.container, descriptor), f"uploading {path.name}")
 
     def put_manifest(self, manifest: dict, body: bytes, tag: str) -> None:
-        response = self._check(self.registry.upload_manifest(manifest, self.container), "uploading the manifest")
+        with self._errors("uploading the manifest"):
+            response = self._check(self.registry.upload_manifest(manifest, self.container), "uploading the manifest")
         sent = response.request.body
         if sent is not None and sent != body:  # our digest must be the one the registry stored
             raise RegistryError("the manifest was serialised differently than expected; not verified")
 
     def manifest(self, tag: str) -> tuple[bytes, str | None]:
         url = f"{self.registry.prefix}://{self.container.manifest_url(tag)}"
-        response = self.registry.do_request(url, "GET", headers={"Accept": OCI_MANIFEST})
+        with self._errors("reading the manifest"):
+            response = self.registry.do_request(url, "GET", headers={"Accept": OCI_MANIFEST})
         if response.status_code == 404:
             raise RegistryError(f"no tag '{tag}' in {self.ref.location}/{self.ref.repo}")
         self._check(response, "reading the manifest")
         return response.content, response.headers.get("Docker-Content-Digest")
 
     def fetch_blob(self, digest: str, out: Path) -> None:
-        try:
+        with self._errors(f"downloading {digest}"):
             self.registry.download_blob(self.container, digest, str(out))
-        except Exception as e:  # requests' HTTPError from raise_for_status
-            raise RegistryError(f"downloading {digest} from {self.ref} failed: {e}") from None
 
 
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):

@@ -12,8 +12,9 @@ from pathlib import Path
 import requests
 
 
-def start(tmp: Path, wait_s: float = 20) -> tuple[subprocess.Popen, str] | None:
-    """Start a registry storing under ``tmp``; (process, "127.0.0.1:PORT"), or None when not installed."""
+def start(tmp: Path, htpasswd: str | None = None, wait_s: float = 20) -> tuple[subprocess.Popen, str] | None:
+    """Start a registry storing under ``tmp`` (Basic auth when given htpasswd lines, bcrypt only);
+    (process, "127.0.0.1:PORT"), or None when docker-registry is not installed."""
     binary = shutil.which("docker-registry")
     if binary is None:
         return None
@@ -23,13 +24,17 @@ def start(tmp: Path, wait_s: float = 20) -> tuple[subprocess.Popen, str] | None:
     config = tmp / "config.yml"
     config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp / 'data'}\n"
                       f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    if htpasswd:
+        (tmp / "htpasswd").write_text(htpasswd + "\n")
+        with open(config, "a") as f:
+            f.write(f"auth:\n  htpasswd:\n    realm: edgeprune-tests\n    path: {tmp / 'htpasswd'}\n")
     log = open(tmp / "registry.log", "w")
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
+            if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code in (200, 401):
                 return proc, f"127.0.0.1:{port}"
         except requests.ConnectionError:
             time.sleep(0.1)

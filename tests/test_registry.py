@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -161,11 +162,28 @@ def test_oci_push_interrupted_publishes_no_tag(deploy_run, oci_registry, tmp_pat
     assert main(["pull", f"oci://{host}/edgeprune/halfway:v1", str(tmp_path / "out")]) == 1
 
 
-def test_oci_credentials_come_from_the_environment(oci_registry, monkeypatch):
-    monkeypatch.setenv("EDGEPRUNE_REGISTRY_USER", "ci")
-    monkeypatch.setenv("EDGEPRUNE_REGISTRY_PASSWORD", "s3cret")
-    store = registry._OciStore(parse_ref(f"oci://{oci_registry['host']}/edgeprune/x:v1"))
-    assert store.registry.auth._basic_auth == "Y2k6czNjcmV0"  # base64("ci:s3cret")
+# bcrypt of "s3cret" (docker-registry's htpasswd takes bcrypt only)
+HTPASSWD = "ci:$2b$12$Hxfr6lHMoZKW27H2ADoh4urgcs2mWyMSzQNxgJ9W4ZctnbIVhfCLa"
+
+
+def test_oci_credentials_come_from_the_environment(deploy_run, oci_registry, tmp_path, monkeypatch, capsys):
+    """A second loopback registry, with Basic auth (``oci_registry`` makes this skip where the binary is absent)."""
+    (tmp_path / "auth").mkdir()
+    proc, host = registry_server.start(tmp_path / "auth", htpasswd=HTPASSWD)
+    try:
+        ref = f"oci://{host}/edgeprune/private:v1"
+        assert main(["push", str(deploy_run), ref]) == 1
+        assert f"registry {host} needs credentials: set EDGEPRUNE_REGISTRY_USER" in capsys.readouterr().err
+        monkeypatch.setenv("EDGEPRUNE_REGISTRY_USER", "ci")
+        monkeypatch.setenv("EDGEPRUNE_REGISTRY_PASSWORD", "wrong")
+        assert main(["push", str(deploy_run), ref]) == 1
+        assert "authentication required" in capsys.readouterr().err
+        monkeypatch.setenv("EDGEPRUNE_REGISTRY_PASSWORD", "s3cret")
+        assert main(["push", str(deploy_run), ref]) == 0
+        assert main(["pull", ref, str(tmp_path / "out")]) == 0
+        _same_files(deploy_run, tmp_path / "out", _pushed_files(deploy_run))
+    finally:
+        registry_server.stop(proc)
     with pytest.raises(RecipeError, match="never from the recipe"):
         parse_recipe({"name": "t", "model": {"source": "x", "task": "feature-extraction"}, "stages": [{"type": "export"}],
                       "publish": {"ref": "oci://h/r:t", "password": "p"}})
@@ -188,3 +206,13 @@ def test_recipe_publish_block_pushes_the_finished_run(bert_dir, tmp_path):
     out = run(write_recipe(tmp_path, recipe), output=tmp_path / "run")
     pull(ref, tmp_path / "pulled")
     _same_files(out, tmp_path / "pulled", _pushed_files(out))
+
+
+def test_push_refuses_files_changed_since_the_run(deploy_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(deploy_run, run_dir)
+    with open(run_dir / "build" / "build_spec.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(RegistryError, match="build/build_spec.json changed after the run recorded its sha256"):
+        push(run_dir, f"{tmp_path / 'reg'}/minilm:v1")
+    assert not (tmp_path / "reg" / "minilm" / "index.json").exists()
