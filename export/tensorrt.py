@@ -93,7 +93,6 @@ class _Graph:
     """Lookups the checks share: producers, consumers, constants, inferred types and shapes."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
         self.inferred = _infer(model)
         g = model.graph
         self.nodes = list(_all_nodes(g))

@@ -13,7 +13,7 @@ be reproduced by hand from ``build_spec.json``.
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import platform
 import shlex
@@ -220,9 +220,7 @@ fi
 
 def unavailable() -> str | None:
     """Why no engine can be built on this machine, or None when one can."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorrt") is None:
         return "the tensorrt Python package is not installed: pip install 'edgeprune[tensorrt]'"
     import torch
 
@@ -291,7 +289,3 @@ def _max_errors(results) -> dict:
             max_rel = max(max_rel, err / max(float(np.abs(r).max()), 1e-12))
     return {"max_abs_err": max_abs, "max_rel_err": max_rel}
 
-
-def read_engines(build_dir: Path) -> list[dict]:
-    """engine.json of every engine under build/engines/ (built here or on a device)."""
-    return [json.loads(p.read_text()) for p in sorted((build_dir / "engines").glob("*/engine.json"))]

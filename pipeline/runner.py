@@ -163,7 +163,7 @@ def _publish(final: Path, ref: str, events: Events) -> None:
         r = push(final, ref)
     except PipelineError as e:
         raise RegistryError(f"the run is complete in {final}, but pushing it failed: {e.message}; retry with "
-                      f"'python -m pipeline push {final} {ref}'", field="publish.ref") from None
+                            f"'python -m pipeline push {final} {ref}'", field="publish.ref") from None
     events.console.print(f"pushed {final}/ to {r['ref']} ({r['digest']})", highlight=False)
 
 
