@@ -27,21 +27,36 @@ def _scope(node: onnx.NodeProto) -> str | None:
     return None
 
 
-def linear_weights(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, np.ndarray]:
-    """torch Linear name -> its exported weight as [K, N] (input dimension first)."""
+def matmul_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarray]]:
+    """Every MatMul/Gemm whose B is a constant weight, with that weight as [K, N] (input dimension
+    first). A weight behind a DequantizeLinear (Q/DQ graphs) is read as its stored integers."""
     inits = {i.name: i for i in model.graph.initializer}
-    out = {}
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out = []
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        scope = _scope(node)
-        if scope is None:
+        name = node.input[1] if node.input[1] in inits else dequantized.get(node.input[1])
+        if name not in inits:
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        w = numpy_helper.to_array(inits[name])
+        if w.ndim != 2:
+            continue
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute):
             w = w.T
-        out[scope.removeprefix(strip_prefix)] = w
+        out.append((node, w))
     return out
+
+
+def torch_scope(node: onnx.NodeProto, strip_prefix: str = "model.") -> str | None:
+    """The torch module name of ``node`` as the model's ``named_modules`` spells it."""
+    scope = _scope(node)
+    return scope.removeprefix(strip_prefix) if scope else None
+
+
+def linear_weights(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, np.ndarray]:
+    """torch Linear name -> its exported weight as [K, N] (input dimension first)."""
+    return {s: w for node, w in matmul_weights(model) if (s := torch_scope(node, strip_prefix))}
 
 
 def nm_violations(weight_kn: np.ndarray, n: int, m: int) -> int:

@@ -1,4 +1,4 @@
-"""python -m pipeline run|validate|inspect
+"""python -m pipeline run|validate|inspect|push|pull
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable exits with 1. Neither prints a traceback (PIPELINE_DEBUG=1 does).
@@ -11,6 +11,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from export.registry import RegistryError
 
 from .errors import PipelineError, RecipeError
 
@@ -28,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a run folder's summary")
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true", help="print manifest.json instead")
+    pu = sub.add_parser("push", help="push a run folder to a registry: DIR/REPO:TAG or oci://HOST:PORT/REPO:TAG")
+    pu.add_argument("run_dir")
+    pu.add_argument("registry_ref")
+    pl = sub.add_parser("pull", help="pull a pushed run into a new folder, verifying every sha256")
+    pl.add_argument("registry_ref")
+    pl.add_argument("dir")
     return p
 
 
@@ -49,13 +57,24 @@ def main(argv: list[str] | None = None) -> int:
             stages = ", ".join(p.labels)
             print(f"ok: {p.recipe.name}: {p.source.model_type} ({p.source.kind}) for {p.recipe.model.task}; "
                   f"stages: {stages}")
+        elif args.command == "push":
+            from export.registry import push
+
+            r = push(args.run_dir, args.registry_ref)
+            print(f"pushed {args.run_dir} to {r['ref']}: {r['files']} files, {r['bytes']:,} bytes "
+                  f"({r['uploaded_blobs']} new blobs), manifest {r['digest']}")
+        elif args.command == "pull":
+            from export.registry import pull
+
+            r = pull(args.registry_ref, args.dir)
+            print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
         else:
             _inspect(Path(args.run_dir), args.json)
     except PipelineError as e:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        if args.command == "run" and not isinstance(e, RecipeError):
+        if args.command == "run" and not isinstance(e, (RecipeError, RegistryError)):
             print("the partial run was kept; fix the cause and rerun with --resume", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

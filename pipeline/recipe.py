@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from export.trt_targets import TARGETS
 
 from .errors import RecipeError
 
@@ -96,6 +98,16 @@ class EvaluationSpec(DataSpec):
     latency: LatencySpec = LatencySpec()
 
 
+class TensorRTSpec(Section):
+    """The TensorRT target the exported graph is checked against and prepared for (``build/``)."""
+
+    target: Literal[tuple(TARGETS)] = "jetson-orin-jp6"
+    workspace_mib: int = Field(default=1024, ge=16, le=1 << 20)
+    optimization_level: int = Field(default=3, ge=0, le=5)
+    atol: float = Field(default=1e-3, gt=0, le=1)  # engine vs ONNX Runtime (TF32 math in FP32 builds)
+    rtol: float = Field(default=1e-2, gt=0, le=1)
+
+
 class ExportSpec(Section):
     """Static shapes of the exported graph (no dynamic axis anywhere)."""
 
@@ -105,6 +117,30 @@ class ExportSpec(Section):
     opset: int = Field(default=18, ge=18, le=20)
     rtol: float = Field(default=1e-4, gt=0, le=1)
     parity_batches: int = Field(default=2, ge=1, le=64)
+    tensorrt: TensorRTSpec = TensorRTSpec()
+
+
+class PublishSpec(Section):
+    """Where a finished run is pushed: a local folder registry ``DIR/REPO:TAG`` or
+    ``oci://HOST[:PORT]/REPO:TAG``. Credentials come from the environment, never from here."""
+
+    ref: str = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        if isinstance(data, dict) and {"username", "user", "password", "token"} & set(data):
+            raise ValueError("credentials are read from the environment (EDGEPRUNE_REGISTRY_USER, "
+                             "EDGEPRUNE_REGISTRY_PASSWORD), never from the recipe")
+        return data
+
+    @field_validator("ref")
+    @classmethod
+    def _parse(cls, ref: str) -> str:
+        from export.registry import parse_ref
+
+        parse_ref(ref)
+        return ref
 
 
 class Recipe(Section):
@@ -114,6 +150,7 @@ class Recipe(Section):
     stages: list[Any]
     export: ExportSpec = ExportSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    publish: PublishSpec | None = None
 
     def to_yaml(self) -> str:
         """The resolved recipe (defaults filled in), as saved in the run folder."""
@@ -128,6 +165,7 @@ _SECTIONS: dict[str, type[Section]] = {
     "calibration": CalibrationSpec,
     "export": ExportSpec,
     "evaluation": EvaluationSpec,
+    "publish": PublishSpec,
 }
 
 
@@ -156,7 +194,7 @@ def parse_recipe(raw: Any) -> Recipe:
     for key in ("name", "model", "stages"):
         if key not in raw:
             raise RecipeError("required key is missing", field=key)
-    sections = {key: _validate(cls, raw.get(key, {}) or {}, key) for key, cls in _SECTIONS.items() if key in raw}
+    sections = {key: _validate(cls, raw[key], key) for key, cls in _SECTIONS.items() if raw.get(key) is not None}
     stages_raw = raw["stages"]
     if not isinstance(stages_raw, list) or not stages_raw:
         raise RecipeError("must be a non-empty list of stages, each a mapping with a 'type'", field="stages")

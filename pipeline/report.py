@@ -28,6 +28,12 @@ def summary(manifest: dict) -> str:
         p = onnx["parity"]
         lines.append(f"- ONNX opset {onnx['opset']}, IR {onnx['ir_version']}: inputs {ins}; outputs {outs}; "
                      f"parity max abs {p['max_abs_err']:.3g}, max rel {p['max_rel_err']:.3g}")
+        trt = onnx.get("tensorrt")
+        if trt:
+            engine = trt["build"]["engine"]
+            built = f"engine {engine['engine']} ({engine['gpu']})" if engine["built"] else "no engine built here"
+            lines.append(f"- TensorRT {trt['tensorrt']} ({trt['target']}): {'ready' if trt['ok'] else 'NOT ready'}, "
+                         f"{trt['sparse_2_4_layers']} 2:4 sparse layers, {built}; build material in build/")
     lines += ["", "| stage | type | seconds | summary |", "|---|---|---|---|"]
     for s in manifest["stages"]:
         lines.append(f"| {s['name']} | {s['type']} | {s['seconds']} | {_headline(s)} |")

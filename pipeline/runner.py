@@ -24,7 +24,7 @@ from stages import REGISTRY, Stage, StageResult, Table
 from . import models
 from .adapters import Adapter, adapter_for
 from .context import RunContext
-from .errors import RecipeError
+from .errors import PipelineError, RecipeError
 from .events import Events
 from .manifest import SCHEMA, RunFolder, artifacts, dump, environment, now, write_atomic
 from .recipe import DataSpec, Recipe, load_recipe
@@ -150,7 +150,21 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
         events.close()
     final = folder.finalize()
     events.console.print(f"wrote {final}/ ({len(manifest['artifacts'])} files)", highlight=False)
+    if recipe.publish:
+        _publish(final, recipe.publish.ref, events)
     return final
+
+
+def _publish(final: Path, ref: str, events: Events) -> None:
+    """Push the finished run (the recipe's publish block); the run folder stays either way."""
+    from export.registry import RegistryError, push
+
+    try:
+        r = push(final, ref)
+    except PipelineError as e:
+        raise RegistryError(f"the run is complete in {final}, but pushing it failed: {e.message}; retry with "
+                            f"'python -m pipeline push {final} {ref}'", field="publish.ref") from None
+    events.console.print(f"pushed {final}/ to {r['ref']} ({r['digest']})", highlight=False)
 
 
 def _read_record(sdir: Path) -> dict | None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
 
 import onnx
+from rich.markup import escape
 
 from calibration.batches import calibration_batches
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
+from export import tensorrt, trt_build
 from pipeline.context import RunContext
 from pipeline.errors import StageFailed
 
@@ -53,19 +56,48 @@ class Export(Stage):
                     "parity": {**par.as_dict(), "rtol": ex.rtol}, "sparsity_check": sparsity,
                     "nodes": len(model.graph.node), "ops": sorted({n.op_type for n in model.graph.node}),
                     "bytes": onnx_export.file_bytes(path)}
-        (folder / "onnx.json").write_text(json.dumps(ctx.onnx, indent=1))
         metrics = {"seconds_export": round(seconds_export, 3), "parity": ctx.onnx["parity"],
                    "sparsity_check": sparsity, "bytes": ctx.onnx["bytes"]}
         if par.max_rel_err > ex.rtol:
             raise StageFailed(f"ONNX Runtime output differs from PyTorch: max relative error {par.max_rel_err:.3g} "
                               f"> export.rtol {ex.rtol:g} (max abs {par.max_abs_err:.3g})", field="export")
+        ctx.onnx["tensorrt"] = self._tensorrt(ctx, model, path, dict(zip(module.input_names, inputs[0])), folder)
+        (folder / "onnx.json").write_text(json.dumps(ctx.onnx, indent=1))
+        metrics["tensorrt"] = _trt_headline(ctx.onnx["tensorrt"])
         io_rows = [[d["name"], "input" if d in ctx.onnx["inputs"] else "output", d["dtype"], str(d["shape"])]
                    for d in ctx.onnx["inputs"] + ctx.onnx["outputs"]]
         return StageResult(metrics, [Table("ONNX graph", ["tensor", "kind", "dtype", "static shape"], io_rows),
                                      Table("Parity with PyTorch (ONNX Runtime, CPU)",
                                            ["samples", "max abs err", "max rel err", "rtol"],
                                            [[par.samples, f"{par.max_abs_err:.3g}", f"{par.max_rel_err:.3g}",
-                                             f"{ex.rtol:g}"]])])
+                                             f"{ex.rtol:g}"]]),
+                                     _trt_table(ctx.onnx["tensorrt"])])
+
+    def _tensorrt(self, ctx: RunContext, model: onnx.ModelProto, path: Path, example: dict, folder: Path) -> dict:
+        """Readiness for the recipe's TensorRT target (failing the export when not ready), then the
+        build material in build/, and an engine when this machine can build one."""
+        spec = ctx.recipe.export.tensorrt
+        readiness = tensorrt.check(model, spec.target)
+        (folder / "tensorrt.json").write_text(json.dumps(readiness.as_dict(), indent=1))
+        if not readiness.ok:
+            t = readiness.target
+            raise StageFailed(f"the graph is not ready for TensorRT {t.tensorrt} ({t.name}): {readiness.summary()}",
+                              field="export.tensorrt.target")
+        build_dir = ctx.workdir / "build"
+        shutil.rmtree(build_dir, ignore_errors=True)
+        build = trt_build.build_spec(readiness.target, path, build_dir, ctx.onnx, readiness,
+                                     spec.workspace_mib, spec.optimization_level, spec.atol, spec.rtol)
+        feeds = [{name: t.numpy() for name, t in example.items()}]
+        trt_build.write_material(build_dir, build, feeds)
+        engine = trt_build.build_here(build_dir, build, feeds)
+        if engine["built"]:
+            ctx.events.log(f"built {engine['engine']} ({engine['gpu']}); ONNX Runtime comparison "
+                           f"{'passed' if engine['comparison']['passed'] else 'FAILED'}")
+        else:
+            ctx.events.log(f"no TensorRT engine built here: {escape(engine['reason'])}; build it on the device with "
+                           "build/build_engine.sh")
+        return {**readiness.as_dict(), "build": {"spec": "build/build_spec.json", "script": "build/build_engine.sh",
+                                                 "engine": engine}}
 
     def _check_sparsity(self, ctx: RunContext, model: onnx.ModelProto) -> dict:
         """Pruned zeros must be in the exported initializers, N:M groups along K."""
@@ -94,3 +126,20 @@ class Export(Stage):
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.onnx_path = ctx.workdir / "model.onnx"
         ctx.onnx = json.loads((folder / "onnx.json").read_text())
+
+
+def _trt_headline(trt: dict) -> dict:
+    engine = trt["build"]["engine"]
+    return {"target": trt["target"], "ready": trt["ok"], "sparse_2_4_layers": trt["sparse_2_4_layers"],
+            "engine": engine["engine"] if engine["built"] else "not built here"}
+
+
+def _trt_table(trt: dict) -> Table:
+    engine = trt["build"]["engine"]
+    rows = [[check, result] for check, result in trt["checks"].items()]
+    rows += [["warning", str(w["message"])] for w in trt["warnings"]]
+    rows.append(["2:4 sparse MatMul/Gemm weights", f"{trt['sparse_2_4_layers']} of {len(trt['sparsity'])}"])
+    rows.append(["engine", f"{engine['engine']} ({engine['gpu']}, TensorRT {engine['tensorrt']})" if engine["built"]
+                 else f"not built here: {engine['reason']}. On the device run build/build_engine.sh"])
+    return Table(f"TensorRT readiness: {trt['target']} (TensorRT {trt['tensorrt']}, {trt['platform']})",
+                 ["check", "result"], rows)

@@ -135,3 +135,15 @@ def text_recipe(model_dir: Path, task: str, stages: list[dict], **sections) -> d
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+@pytest.fixture(scope="session")
+def deploy_run(bert_dir, tmp_path_factory):
+    """A finished tiny run (2:4 pruned, exported for jetson-orin-jp6): what push, pull and the build
+    material work on."""
+    from pipeline.runner import run
+
+    tmp = tmp_path_factory.mktemp("deploy_run")
+    stages = [{"type": "calibrate"}, {"type": "prune_weights", "method": "magnitude", "pattern": "2:4"},
+              {"type": "export"}]
+    return run(write_recipe(tmp, text_recipe(bert_dir, "feature-extraction", stages)), output=tmp / "run")
