@@ -17,13 +17,16 @@ import torch
 
 from common import MINILM, SMOLLM2, run_recipe, stage, table, write_json
 
-VARIANTS = [("flap", True), ("flap", False), ("wanda-sp", False), ("wanda-sp", True),
-            ("magnitude-sp", False), ("magnitude-sp", True)]
+# (method, structure, bias compensation): FLAP's default (AL-AM) and uniform structure, each baseline
+# in its reference form (UL-UM, no compensation) and with FLAP's compensation added.
+VARIANTS = [("flap", "AL-AM", True), ("flap", "AL-AM", False), ("flap", "UL-UM", True),
+            ("wanda-sp", "UL-UM", False), ("wanda-sp", "UL-UM", True), ("magnitude-sp", "UL-UM", False)]
 
 
-def recipe(model: str, method: str, bias: bool, ratio: float) -> dict:
-    tag = f"{model}-{method}-{'bias' if bias else 'nobias'}-{int(ratio * 100)}"
-    prune = {"type": "prune_structured", "method": method, "ratio": ratio, "bias_compensation": bias, "align": 64}
+def recipe(model: str, method: str, structure: str, bias: bool, ratio: float) -> dict:
+    tag = f"{model}-{method}-{structure}-{'bias' if bias else 'nobias'}-{int(ratio * 100)}"
+    prune = {"type": "prune_structured", "method": method, "structure": structure, "ratio": ratio,
+             "bias_compensation": bias, "align": 64}
     if model == "minilm":
         return {"name": tag, "model": {"source": MINILM, "task": "feature-extraction"},
                 "calibration": {"source": "builtin", "num_samples": 128, "seq_len": 128, "batch_size": 16},
@@ -39,6 +42,7 @@ def recipe(model: str, method: str, bias: bool, ratio: float) -> dict:
 
 
 def row(m: dict, label: str, bias: str, ratio) -> tuple[list, dict]:
+    """One table row (and its JSON record) from a run's manifest."""
     ev, st = m["evaluation"], stage(m, "prune_structured")["metrics"]
     size, lat = ev["size"], ev["latency"]
     quality = ([ev["compressed"]["perplexity"]] if "perplexity" in ev["compressed"] else
@@ -156,14 +160,15 @@ def main() -> None:
     for name in args.models:
         rows, runs = [], []
         for ratio in args.ratios:
-            for method, bias in VARIANTS:
-                m = run_recipe(recipe(name, method, bias, ratio), recipe(name, method, bias, ratio)["name"])
+            for method, structure, bias in VARIANTS:
+                r = recipe(name, method, structure, bias, ratio)
+                m = run_recipe(r, r["name"])
                 if not rows:
                     dense_q = ([m["evaluation"]["dense"]["perplexity"]] if name == "smollm2" else
                                [1.0, 1.0, m["evaluation"]["dense"]["lee"]["pearson"]])
                     rows.append(["dense", "-", 0.0, 0.0, *dense_q, m["evaluation"]["size"]["dense"]["params"], 1.0, 1.0])
-                r, run = row(m, method, "yes" if bias else "no", ratio)
-                rows.append(r)
+                line, run = row(m, f"{method} {structure}", "yes" if bias else "no", ratio)
+                rows.append(line)
                 runs.append(run)
         if name == "minilm" and not args.no_torch_pruning:
             tp_rows, tp_runs = torch_pruning_rows(args.ratios)

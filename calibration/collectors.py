@@ -1,7 +1,7 @@
 """Statistics at the inputs of Linear layers, and per-weight gradient magnitudes.
 
-Everything is upcast before squaring and accumulated in fp64 (LLaMA down_proj inputs reach 1e3-1e4,
-whose squares overflow fp16), and padding positions are excluded from sums and counts.
+Everything is upcast to fp32 before squaring and accumulated in fp64 (LLaMA down_proj inputs reach
+1e3-1e4, whose squares overflow fp16), and padding positions are excluded from sums and counts.
 
 Kinds (what a stage can ask the calibrate stage for):
 - ``sq_norm``  S1: sum over tokens of x_j^2 per input channel (Wanda, GBLM, Wanda-sp, FLAP WIFN)
@@ -19,44 +19,47 @@ from torch import nn
 KINDS = ("sq_norm", "mean_var", "abs_max")
 
 
+def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str]) -> dict:
+    """Per-channel sums of one input batch: fp32 values, fp64 accumulation, padding excluded."""
+    seqs = x.shape[0]
+    x = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
+    x = x.float()  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 activations overflow
+    part = {"tokens": x.shape[0], "sequences": seqs}
+    if kinds & {"sq_norm", "mean_var"}:
+        part["sum_sq"] = (x * x).sum(0, dtype=torch.float64)
+    if "mean_var" in kinds:
+        part["sum"] = x.sum(0, dtype=torch.float64)
+    if "abs_max" in kinds:
+        part["abs_max"] = x.abs().amax(0).double()
+    return part
+
+
 class InputStats:
     """Running sums over the tokens seen at one Linear's input."""
 
     def __init__(self, kinds: Iterable[str]):
         self.kinds = frozenset(kinds)
-        self.sum_sq = self.sum = self.abs_max = None
+        self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
         self.sequences = 0
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """``x`` is [B, T, C] (or [B, C]); ``mask`` [B, T] bool marks real tokens."""
-        seqs = x.shape[0]
-        x = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
-        x = x.to(torch.float64)
-        if self.sum_sq is None:
-            c = x.shape[-1]
-            self.sum_sq = torch.zeros(c, dtype=torch.float64)
-            self.sum = torch.zeros(c, dtype=torch.float64)
-            self.abs_max = torch.zeros(c, dtype=torch.float64)
-        if self.kinds & {"sq_norm", "mean_var"}:
-            self.sum_sq += (x * x).sum(0)
-        if "mean_var" in self.kinds:
-            self.sum += x.sum(0)
-        if "abs_max" in self.kinds:
-            self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
-        self.tokens += x.shape[0]
-        self.sequences += seqs
+        self.add(summarize(x, mask, self.kinds))
+
+    def add(self, part: dict) -> None:
+        self.tokens += part["tokens"]
+        self.sequences += part["sequences"]
+        for key in ("sum_sq", "sum"):
+            if key in part:
+                self.sums[key] = self.sums[key] + part[key] if key in self.sums else part[key].clone()
+        if "abs_max" in part:
+            self.sums["abs_max"] = torch.maximum(self.sums["abs_max"], part["abs_max"]) if "abs_max" in self.sums \
+                else part["abs_max"].clone()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state as flat tensors (what the on-disk cache stores)."""
-        out = {"tokens": torch.tensor(self.tokens), "sequences": torch.tensor(self.sequences)}
-        if self.kinds & {"sq_norm", "mean_var"}:
-            out["sum_sq"] = self.sum_sq
-        if "mean_var" in self.kinds:
-            out["sum"] = self.sum
-        if "abs_max" in self.kinds:
-            out["abs_max"] = self.abs_max
-        return out
+        return {"tokens": torch.tensor(self.tokens), "sequences": torch.tensor(self.sequences), **self.sums}
 
 
 class Stats:
@@ -107,15 +110,20 @@ class InputHooks:
     """
 
     def __init__(self, modules: dict[str, nn.Module], kinds: Iterable[str], stop_after_last: bool = False):
+        self.kinds = frozenset(kinds)
         self.stats = {name: InputStats(kinds) for name in modules}
         self.mask: torch.Tensor | None = None
+        self._last: tuple | None = None  # q/k/v (and gate/up) see the same tensor: summarise it once
         self.stop_after_last = stop_after_last
         self._order: list[str] = []
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module, args):
-            self.stats[name].update(args[0], self.mask)
+            x = args[0]
+            if self._last is None or self._last[0] is not x:  # identity, and the reference keeps it alive
+                self._last = (x, summarize(x, self.mask, self.kinds))
+            self.stats[name].add(self._last[1])
             if len(self._order) < len(self.stats):
                 self._order.append(name)
             elif self.stop_after_last and name == self._order[-1]:
@@ -124,7 +132,7 @@ class InputHooks:
         return hook
 
     def run(self, fn, mask: torch.Tensor | None):
-        self.mask = mask
+        self.mask, self._last = mask, None
         try:
             return fn()
         except _StopForward:
@@ -133,6 +141,7 @@ class InputHooks:
     def remove(self) -> dict[str, dict[str, torch.Tensor]]:
         for h in self._handles:
             h.remove()
+        self._last = None
         return {name: s.tensors() for name, s in self.stats.items()}
 
 
