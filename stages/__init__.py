@@ -5,7 +5,8 @@ from .calibrate import Calibrate
 from .evaluate import Evaluate
 from .export import Export
 from .prune_weights import PruneWeights
+from .token_prune import TokenPrune
 
-REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneWeights, Export, Evaluate)}
+REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneWeights, TokenPrune, Export, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]
