@@ -40,7 +40,8 @@ def installed(model: nn.Module) -> TokenPruner | None:
 
 
 class TokenPruner:
-    """Hooks on one encoder; a plain object (not a submodule), so it never enters a state dict."""
+    """Hooks on one encoder (one pruner per model: installing another replaces it); a plain object,
+    not a submodule, so it never enters a state dict."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, method: Method, placement: Placement,
                  defaults: dict[str, torch.Tensor] | None = None, companions: tuple = ()):
@@ -61,9 +62,8 @@ class TokenPruner:
         self._features: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles = [self.block.module.register_forward_hook(self._after_block, with_kwargs=True)]
         if placement.object_layer is not None:
-            obj = blocks[placement.object_layer].module
-            self._handles.append(obj.register_forward_pre_hook(self._object_hook(blocks[placement.object_layer]),
-                                                               with_kwargs=True))
+            obj = blocks[placement.object_layer]
+            self._handles.append(obj.module.register_forward_pre_hook(self._object_hook(obj), with_kwargs=True))
         if not placement.output:
             for later in blocks[placement.layer + 1:]:
                 self._handles.append(later.module.register_forward_pre_hook(_without_mask, with_kwargs=True))
