@@ -128,7 +128,7 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
                 result = stage.run(ctx, sdir)
                 seconds = round(time.perf_counter() - t, 3)
                 if stage.changes_model:
-                    models.save_checkpoint(ctx.model, None, sdir / "model", recipe.model.task)
+                    models.save_checkpoint(ctx.model, ctx.preprocessor, sdir / "model", recipe.model.task)
                 write_atomic(sdir / "result.json", dump({
                     "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
                     "tables": [t.__dict__ for t in result.tables]}))

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokens.pruner import installed as token_pruner
+
 from .errors import RecipeError
 from .recipe import ModelSpec
 
@@ -29,16 +31,35 @@ SIMCSE_TEMPERATURE = 0.05
 
 
 class TaskModel(nn.Module):
-    """The model as deployed: positional tensor inputs in ``INPUTS[task]`` order, outputs as named."""
+    """The model as deployed: positional tensor inputs in ``INPUTS[task]`` order, outputs as named.
+
+    A token pruner on the model (stage token_prune) may add inputs (TRIM's text embedding) and,
+    when it ends the encoder, replace the outputs with (image_features, token_index).
+    """
 
     def __init__(self, model: nn.Module, spec: ModelSpec):
         super().__init__()
         self.model, self.task = model, spec.task
         self.pooling, self.normalize = spec.pooling, spec.normalize
+        self.tokens = token_pruner(model)
         self.input_names, self.output_names = INPUTS[spec.task], OUTPUTS[spec.task]
+        if self.tokens is not None:
+            self.input_names += self.tokens.input_names
+            self.output_names = self.tokens.output_names or self.output_names
+
+    def example(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Positional inputs for a data batch; inputs data does not carry come from the token pruner."""
+        batch = next(iter(inputs.values())).shape[0]
+        return tuple(inputs[n] if n in inputs else self.tokens.default(n, batch) for n in self.input_names)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kw = dict(zip(self.input_names, inputs))
+        if self.tokens is None:
+            return self._outputs(kw)
+        extra = {n: kw.pop(n) for n in self.tokens.input_names}
+        return self.tokens.run(lambda: self._outputs(kw), extra)
+
+    def _outputs(self, kw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.task in ("causal-lm", "image-classification"):
             extra = {"use_cache": False} if self.task == "causal-lm" else {}
             return (self.model(**kw, **extra).logits,)

@@ -6,7 +6,9 @@ from .evaluate import Evaluate
 from .export import Export
 from .prune_structured import PruneStructured
 from .prune_weights import PruneWeights
+from .token_prune import TokenPrune
 
-REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, Export, Evaluate)}
+REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, TokenPrune,
+                                                                  Export, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

@@ -35,13 +35,14 @@ class EvaluateArgs(StageArgs):
 
 
 class Runner:
-    """Runs positional inputs through ONNX Runtime or PyTorch and returns numpy outputs."""
+    """Runs a batch (the model's keyword inputs) through ONNX Runtime or PyTorch and returns numpy outputs."""
 
     def __init__(self, module: torch.nn.Module, onnx_path: Path | None, threads: int):
         self.module, self.names = module, module.input_names
         self.sess = onnx_export.session(onnx_path, threads) if onnx_path else None
 
-    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    def __call__(self, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        inputs = self.module.example(batch)
         if self.sess is not None:
             return self.sess.run(None, {n: t.numpy() for n, t in zip(self.names, inputs)})
         with torch.no_grad():
@@ -52,15 +53,15 @@ def perplexity(run: Runner, batches: Batches) -> float:
     nll, count = 0.0, 0
     for b in batches:
         ids = b.inputs["input_ids"]
-        logits = torch.from_numpy(run((ids,))[0]).float()[:, :-1]
+        logits = torch.from_numpy(run({"input_ids": ids})[0]).float()[:, :-1]
         nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                        ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
     return float(np.exp(nll / count))
 
 
-def outputs(run: Runner, batches, names) -> np.ndarray:
-    return np.concatenate([run(tuple(b.inputs[n] for n in names))[0] for b in batches])
+def outputs(run: Runner, batches) -> np.ndarray:
+    return np.concatenate([run(b.inputs)[0] for b in batches])
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -85,8 +86,8 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def lee_correlation(run: Runner, docs_batches, n_docs: int, human: np.ndarray, names) -> dict:
-    emb = outputs(run, docs_batches, names)[:n_docs]
+def lee_correlation(run: Runner, docs_batches, n_docs: int, human: np.ndarray) -> dict:
+    emb = outputs(run, docs_batches)[:n_docs]
     emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-12)
     sim = emb @ emb.T
     iu = np.triu_indices(n_docs, k=1)
@@ -105,17 +106,16 @@ class Evaluate(Stage):
         dense_tm, comp_tm = ctx.task_model(dense_model), ctx.task_model()
         dense_path = None
         if ctx.onnx_path is not None:
-            example = tuple(batches.batches[0].inputs[n] for n in dense_tm.input_names)
-            dense_path = self._dense_onnx(ctx, dense_tm, example)
+            dense_path = self._dense_onnx(ctx, dense_tm, dense_tm.example(batches.batches[0].inputs))
         threads = spec.latency.threads
         dense = Runner(dense_tm, dense_path, threads)
         comp = Runner(comp_tm, ctx.onnx_path, threads)
         backend = "onnxruntime" if dense_path else "pytorch"
         result = {"backend": backend, "data": {"origin": batches.origin, **batches.protocol}}
-        result.update(self._quality(ctx, dense, comp, batches, dense_tm.input_names))
+        result.update(self._quality(ctx, dense, comp, batches))
         result["size"] = self._size(ctx, dense_model, dense_path)
         if dense_path:
-            result["latency"] = self._latency(dense, comp, batches, dense_tm.input_names, spec.latency)
+            result["latency"] = self._latency(dense, comp, batches, spec.latency)
         ctx.evaluation = result
         return StageResult(result)  # report.md renders the evaluation from the manifest
 
@@ -132,13 +132,13 @@ class Evaluate(Stage):
             onnx_export.export(module, example, path, module.input_names, module.output_names, ex.opset)
         return path
 
-    def _quality(self, ctx, dense: Runner, comp: Runner, batches: Batches, names) -> dict:
+    def _quality(self, ctx, dense: Runner, comp: Runner, batches: Batches) -> dict:
         task = ctx.recipe.model.task
         if task == "causal-lm":
             d, c = perplexity(dense, batches), perplexity(comp, batches)
             return {"dense": {"perplexity": round(d, 4)}, "compressed": {"perplexity": round(c, 4)},
                     "comparison": {"perplexity_ratio": round(c / d, 4)}}
-        a, b = outputs(dense, batches, names), outputs(comp, batches, names)
+        a, b = outputs(dense, batches), outputs(comp, batches)
         if task == "image-classification":
             agree = float((a.argmax(-1) == b.argmax(-1)).mean())
             out = {"dense": {}, "compressed": {}, "comparison": {"top1_agreement": round(agree, 4)}}
@@ -160,8 +160,8 @@ class Evaluate(Stage):
                 ex = ctx.recipe.export
                 docs = encode_texts(ctx.preprocessor, lee.documents, ex.batch_size, ex.seq_len)
                 human = np.array(lee.similarity)
-                out["dense"]["lee"] = lee_correlation(dense, docs, len(lee.documents), human, names)
-                out["compressed"]["lee"] = lee_correlation(comp, docs, len(lee.documents), human, names)
+                out["dense"]["lee"] = lee_correlation(dense, docs, len(lee.documents), human)
+                out["compressed"]["lee"] = lee_correlation(comp, docs, len(lee.documents), human)
                 out["lee_protocol"] = {"documents": len(lee.documents), "pairs": len(lee.documents) * (len(lee.documents) - 1) // 2,
                                        "seq_len": ex.seq_len, "source": "gensim 4.4.0 test data (Lee et al. 2005)"}
         return out
@@ -181,8 +181,8 @@ class Evaluate(Stage):
                 size[key]["onnx_bytes"] = onnx_export.file_bytes(path)
         return size
 
-    def _latency(self, dense: Runner, comp: Runner, batches: Batches, names, spec) -> dict:
-        inputs = tuple(batches.batches[0].inputs[n] for n in names)
+    def _latency(self, dense: Runner, comp: Runner, batches: Batches, spec) -> dict:
+        inputs = batches.batches[0].inputs
         for run in (dense, comp):
             for _ in range(spec.warmup):
                 run(inputs)
@@ -194,7 +194,7 @@ class Evaluate(Stage):
                     t = time.perf_counter()
                     run(inputs)
                     times[key].append(time.perf_counter() - t)
-        batch = inputs[0].shape[0]
+        batch = batches.batches[0].size
         out = {"threads": spec.threads, "batch_size": batch, "runs": per_round * LATENCY_ROUNDS}
         for key, ts in times.items():
             med = statistics.median(ts)

@@ -17,6 +17,7 @@ from export import onnx as onnx_export
 from export import tensorrt, trt_build
 from pipeline.context import RunContext
 from pipeline.errors import StageFailed
+from tokens import graph as token_graph
 
 from .base import Stage, StageArgs, StageResult, Table
 
@@ -31,9 +32,8 @@ def parity_inputs(ctx: RunContext) -> list[tuple]:
     spec = ctx.recipe.calibration.model_copy(update={
         "num_samples": ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len, "batch_size": ex.batch_size})
     batches = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec, image_size=ex.image_size)
-    names = ctx.task_model().input_names
-    full = [b for b in batches if b.size == ex.batch_size]
-    return [tuple(b.inputs[n] for n in names) for b in full]
+    module = ctx.task_model()
+    return [module.example(b.inputs) for b in batches if b.size == ex.batch_size]
 
 
 class Export(Stage):
@@ -56,6 +56,9 @@ class Export(Stage):
                     "parity": {**par.as_dict(), "rtol": ex.rtol}, "sparsity_check": sparsity,
                     "nodes": len(model.graph.node), "ops": sorted({n.op_type for n in model.graph.node}),
                     "bytes": onnx_export.file_bytes(path)}
+        if module.tokens is not None:
+            ctx.onnx["token_pruning"] = token_graph.check_export(module.tokens, model, path, module, inputs, ex.opset,
+                                                                 ex.rtol)
         metrics = {"seconds_export": round(seconds_export, 3), "parity": ctx.onnx["parity"],
                    "sparsity_check": sparsity, "bytes": ctx.onnx["bytes"]}
         if par.max_rel_err > ex.rtol:

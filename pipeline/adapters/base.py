@@ -17,6 +17,19 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class VisionTokens:
+    """A vision encoder's sequence: ``prefix`` leading tokens ([CLS]), then a row-major grid of patches."""
+
+    prefix: int
+    rows: int
+    cols: int
+
+    @property
+    def patches(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
 class Block:
     index: int
     prefix: str
@@ -31,6 +44,7 @@ class Block:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+    attn_norm: str | None = None  # the LayerNorm whose output feeds q/k/v (pre-norm blocks only)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -97,6 +111,7 @@ class Adapter:
     attn: ClassVar[tuple[str, str, str, str]]  # q, k, v, o relative to a block
     mlp_in: ClassVar[tuple[str, ...]]
     mlp_out: ClassVar[str]
+    attn_norm: ClassVar[str | None] = None  # relative to a block; set by pre-norm families
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""
@@ -125,6 +140,7 @@ class Adapter:
                 num_heads=model.get_submodule(q).out_features // hd,
                 num_kv_heads=model.get_submodule(k).out_features // hd,
                 intermediate_size=model.get_submodule(mlp_out).in_features,
+                attn_norm=f"{prefix}.{self.attn_norm}" if self.attn_norm else None,
             ))
         return out
 
@@ -184,3 +200,11 @@ class Adapter:
     def input_embedding(self, model: nn.Module) -> nn.Module:
         """The module whose output feeds block 0 (its output is made to require grad for gradients)."""
         return model.get_input_embeddings()
+
+    def vision_tokens(self, model: nn.Module) -> VisionTokens | None:
+        """The token layout of a vision encoder (None for text models): what token pruning selects from."""
+        return None
+
+    def joint_space(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """(final norm, projection) that map vision tokens into an image-text embedding space, if the model has one."""
+        return None

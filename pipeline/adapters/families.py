@@ -1,6 +1,11 @@
 """The supported families. Adding one is a subclass here plus a test in tests/test_adapters.py."""
 
-from .base import Adapter
+from .base import Adapter, VisionTokens
+
+
+def _patch_grid(config, prefix: int) -> VisionTokens:
+    rows = config.image_size // config.patch_size
+    return VisionTokens(prefix=prefix, rows=rows, cols=rows)
 
 
 class BertAdapter(Adapter):
@@ -33,6 +38,10 @@ class ViTAdapter(Adapter):
     attn = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
+    attn_norm = "layernorm_before"
+
+    def vision_tokens(self, model):
+        return _patch_grid(model.config, prefix=1)  # [CLS] first
 
 
 class ClipAdapter(Adapter):
@@ -45,7 +54,17 @@ class ClipAdapter(Adapter):
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
+    attn_norm = "layer_norm1"
 
     def head_dim(self, model):
         cfg = model.config
         return cfg.hidden_size // cfg.num_attention_heads
+
+    def vision_tokens(self, model):
+        return _patch_grid(model.config, prefix=1) if hasattr(model.config, "patch_size") else None
+
+    def joint_space(self, model):
+        """CLIP's image side of the joint space: ``post_layernorm`` then ``visual_projection``."""
+        tower = getattr(model, "vision_model", None)
+        projection = getattr(model, "visual_projection", None)
+        return (tower.post_layernorm, projection) if tower is not None and projection is not None else None

@@ -1,0 +1,321 @@
+"""Token pruning: FLOPs and ONNX Runtime latency against the unpruned encoder, and accuracy retained.
+
+Speed: randomly initialised ViT-B/16 (224², 196 patches) and CLIP ViT-L/14-336 vision tower
+(336², 576 patches), pruned after block 2 (0-based: blocks 0-2 see every token) at keep 25%, 11%
+and 5%; each method's graphs are timed in rounds alternating with the unpruned graph of the same
+run (batch 1, ONNX Runtime CPU). CLIP-L is also pruned LLaVA-style at the output of its feature
+layer (block 22 = layer -2), against the same tower ending there with all 576 patches: the encoder
+is not faster, but the projector and LLM get K tokens instead of 576.
+
+Accuracy: the Fashion-MNIST ViT and CLIP-style models of bench/fashion_mnist.py (trained on
+first use), pruned after block 2 and after block 4 (= layer -2) of 6, top-1 on the test images
+(the CLIP model zero-shot against "a photo of a {class}" captions) in PyTorch, with the exported
+graph's ONNX Runtime top-1 compared at keep 25%. TRIM's K is also calibrated through the pipeline
+(stage token_prune on 200 training images).
+
+    python bench/token_pruning.py [--parts speed accuracy] [--encoders vit-b16 clip-l14-336] [--iterations 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+import transformers
+
+import fashion_mnist as fm
+from common import RESULTS, run_recipe, table, write_json
+
+from export import inspect as onnx_inspect
+from export import onnx as onnx_export
+from pipeline.adapters import adapter_for
+from pipeline.recipe import ModelSpec
+from pipeline.tasks import TaskModel
+from stages.token_prune import HIPRUNE_OBJECT_FRACTION, hiprune_anchors
+from tokens.methods import ClsAttention, DivPrune, GlobalAttention, HiPrune, Method, Trim
+from tokens.pruner import Placement, TokenPruner
+
+LAYER = 2
+SPEED_KEEPS = (0.25, 0.11, 0.05)
+ACCURACY_KEEPS = (0.5, 0.25, 0.11, 0.05)
+ROUNDS = 5
+TASK = "image-feature-extraction"
+TRIM_PROMPT = "a photo of a"
+
+
+def encoder(name: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    if name == "vit-b16":
+        return ViTModel(ViTConfig(), add_pooling_layer=False).eval()  # the ViT-B/16 defaults: 224², 12 x 768
+    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=336, patch_size=14, projection_dim=768)
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def method(name: str, k: int, model, sign: float = 1.0, alpha: float = 0.1) -> Method:
+    if name == "trim":
+        return Trim(k, sign, adapter_for(model.config.model_type, TASK).joint_space(model))
+    if name == "hiprune":
+        return HiPrune(k, hiprune_anchors(k, alpha))
+    return {"cls_attention": ClsAttention, "global_attention": GlobalAttention, "divprune": DivPrune}[name](k)
+
+
+def install(model, name: str, k: int, layer: int, fuse: bool, output: bool = False, sign: float = 1.0,
+            alpha: float = 0.1, text: torch.Tensor | None = None) -> TokenPruner:
+    adapter = adapter_for(model.config.model_type, TASK)
+    object_layer = round(layer * HIPRUNE_OBJECT_FRACTION) if name == "hiprune" else None
+    return TokenPruner(model, adapter, method(name, k, model, sign, alpha), Placement(layer, fuse, output, object_layer),
+                       defaults={"text_embeds": text} if text is not None else None)
+
+
+def export(model, folder: Path, tag: str, x: torch.Tensor) -> tuple[Path, int]:
+    """The task model with its installed pruner as ONNX, and its MatMul/Conv FLOPs."""
+    tm = TaskModel(model, ModelSpec(source="random", task=TASK))
+    path = folder / f"{tag}.onnx"
+    proto = onnx_export.export(tm, tm.example({"pixel_values": x}), path, tm.input_names, tm.output_names, 18)
+    return path, onnx_inspect.matmul_flops(proto)
+
+
+def time_group(paths: dict[str, Path], feeds: dict[str, dict], iterations: int, threads: int) -> dict[str, float]:
+    """Median ms per graph, measured in alternating rounds so machine noise hits every graph alike."""
+    sessions = {k: onnx_export.session(p, threads=threads) for k, p in paths.items()}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    times = {k: [] for k in sessions}
+    per_round = max(1, iterations // ROUNDS)
+    for _ in range(ROUNDS):
+        for k, s in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
+
+
+def speed(name: str, iterations: int, methods: list[str], threads: int) -> dict:
+    model = encoder(name)
+    patches = adapter_for(model.config.model_type, TASK).vision_tokens(model).patches
+    size = model.config.image_size
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, model.config.projection_dim) if hasattr(model.config, "projection_dim") else None
+    rows, runs = [], []
+    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
+        folder = Path(tmp)
+        dense = export(model, folder, "dense", x)
+        groups = [(m, False) for m in methods]
+        if name.startswith("clip"):
+            groups.append(("cls_attention", True))  # LLaVA placement: output of the feature layer (-2)
+        feature_layer = model.config.num_hidden_layers - 2
+        if any(at_output for _, at_output in groups):
+            # LLaVA's unpruned tower: blocks up to the feature layer, every patch out (K = N, no selection effect)
+            pruner = install(model, "cls_attention", patches, feature_layer, fuse=False, output=True)
+            tower = export(model, folder, "tower", x)
+            pruner.remove()
+        for m, at_output in groups:
+            t0 = time.time()
+            layer = feature_layer if at_output else LAYER
+            base, base_tokens = (tower, patches) if at_output else (dense, patches + 1)
+            paths, feeds, info = {"unpruned": base[0]}, {"unpruned": {"pixel_values": x.numpy()}}, {}
+            for keep in SPEED_KEEPS:
+                k = round(keep * patches)
+                pruner = install(model, m, k, layer, fuse=m == "trim", output=at_output, text=text)
+                tag = f"{m}-{keep}{'-output' if at_output else ''}"
+                paths[tag], flops = export(model, folder, tag, x)
+                feeds[tag] = {"pixel_values": x.numpy(), **({"text_embeds": text.numpy()} if m == "trim" else {})}
+                info[tag] = {"keep": keep, "k": k, "tokens_out": pruner.tokens_out, "flops": flops}
+                pruner.remove()
+            ms = time_group(paths, feeds, iterations, threads)
+            where = f"output of block {layer}" if at_output else f"after block {layer}"
+            rows.append([f"{m} ({where})", "unpruned", base_tokens, f"{base[1] / 1e9:.1f}", f"{ms['unpruned']:.0f}",
+                         "1.00"])
+            for tag, i in info.items():
+                ratio = ms[tag] / ms["unpruned"]
+                rows.append(["", f"{i['keep']:.0%} (K={i['k']})", i["tokens_out"], f"{i['flops'] / 1e9:.1f}",
+                             f"{ms[tag]:.0f}", f"{ratio:.2f}"])
+                runs.append({"encoder": name, "method": m, "layer": layer, "output": at_output, **i,
+                             "median_ms": round(ms[tag], 2), "unpruned_ms": round(ms["unpruned"], 2),
+                             "unpruned_flops": base[1], "latency_ratio": round(ratio, 4)})
+            for tag, p in paths.items():
+                if tag != "unpruned":
+                    p.unlink()
+            gc.collect()
+            print(f"  {name} {m}: {time.time() - t0:.0f}s", flush=True)
+    print(f"\n{name}: batch 1, ONNX Runtime CPU, {threads} threads, median of {max(1, iterations // ROUNDS) * ROUNDS} "
+          "runs per graph in rounds alternating with the unpruned graph; tokens out = sequence after the pruning "
+          "point (with [CLS] inside the encoder; patch features only at the output)")
+    print(table(["method", "keep", "tokens out", "GFLOPs", "ms", "latency / unpruned"], rows))
+    return {"patches": patches, "runs": runs}
+
+
+class TestSet:
+    def __init__(self, n: int):
+        images, labels = fm.load("test")
+        self.x, self.labels = fm.pixels(images[:n]), labels[:n]
+
+    def batches(self, size: int = 1000):
+        for i in range(0, len(self.labels), size):
+            yield self.x[i:i + size]
+
+
+@torch.no_grad()
+def predictions(tm: TaskModel, data: TestSet, classify) -> np.ndarray:
+    return np.concatenate([classify(tm(*tm.example({"pixel_values": x}))[0]) for x in data.batches()])
+
+
+@torch.no_grad()
+def onnx_predictions(tm: TaskModel, data: TestSet, classify, folder: Path) -> np.ndarray:
+    x0 = next(data.batches())
+    path = folder / "check.onnx"
+    onnx_export.export(tm, tm.example({"pixel_values": x0}), path, tm.input_names, tm.output_names, 18)
+    sess = onnx_export.session(path, threads=1)
+    out = []
+    for x in data.batches():
+        feed = {n: t.numpy() for n, t in zip(tm.input_names, tm.example({"pixel_values": x}))}
+        out.append(classify(torch.from_numpy(sess.run(None, feed)[0])))
+    return np.concatenate(out)
+
+
+# (label, method, fuse, TRIM sign, HiPrune alpha)
+VARIANTS = [("cls_attention", "cls_attention", False, 1.0, 0.1), ("cls_attention +fused", "cls_attention", True, 1.0, 0.1),
+            ("global_attention", "global_attention", False, 1.0, 0.1),
+            ("global_attention +fused", "global_attention", True, 1.0, 0.1), ("divprune", "divprune", False, 1.0, 0.1),
+            ("hiprune", "hiprune", False, 1.0, 0.1), ("hiprune alpha=0.5", "hiprune", False, 1.0, 0.5)]
+TRIM_VARIANTS = [("trim (paper sign)", "trim", True, 1.0, 0.1), ("trim (released-code sign)", "trim", True, -1.0, 0.1)]
+ACCURACY_LAYERS = (LAYER, 4)  # block 4 of 6 = layer -2, the feature layer a LLaVA projector reads
+PATCHES = 49
+
+
+def accuracy(data: TestSet) -> dict:
+    from transformers import CLIPModel, ViTForImageClassification
+
+    vit_dir, clip_dir = fm.ensure("vit"), fm.ensure("clip")
+    vit = ViTForImageClassification.from_pretrained(vit_dir).eval()
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    tokenizer = fm.build_tokenizer()
+    with torch.no_grad():
+        ids = fm.captions(tokenizer, fm.EVAL_TEMPLATE, random.Random(0))
+        classes = F.normalize(clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        prompt = clip.get_text_features(input_ids=tokenizer([TRIM_PROMPT], return_tensors="pt")["input_ids"]).pooler_output
+    vision = vision_tower(clip_dir)
+    models = {"vit": (vit, "image-classification", lambda out: out.argmax(-1).numpy(), VARIANTS),
+              "clip": (vision, TASK, lambda emb: (emb @ classes.T).argmax(-1).numpy(), VARIANTS + TRIM_VARIANTS)}
+    dense = {kind: float((predictions(TaskModel(m, ModelSpec(source="x", task=t)), data, c) == data.labels).mean())
+             for kind, (m, t, c, _) in models.items()}
+    results = {"dense": dense}
+    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
+        for layer in ACCURACY_LAYERS:
+            rows = []
+            for kind, (model, task, classify, variants) in models.items():
+                rows.append([kind, "unpruned", f"{dense[kind]:.4f}", "", "", "", "", ""])
+                for label, name, fuse, sign, alpha in variants:
+                    accs, check = [], ""
+                    for keep in ACCURACY_KEEPS:
+                        pruner = install(model, name, round(keep * PATCHES), layer, fuse, sign=sign, alpha=alpha,
+                                         text=prompt if name == "trim" else None)
+                        tm = TaskModel(model, ModelSpec(source="x", task=task))
+                        pred = predictions(tm, data, classify)
+                        accs.append(float((pred == data.labels).mean()))
+                        if keep == 0.25 and sign > 0:
+                            check = f"{(onnx_predictions(tm, data, classify, Path(tmp)) == pred).mean():.4f}"
+                        pruner.remove()
+                    rows.append(["", label, "", *[f"{a:.4f} ({a / dense[kind]:.1%})" for a in accs], check])
+                    results[f"{kind}/layer{layer}/{label}"] = {"accuracy": dict(zip(map(str, ACCURACY_KEEPS), accs)),
+                                                               "onnx_agreement_at_0.25": check}
+            conditional = trim_class_conditional(vision, clip, tokenizer, data, classes, layer)
+            rows.append(["", "trim (prompt 'a photo of a {class}', per class)", "",
+                         *[f"{a:.4f} ({a / dense['clip']:.1%})" for a in conditional], ""])
+            results[f"clip/layer{layer}/trim class-conditional"] = dict(zip(map(str, ACCURACY_KEEPS), conditional))
+            print(f"\nFashion-MNIST test set ({len(data.labels)} images), top-1 (retained vs unpruned), pruned after "
+                  f"block {layer} of 6, {PATCHES} patches; keep 50/25/11/5% = "
+                  f"{', '.join(str(round(k * PATCHES)) for k in ACCURACY_KEEPS)} tokens")
+            print(table(["model", "method", "unpruned", *[f"keep {k:.0%}" for k in ACCURACY_KEEPS],
+                         "ONNX = PyTorch @25%"], rows), flush=True)
+    return results
+
+
+def vision_tower(clip_dir: Path):
+    """The CLIP vision tower with its projection, loaded as the pipeline loads it."""
+    from pipeline.models import load_model, resolve_source
+
+    spec = ModelSpec(source=str(clip_dir), task=TASK)
+    return load_model(spec, resolve_source(spec))[0]
+
+
+@torch.no_grad()
+def trim_class_conditional(vision, clip, tokenizer, data: TestSet, classes: torch.Tensor, layer: int) -> list[float]:
+    """TRIM asked one question per class: prune with "a photo of a {c}", score the image against that caption."""
+    ids = fm.captions(tokenizer, fm.EVAL_TEMPLATE, random.Random(0))
+    prompts = clip.get_text_features(input_ids=ids).pooler_output  # [10, P], unnormalised (TRIM's input)
+    accs = []
+    for keep in ACCURACY_KEEPS:
+        pruner = install(vision, "trim", round(keep * PATCHES), layer, fuse=True, text=prompts[:1])
+        tm = TaskModel(vision, ModelSpec(source="x", task=TASK))
+        scores = []
+        for x in data.batches():
+            per_class = [(tm(x, prompts[c:c + 1].expand(len(x), -1))[0] * classes[c]).sum(-1) for c in range(10)]
+            scores.append(torch.stack(per_class, dim=-1).argmax(-1).numpy())
+        pruner.remove()
+        accs.append(float((np.concatenate(scores) == data.labels).mean()))
+    return accs
+
+
+def trim_calibration() -> dict:
+    """TRIM's IQR rule through the pipeline: calibrate on 200 training images, K at the 90th percentile."""
+    images = fm.image_folder("train", 20, RESULTS / "fashion-mnist-train-200")
+    rows, out = [], {}
+    for layer in ACCURACY_LAYERS:
+        recipe = {"name": f"fmnist-trim-{layer}", "model": {"source": str(fm.ensure("clip")), "task": TASK},
+                  "calibration": {"source": "images", "path": str(images), "num_samples": 200, "batch_size": 50},
+                  "stages": [{"type": "calibrate"},
+                             {"type": "token_prune", "method": "trim", "layer": layer, "prompt": TRIM_PROMPT,
+                              "text_len": 16},
+                             {"type": "export"}],
+                  "export": {"batch_size": 1}}
+        m = run_recipe(recipe, f"fmnist-trim-{layer}")
+        info = m["stages"][1]["metrics"]["trim"]
+        rows += [[layer, sign, v["used"], *v["counts"].values(), v["keep"], v["mean_cosine"]]
+                 for sign, v in info.items()]
+        out[f"layer{layer}"] = {"trim": info, "onnx": m["onnx"]["token_pruning"]}
+    print(f"\nTRIM's IQR count per image on 200 Fashion-MNIST training images, through the pipeline (prompt "
+          f"{TRIM_PROMPT!r}); K = 90th percentile; cosine of the image embedding to keeping every patch")
+    print(table(["after block", "sign", "used", *next(iter(info.values()))["counts"], "K", "mean cosine"], rows))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["speed", "accuracy"], choices=["speed", "accuracy"])
+    ap.add_argument("--encoders", nargs="+", default=["vit-b16", "clip-l14-336"], choices=["vit-b16", "clip-l14-336"])
+    ap.add_argument("--methods", nargs="+", default=["cls_attention", "global_attention", "divprune", "hiprune", "trim"])
+    ap.add_argument("--iterations", type=int, default=10, help="timed runs per graph (split over 5 rounds)")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--test-images", type=int, default=10_000, help="Fashion-MNIST test images for accuracy")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # PyTorch only evaluates accuracy here; one thread is robust on a shared machine
+    transformers.logging.set_verbosity_error()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out: dict = {"layer": LAYER, "threads": args.threads, "iterations": args.iterations}
+    if "speed" in args.parts:
+        out["speed"] = {}
+        for name in args.encoders:
+            methods = [m for m in args.methods if m != "trim" or name.startswith("clip")]
+            out["speed"][name] = speed(name, args.iterations, methods, args.threads)
+    if "accuracy" in args.parts:
+        out["accuracy"] = accuracy(TestSet(args.test_images))
+        out["trim_calibration"] = trim_calibration()
+    print(f"\nwrote {write_json('token_pruning', out)}")
+
+
+if __name__ == "__main__":
+    main()
