@@ -14,33 +14,73 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 
-def _scope(node: onnx.NodeProto) -> str | None:
+def scope(node: onnx.NodeProto) -> str | None:
     """The torch module that emitted ``node``: the deepest scope of the module chain (the last
     entry of ``name_scopes`` is the aten op itself, e.g. "linear")."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             chain = None
-            for scope in ast.literal_eval(p.value)[1:]:
-                if chain is None or scope.startswith(chain + "."):
-                    chain = scope
+            for s in ast.literal_eval(p.value)[1:]:
+                if chain is None or s.startswith(chain + "."):
+                    chain = s
             return chain
     return None
 
 
-def linear_weights(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, np.ndarray]:
-    """torch Linear name -> its exported weight as [K, N] (input dimension first)."""
-    inits = {i.name: i for i in model.graph.initializer}
+def _weight(node: onnx.NodeProto, inits: dict, producers: dict) -> np.ndarray | None:
+    """A MatMul/Gemm weight as stored: an initializer, or a DequantizeLinear of one (dequantized
+    here, so zeros read as zeros and values as the graph computes them)."""
+    name = node.input[1]
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        return None
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else 0.0
+    attrs = {a.name: a.i for a in dq.attribute}
+    axis, block = attrs.get("axis", 1) % q.ndim, attrs.get("block_size", 0)
+    if scale.size > 1:
+        if block:  # blocked: scale has ceil(dim / block) entries along axis
+            scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            zp = np.repeat(zp, block, axis=axis).take(range(q.shape[axis]), axis=axis) if np.ndim(zp) else zp
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zp = zp.reshape(shape) if np.ndim(zp) else zp
+    return (q - zp) * scale
+
+
+def linear_nodes(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, onnx.NodeProto]:
+    """torch Linear name -> the MatMul/Gemm node that computes it (its weight a constant, maybe quantized)."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
     out = {}
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        scope = _scope(node)
-        if scope is None:
+        w = node.input[1]
+        dq = producers.get(w)
+        if w not in inits and not (dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits):
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
+        name = scope(node)
+        if name is not None:
+            out[name.removeprefix(strip_prefix)] = node
+    return out
+
+
+def linear_weights(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, np.ndarray]:
+    """torch Linear name -> its exported weight as [K, N] (input dimension first), dequantized."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for name, node in linear_nodes(model, strip_prefix).items():
+        w = _weight(node, inits, producers)
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute):
             w = w.T
-        out[scope.removeprefix(strip_prefix)] = w
+        out[name] = w
     return out
 
 
