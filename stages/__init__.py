@@ -5,7 +5,9 @@ from .calibrate import Calibrate
 from .evaluate import Evaluate
 from .export import Export
 from .prune_weights import PruneWeights
+from .quantize import Quantize
+from .smoothquant import SmoothQuant
 
-REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneWeights, Export, Evaluate)}
+REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneWeights, SmoothQuant, Export, Quantize, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

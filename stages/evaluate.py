@@ -37,9 +37,10 @@ class EvaluateArgs(StageArgs):
 class Runner:
     """Runs positional inputs through ONNX Runtime or PyTorch and returns numpy outputs."""
 
-    def __init__(self, module: torch.nn.Module, onnx_path: Path | None, threads: int):
+    def __init__(self, module: torch.nn.Module, onnx_path: Path | None, threads: int,
+                 disabled_optimizers: tuple[str, ...] = ()):
         self.module, self.names = module, module.input_names
-        self.sess = onnx_export.session(onnx_path, threads) if onnx_path else None
+        self.sess = onnx_export.session(onnx_path, threads, disabled_optimizers) if onnx_path else None
 
     def __call__(self, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         if self.sess is not None:
@@ -111,8 +112,10 @@ class Evaluate(Stage):
             example = tuple(batches.batches[0].inputs[n] for n in dense_tm.input_names)
             onnx_export.export(dense_tm, example, dense_path, dense_tm.input_names, dense_tm.output_names, ex.opset)
         threads = spec.latency.threads
-        dense = Runner(dense_tm, dense_path, threads)
-        comp = Runner(comp_tm, ctx.onnx_path, threads)
+        # Session options a stage asked for (quantize: the ones that keep ORT's int8 fusions), on both graphs alike.
+        disabled = tuple(ctx.onnx.get("onnxruntime", {}).get("disabled_optimizers", ()))
+        dense = Runner(dense_tm, dense_path, threads, disabled)
+        comp = Runner(comp_tm, ctx.onnx_path, threads, disabled)
         backend = "onnxruntime" if dense_path else "pytorch"
         result = {"backend": backend, "data": {"origin": batches.origin, **batches.protocol}}
         result.update(self._quality(ctx, dense, comp, batches, dense_tm.input_names))

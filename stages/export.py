@@ -22,11 +22,13 @@ class ExportArgs(StageArgs):
     type: Literal["export"]
 
 
-def parity_inputs(ctx: RunContext) -> list[tuple]:
-    """Calibration-source samples at the export shapes: what the parity check feeds both runtimes."""
+def parity_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple]:
+    """Calibration-source samples at the export shapes: what the parity check feeds both runtimes
+    (and graph-level calibration, with ``num_samples``)."""
     ex = ctx.recipe.export
     spec = ctx.recipe.calibration.model_copy(update={
-        "num_samples": ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len, "batch_size": ex.batch_size})
+        "num_samples": num_samples or ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len,
+        "batch_size": ex.batch_size})
     batches = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec, image_size=ex.image_size)
     names = ctx.task_model().input_names
     full = [b for b in batches if b.size == ex.batch_size]
@@ -46,7 +48,7 @@ class Export(Stage):
         model = onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)
         seconds_export = time.perf_counter() - t0
         par = onnx_export.parity(path, module, module.input_names, inputs)
-        sparsity = self._check_sparsity(ctx, model)
+        sparsity = self.check_sparsity(ctx, model)
         ctx.onnx_path = path
         ctx.onnx = {"path": path.name, "opset": ex.opset, "ir_version": model.ir_version,
                     "exporter": "torch.onnx dynamo", **onnx_export.io_spec(model),
@@ -67,8 +69,9 @@ class Export(Stage):
                                            [[par.samples, f"{par.max_abs_err:.3g}", f"{par.max_rel_err:.3g}",
                                              f"{ex.rtol:g}"]])])
 
-    def _check_sparsity(self, ctx: RunContext, model: onnx.ModelProto) -> dict:
-        """Pruned zeros must be in the exported initializers, N:M groups along K."""
+    @staticmethod
+    def check_sparsity(ctx: RunContext, model: onnx.ModelProto, field: str = "export") -> dict:
+        """Pruned zeros must be in the exported initializers (dequantized ones too), N:M groups along K."""
         if not ctx.sparsity:
             return {"layers": 0}
         weights = onnx_inspect.linear_weights(model)
@@ -87,7 +90,7 @@ class Export(Stage):
                 if v:
                     bad.append(f"{name}: {v} groups of {m} along K with more than {n} non-zeros")
         if bad:
-            raise StageFailed(f"sparsity lost in export: {'; '.join(bad[:3])}", field="export")
+            raise StageFailed(f"sparsity lost in the graph: {'; '.join(bad[:3])}", field=field)
         patterns = sorted({i["pattern"] for i in ctx.sparsity.values()})
         return {"layers": len(ctx.sparsity), "patterns": patterns, "ok": True}
 

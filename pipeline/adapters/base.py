@@ -47,6 +47,9 @@ class Adapter:
     attn: ClassVar[tuple[str, str, str, str]]  # q, k, v, o relative to a block
     mlp_in: ClassVar[tuple[str, ...]]
     mlp_out: ClassVar[str]
+    # Pre-norms relative to a block: the one feeding q/k/v and the one feeding mlp_in. None for
+    # post-norm families (BERT), whose norm output is also the residual stream.
+    norms: ClassVar[tuple[str, str] | None] = None
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""
@@ -81,3 +84,13 @@ class Adapter:
     def input_embedding(self, model: nn.Module) -> nn.Module:
         """The module whose output feeds block 0 (its output is made to require grad for gradients)."""
         return model.get_input_embeddings()
+
+    def smoothing_groups(self, model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+        """(norm, the Linears that read only its output): where SmoothQuant can fold 1/s into a norm."""
+        if self.norms is None:
+            return []
+        out = []
+        for b in self.blocks(model):
+            out.append((f"{b.prefix}.{self.norms[0]}", (b.q, b.k, b.v)))
+            out.append((f"{b.prefix}.{self.norms[1]}", b.mlp_in))
+        return out

@@ -23,6 +23,7 @@ class LlamaAdapter(Adapter):
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out = "mlp.down_proj"
+    norms = ("input_layernorm", "post_attention_layernorm")
 
 
 class ViTAdapter(Adapter):
@@ -33,6 +34,7 @@ class ViTAdapter(Adapter):
     attn = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
+    norms = ("layernorm_before", "layernorm_after")
 
 
 class ClipAdapter(Adapter):
@@ -45,6 +47,7 @@ class ClipAdapter(Adapter):
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
+    norms = ("layer_norm1", "layer_norm2")
 
     def head_dim(self, model):
         cfg = model.config
