@@ -32,7 +32,7 @@ from .base import Stage, StageArgs, StageResult, Table
 from .export import Export, parity_inputs
 
 # Parity with the float model: max |error| / max |reference| over every output, worst output.
-DEFAULT_RTOL = {"fp16": 0.02, "int8": 0.25, "int4": 0.5}
+DEFAULT_RTOL = {"fp16": 0.05, "int8": 0.25, "int4": 0.5}
 # ORT's MatMul+Add -> Gemm fusion runs before its QDQ fusions (a Gemm with a float bias has no int8
 # kernel) and common-subexpression elimination merges the per-reader Q nodes back into one, which
 # its s8->u8 conversion cannot handle: with either on, ORT runs the int8 graph in float with extra

@@ -97,6 +97,19 @@ def test_int4_partial_groups_keep_zeros_on_llama(llama_dir, tmp_path):
             assert onnx_inspect.nm_violations(w, 2, 4) == 0, name
 
 
+@pytest.mark.parametrize("model, task, linears", [("vit", "image-classification", 12),
+                                                  ("clip", "image-feature-extraction", 12)])
+def test_smoothquant_int8_on_vision_towers(vit_dir, clip_dir, images_dir, tmp_path, model, task, linears):
+    images = {"source": "images", "path": str(images_dir)}
+    recipe = {"name": model, "model": {"source": str({"vit": vit_dir, "clip": clip_dir}[model]), "task": task},
+              "calibration": {**images, "num_samples": 8, "batch_size": 4}, "export": {"batch_size": 2},
+              "stages": [{"type": "calibrate"}, {"type": "smoothquant"}, {"type": "export"},
+                         {"type": "quantize", "format": "int8", "calibrate_method": "entropy"}]}
+    out = run(write_recipe(tmp_path, recipe), output=tmp_path / "out")
+    report = qdq.inspect_qdq(onnx.load(out / "model.onnx"))
+    assert report.problems == [] and report.schemes == {"w8a8": linears}  # the patch Conv is no block Linear
+
+
 @pytest.mark.parametrize("stages, field, words", [
     ([{"type": "calibrate"}, {"type": "quantize", "format": "fp16"}, {"type": "export"}],
      "stages[1]", "put '- type: export' before it"),
