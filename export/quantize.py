@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ml_dtypes
@@ -121,7 +122,7 @@ def _quiet_ort():
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(None):
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             yield
     finally:
         root.setLevel(level)
@@ -145,8 +146,9 @@ def _method(name: str):
 
 
 def calibrate(src: Path, feeds: list[dict[str, np.ndarray]], method: str, percentile: float, ranges: Path,
-              work: Path) -> None:
-    """Per-tensor symmetric ranges of every MatMul/Gemm/Conv input, saved where ``quantize_static`` reads them."""
+              work: Path, on_chunk: Callable[[int], None] | None = None) -> None:
+    """Per-tensor symmetric ranges of every MatMul/Gemm/Conv input, saved where ``quantize_static`` reads them.
+    ``on_chunk(n)`` is called after every n samples (progress)."""
     from onnxruntime.quantization import create_calibrator, save_tensors_data
 
     options = {"minmax": {"symmetric": True},
@@ -156,7 +158,10 @@ def calibrate(src: Path, feeds: list[dict[str, np.ndarray]], method: str, percen
         calibrator = create_calibrator(src, list(COMPUTE_OPS), augmented_model_path=str(work / "augmented.onnx"),
                                        calibrate_method=_method(method), extra_options=options)
         for i in range(0, len(feeds), CALIBRATION_CHUNK):
-            calibrator.collect_data(_Reader(feeds[i:i + CALIBRATION_CHUNK]))
+            chunk = feeds[i:i + CALIBRATION_CHUNK]
+            calibrator.collect_data(_Reader(chunk))
+            if on_chunk:
+                on_chunk(len(chunk))
         save_tensors_data(calibrator.compute_data(), ranges)
 
 

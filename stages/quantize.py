@@ -61,8 +61,6 @@ class QuantizeArgs(StageArgs):
                 raise ValueError(f"{', '.join(stray)} only apply to format '{fmt}', not '{self.format}'")
         if self.format == "fp16" and {"targets", "ignore"} & self.model_fields_set:
             raise ValueError("format 'fp16' converts the whole graph; targets/ignore apply to int8 and int4")
-        if self.group_size & (self.group_size - 1):
-            raise ValueError(f"group_size {self.group_size} must be a power of two (16, 32, 64, 128, ...)")
         if "percentile" in self.model_fields_set and self.calibrate_method != "percentile":
             raise ValueError("percentile only applies to calibrate_method 'percentile'")
         return self
@@ -153,7 +151,9 @@ class Quantize(Stage):
         samples = parity_inputs(ctx, ctx.recipe.calibration.num_samples)
         feeds = [{n: t.numpy() for n, t in zip(names, s)} for s in samples]
         ranges = folder / "calibration_ranges.json"
-        graph.calibrate(ctx.onnx_path, feeds, args.calibrate_method, args.percentile, ranges, work)
+        task = ctx.events.task(f"int8 ranges ({args.calibrate_method}) over {len(feeds)} samples", total=len(feeds))
+        graph.calibrate(ctx.onnx_path, feeds, args.calibrate_method, args.percentile, ranges, work, task.advance)
+        task.done()
         graph.int8_qdq(ctx.onnx_path, work / "int8.onnx", [n.name for n in nodes.values()], ranges,
                        args.calibrate_method)
         out = onnx.load(work / "int8.onnx")
