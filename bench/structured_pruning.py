@@ -7,6 +7,7 @@ torch-pruning`), pruned with its documented MetaPruner API at the same budget of
 parameters, no fine-tuning, measured on the same held-out paragraphs.
 
     python bench/structured_pruning.py [--models minilm smollm2] [--ratios 0.2 0.5]
+        [--variants flap:AL-AM:bias wanda-sp:UL-UM:nobias ...]
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from common import MINILM, SMOLLM2, run_recipe, stage, table, write_json
 # in its reference form (UL-UM, no compensation) and with FLAP's compensation added.
 VARIANTS = [("flap", "AL-AM", True), ("flap", "AL-AM", False), ("flap", "UL-UM", True),
             ("wanda-sp", "UL-UM", False), ("wanda-sp", "UL-UM", True), ("magnitude-sp", "UL-UM", False)]
+
+
+def _variant_name(variant: tuple[str, str, bool]) -> str:
+    method, structure, bias = variant
+    return f"{method}:{structure}:{'bias' if bias else 'nobias'}"
 
 
 def recipe(model: str, method: str, structure: str, bias: bool, ratio: float) -> dict:
@@ -155,12 +161,15 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     ap.add_argument("--no-torch-pruning", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=[_variant_name(v) for v in VARIANTS],
+                    choices=[_variant_name(v) for v in VARIANTS], help="method:structure:bias|nobias")
     args = ap.parse_args()
+    variants = [v for v in VARIANTS if _variant_name(v) in args.variants]
     results = {"cuda": torch.cuda.is_available()}
     for name in args.models:
         rows, runs = [], []
         for ratio in args.ratios:
-            for method, structure, bias in VARIANTS:
+            for method, structure, bias in variants:
                 r = recipe(name, method, structure, bias, ratio)
                 m = run_recipe(r, r["name"])
                 if not rows:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import statistics
 import tempfile
@@ -305,9 +306,12 @@ def main() -> None:
     torch.set_num_threads(1)  # PyTorch only evaluates accuracy here; one thread is robust on a shared machine
     transformers.logging.set_verbosity_error()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out: dict = {"layer": LAYER, "threads": args.threads, "iterations": args.iterations}
+    previous = RESULTS / "token_pruning.json"  # parts run separately land in one file
+    out: dict = json.loads(previous.read_text()) if previous.is_file() else {}
+    out.pop("machine", None)
+    out.update({"layer": LAYER, "threads": args.threads, "iterations": args.iterations})
     if "speed" in args.parts:
-        out["speed"] = {}
+        out.setdefault("speed", {})
         for name in args.encoders:
             methods = [m for m in args.methods if m != "trim" or name.startswith("clip")]
             out["speed"][name] = speed(name, args.iterations, methods, args.threads)

@@ -14,33 +14,56 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 
-def _scope(node: onnx.NodeProto) -> str | None:
+def scope(node: onnx.NodeProto) -> str | None:
     """The torch module that emitted ``node``: the deepest scope of the module chain (the last
     entry of ``name_scopes`` is the aten op itself, e.g. "linear")."""
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             chain = None
-            for scope in ast.literal_eval(p.value)[1:]:
-                if chain is None or scope.startswith(chain + "."):
-                    chain = scope
+            for s in ast.literal_eval(p.value)[1:]:
+                if chain is None or s.startswith(chain + "."):
+                    chain = s
             return chain
     return None
 
 
+def _weight(node: onnx.NodeProto, inits: dict, producers: dict) -> np.ndarray | None:
+    """A MatMul/Gemm weight as stored: an initializer, or a DequantizeLinear of one (dequantized
+    here, so zeros read as zeros and values as the graph computes them)."""
+    name = node.input[1]
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        return None
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else 0.0
+    attrs = {a.name: a.i for a in dq.attribute}
+    axis, block = attrs.get("axis", 1) % q.ndim, attrs.get("block_size", 0)
+    if scale.size > 1:
+        if block:  # blocked: scale has ceil(dim / block) entries along axis
+            scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+            zp = np.repeat(zp, block, axis=axis).take(range(q.shape[axis]), axis=axis) if np.ndim(zp) else zp
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zp = zp.reshape(shape) if np.ndim(zp) else zp
+    return (q - zp) * scale
+
+
 def matmul_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarray]]:
-    """Every MatMul/Gemm whose B is a constant weight, with that weight as [K, N] (input dimension
-    first). A weight behind a DequantizeLinear (Q/DQ graphs) is read as its stored integers."""
+    """Every MatMul/Gemm whose B is a constant 2-D weight (maybe behind a DequantizeLinear), with
+    that weight as [K, N] (input dimension first), dequantized."""
     inits = {i.name: i for i in model.graph.initializer}
-    dequantized = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    producers = {o: n for n in model.graph.node for o in n.output}
     out = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        name = node.input[1] if node.input[1] in inits else dequantized.get(node.input[1])
-        if name not in inits:
-            continue
-        w = numpy_helper.to_array(inits[name])
-        if w.ndim != 2:
+        w = _weight(node, inits, producers)
+        if w is None or w.ndim != 2:
             continue
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute):
             w = w.T
@@ -50,12 +73,17 @@ def matmul_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndar
 
 def torch_scope(node: onnx.NodeProto, strip_prefix: str = "model.") -> str | None:
     """The torch module name of ``node`` as the model's ``named_modules`` spells it."""
-    scope = _scope(node)
-    return scope.removeprefix(strip_prefix) if scope else None
+    name = scope(node)
+    return name.removeprefix(strip_prefix) if name else None
+
+
+def linear_nodes(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, onnx.NodeProto]:
+    """torch Linear name -> the MatMul/Gemm node that computes it (its weight a constant, maybe quantized)."""
+    return {s: node for node, _ in matmul_weights(model) if (s := torch_scope(node, strip_prefix))}
 
 
 def linear_weights(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, np.ndarray]:
-    """torch Linear name -> its exported weight as [K, N] (input dimension first)."""
+    """torch Linear name -> its exported weight as [K, N] (input dimension first), dequantized."""
     return {s: w for node, w in matmul_weights(model) if (s := torch_scope(node, strip_prefix))}
 
 

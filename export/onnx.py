@@ -113,7 +113,7 @@ def io_spec(model: onnx.ModelProto) -> dict:
     return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output]}
 
 
-def session(path: Path, threads: int | None = None):
+def session(path: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = ()):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -121,7 +121,8 @@ def session(path: Path, threads: int | None = None):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 @dataclass

@@ -24,10 +24,10 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from . import inspect as onnx_inspect
+from . import qdq
 from .trt_targets import TARGETS, TOPK_MAX_K, Target
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_SIGNED_QUANT = {"INT8", "FLOAT8E4M3FN", "FLOAT8E5M2", "INT4", "FLOAT4E2M1"}
 _INFER_KEEP_BYTES = 1 << 16  # initializers above this lose their data in the shape-inference copy
 
 
@@ -79,7 +79,7 @@ def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
     graph = _Graph(model)
     r = Readiness(t)
     for finding in (*static_shape_findings(graph.inferred), *operator_findings(model, t, graph),
-                    *qdq_findings(model, t.quantized_types, graph), *type_findings(graph, t)):
+                    *qdq_findings(model, t.quantized_types), *type_findings(graph, t)):
         (r.warnings if finding.check == "warning" else r.errors).append(finding)
     r.weights = weight_summary(model)
     if r.weights["bytes_by_type"].get("FLOAT"):
@@ -282,80 +282,17 @@ def type_findings(graph: _Graph, t: Target) -> list[Finding]:
 
 # -- explicit quantization ----------------------------------------------------------------------
 
-def _out_channel_axis(consumer: onnx.NodeProto, input_index: int, rank: int) -> int | None:
-    """Axis of a weight that indexes output channels, for the consumers TensorRT quantizes."""
-    if input_index != 1:
-        return None
-    if consumer.op_type == "Conv":
-        return 0
-    if consumer.op_type == "ConvTranspose":
-        return 1
-    if consumer.op_type == "Gemm":
-        return 0 if _attr(consumer, "transB", 0) else 1
-    if consumer.op_type == "MatMul":
-        return rank - 1
-    return None
-
-
-def qdq_findings(model: onnx.ModelProto, quantized_types: frozenset[str] | set[str] = frozenset({"INT8"}),
-                 graph: _Graph | None = None) -> list[Finding]:
-    """Q/DQ layouts TensorRT's explicit quantization fuses (deployment spec §4.2).
-
-    A function over the graph alone so the quantization stage can run it on its own output.
-    """
-    graph = graph or _Graph(model)
-    out = []
-    outputs = {o.name for o in model.graph.output}
-    for node in graph.nodes:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        where = _label(node)
-        quant = node.op_type == "QuantizeLinear"
-        if quant:
-            zp_type = graph.type_name(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            qtype = zp_type or (onnx.TensorProto.DataType.Name(_attr(node, "output_dtype"))
-                                if _attr(node, "output_dtype") else "UINT8")
-            if node.output[0] in outputs:
-                out.append(Finding("qdq", where, "graph output is quantized; end the graph in float"))
-        else:
-            qtype = graph.type_name(node.input[0])
-        if qtype == "INT32":
-            out.append(Finding("qdq", where, "int32 (bias) quantization; keep biases float, TensorRT fuses them"))
-            continue
-        if qtype not in _SIGNED_QUANT:
-            out.append(Finding("qdq", where, f"{qtype or 'unknown'} quantization is asymmetric/unsigned; TensorRT "
-                                             "takes signed symmetric quantization (int8, zero point 0)"))
-        elif qtype not in quantized_types:
-            out.append(Finding("qdq", where, f"{qtype} quantization is unsupported by this target "
-                                             f"(supported: {', '.join(sorted(quantized_types))})"))
-        if len(node.input) > 2 and node.input[2]:
-            zp = graph.value(node.input[2])
-            if zp is None or np.any(np.asarray(zp).astype(np.float64) != 0):
-                out.append(Finding("qdq", where, "zero point must be a constant 0 (symmetric quantization)"))
-        scale = graph.value(node.input[1])
-        if scale is None or np.asarray(scale).size <= 1 or quant:
-            continue
-        out += _per_channel_finding(node, graph, where)
-    return out
-
-
-def _per_channel_finding(dq: onnx.NodeProto, graph: _Graph, where: str) -> list[Finding]:
-    """A per-channel DequantizeLinear must dequantize a weight along its output-channel axis."""
-    x = dq.input[0]
-    source = graph.producer.get(x)
-    is_weight = x in graph.constants or (source is not None and source.op_type == "QuantizeLinear"
-                                         and source.input[0] in graph.constants)
-    if not is_weight:
-        return [Finding("qdq", where, "per-channel scales on an activation; TensorRT wants per-tensor "
-                                      "activation scales")]
-    shape = graph.value(x).shape if x in graph.constants else graph.value(source.input[0]).shape
-    axis = _attr(dq, "axis", 1) % len(shape)
-    out = []
-    for consumer in graph.consumers.get(dq.output[0], []):
-        expected = _out_channel_axis(consumer, list(consumer.input).index(dq.output[0]), len(shape))
-        if expected is not None and axis != expected:
-            out.append(Finding("qdq", where, f"per-channel axis {axis} of the weight of {_label(consumer)}; "
-                                             f"TensorRT wants the output-channel axis {expected}"))
+def qdq_findings(model: onnx.ModelProto, quantized_types: frozenset[str] | set[str] = frozenset({"INT8"})) \
+        -> list[Finding]:
+    """The explicit-quantization layouts TensorRT fuses (``export.qdq``, deployment spec §4.2), plus
+    the quantized element types this target's parser takes."""
+    report = qdq.inspect_qdq(model)
+    out = [Finding("qdq", None, p) for p in report.problems]
+    for dq, dtype in report.dtypes.items():
+        if dtype.upper() in qdq.SIGNED_TYPES and dtype.upper() not in quantized_types:
+            out.append(Finding("qdq", f"DequantizeLinear '{dq}'", f"{dtype.upper()} quantization is unsupported "
+                                                                  f"by this target (supported: "
+                                                                  f"{', '.join(sorted(quantized_types))})"))
     return out
 
 

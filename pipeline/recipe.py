@@ -272,6 +272,7 @@ def _check_stage_order(recipe: Recipe) -> None:
     calibrated_at: int | None = None
     changed_since_calibration = False
     exported_at: int | None = None
+    rewritten_at: int | None = None
     for i, args in enumerate(recipe.stages):
         stage_cls = REGISTRY[args.type]
         where = f"stages[{i}]"
@@ -297,3 +298,11 @@ def _check_stage_order(recipe: Recipe) -> None:
             if exported_at is not None:
                 raise RecipeError("only one 'export' stage is allowed", field=where)
             exported_at = i
+        if stage_cls.rewrites_onnx:
+            if exported_at is None:
+                raise RecipeError(f"stage '{args.type}' rewrites the exported graph: put '- type: export' before it",
+                                  field=where)
+            if rewritten_at is not None:
+                raise RecipeError(f"stages[{rewritten_at}] already set the graph's precision: keep one "
+                                  f"'{args.type}' stage", field=where)
+            rewritten_at = i

@@ -6,9 +6,11 @@ from .evaluate import Evaluate
 from .export import Export
 from .prune_structured import PruneStructured
 from .prune_weights import PruneWeights
+from .quantize import Quantize
+from .smoothquant import SmoothQuant
 from .token_prune import TokenPrune
 
 REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, TokenPrune,
-                                                                  Export, Evaluate)}
+                                                                  SmoothQuant, Export, Quantize, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

@@ -38,6 +38,7 @@ class Stage(ABC):
     type: ClassVar[str]
     Args: ClassVar[type[StageArgs]]
     changes_model: ClassVar[bool] = False
+    rewrites_onnx: ClassVar[bool] = False  # edits the exported model.onnx (needs an export before it)
 
     def __init__(self, args: StageArgs):
         self.args = args

@@ -37,9 +37,10 @@ class EvaluateArgs(StageArgs):
 class Runner:
     """Runs a batch (the model's keyword inputs) through ONNX Runtime or PyTorch and returns numpy outputs."""
 
-    def __init__(self, module: torch.nn.Module, onnx_path: Path | None, threads: int):
+    def __init__(self, module: torch.nn.Module, onnx_path: Path | None, threads: int,
+                 disabled_optimizers: tuple[str, ...] = ()):
         self.module, self.names = module, module.input_names
-        self.sess = onnx_export.session(onnx_path, threads) if onnx_path else None
+        self.sess = onnx_export.session(onnx_path, threads, disabled_optimizers) if onnx_path else None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         inputs = self.module.example(batch)
@@ -108,8 +109,10 @@ class Evaluate(Stage):
         if ctx.onnx_path is not None:
             dense_path = self._dense_onnx(ctx, dense_tm, dense_tm.example(batches.batches[0].inputs))
         threads = spec.latency.threads
-        dense = Runner(dense_tm, dense_path, threads)
-        comp = Runner(comp_tm, ctx.onnx_path, threads)
+        # Session options a stage asked for (quantize: the ones that keep ORT's int8 fusions), on both graphs alike.
+        disabled = tuple(ctx.onnx.get("onnxruntime", {}).get("disabled_optimizers", ()))
+        dense = Runner(dense_tm, dense_path, threads, disabled)
+        comp = Runner(comp_tm, ctx.onnx_path, threads, disabled)
         backend = "onnxruntime" if dense_path else "pytorch"
         result = {"backend": backend, "data": {"origin": batches.origin, **batches.protocol}}
         result.update(self._quality(ctx, dense, comp, batches))

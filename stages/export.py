@@ -26,11 +26,13 @@ class ExportArgs(StageArgs):
     type: Literal["export"]
 
 
-def parity_inputs(ctx: RunContext) -> list[tuple]:
-    """Calibration-source samples at the export shapes: what the parity check feeds both runtimes."""
+def parity_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple]:
+    """Calibration-source samples at the export shapes: what the parity check feeds both runtimes
+    (and graph-level calibration, with ``num_samples``)."""
     ex = ctx.recipe.export
     spec = ctx.recipe.calibration.model_copy(update={
-        "num_samples": ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len, "batch_size": ex.batch_size})
+        "num_samples": num_samples or ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len,
+        "batch_size": ex.batch_size})
     batches = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec, image_size=ex.image_size)
     module = ctx.task_model()
     return [module.example(b.inputs) for b in batches if b.size == ex.batch_size]
@@ -49,7 +51,7 @@ class Export(Stage):
         model = onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)
         seconds_export = time.perf_counter() - t0
         par = onnx_export.parity(path, module, module.input_names, inputs)
-        sparsity = self._check_sparsity(ctx, model)
+        sparsity = self.check_sparsity(ctx, model)
         ctx.onnx_path = path
         ctx.onnx = {"path": path.name, "opset": ex.opset, "ir_version": model.ir_version,
                     "exporter": "torch.onnx dynamo", **onnx_export.io_spec(model),
@@ -64,9 +66,10 @@ class Export(Stage):
         if par.max_rel_err > ex.rtol:
             raise StageFailed(f"ONNX Runtime output differs from PyTorch: max relative error {par.max_rel_err:.3g} "
                               f"> export.rtol {ex.rtol:g} (max abs {par.max_abs_err:.3g})", field="export")
-        ctx.onnx["tensorrt"] = self._tensorrt(ctx, model, path, dict(zip(module.input_names, inputs[0])), folder)
+        readiness = tensorrt_readiness(ctx, model, folder, "export.tensorrt.target")
+        ctx.onnx["tensorrt"] = tensorrt_material(ctx, readiness, path, dict(zip(module.input_names, inputs[0])))
         (folder / "onnx.json").write_text(json.dumps(ctx.onnx, indent=1))
-        metrics["tensorrt"] = _trt_headline(ctx.onnx["tensorrt"])
+        metrics["tensorrt"] = trt_headline(ctx.onnx["tensorrt"])
         io_rows = [[d["name"], "input" if d in ctx.onnx["inputs"] else "output", d["dtype"], str(d["shape"])]
                    for d in ctx.onnx["inputs"] + ctx.onnx["outputs"]]
         return StageResult(metrics, [Table("ONNX graph", ["tensor", "kind", "dtype", "static shape"], io_rows),
@@ -74,36 +77,11 @@ class Export(Stage):
                                            ["samples", "max abs err", "max rel err", "rtol"],
                                            [[par.samples, f"{par.max_abs_err:.3g}", f"{par.max_rel_err:.3g}",
                                              f"{ex.rtol:g}"]]),
-                                     _trt_table(ctx.onnx["tensorrt"])])
+                                     trt_table(ctx.onnx["tensorrt"])])
 
-    def _tensorrt(self, ctx: RunContext, model: onnx.ModelProto, path: Path, example: dict, folder: Path) -> dict:
-        """Readiness for the recipe's TensorRT target (failing the export when not ready), then the
-        build material in build/, and an engine when this machine can build one."""
-        spec = ctx.recipe.export.tensorrt
-        readiness = tensorrt.check(model, spec.target)
-        (folder / "tensorrt.json").write_text(json.dumps(readiness.as_dict(), indent=1))
-        if not readiness.ok:
-            t = readiness.target
-            raise StageFailed(f"the graph is not ready for TensorRT {t.tensorrt} ({t.name}): {readiness.summary()}",
-                              field="export.tensorrt.target")
-        build_dir = ctx.workdir / "build"
-        shutil.rmtree(build_dir, ignore_errors=True)
-        build = trt_build.build_spec(readiness.target, path, build_dir, ctx.onnx, readiness,
-                                     spec.workspace_mib, spec.optimization_level, spec.atol, spec.rtol)
-        feeds = [{name: t.numpy() for name, t in example.items()}]
-        trt_build.write_material(build_dir, build, feeds)
-        engine = trt_build.build_here(build_dir, build, feeds)
-        if engine["built"]:
-            ctx.events.log(f"built {engine['engine']} ({engine['gpu']}); ONNX Runtime comparison "
-                           f"{'passed' if engine['comparison']['passed'] else 'FAILED'}")
-        else:
-            ctx.events.log(f"no TensorRT engine built here: {escape(engine['reason'])}; build it on the device with "
-                           "build/build_engine.sh")
-        return {**readiness.as_dict(), "build": {"spec": "build/build_spec.json", "script": "build/build_engine.sh",
-                                                 "engine": engine}}
-
-    def _check_sparsity(self, ctx: RunContext, model: onnx.ModelProto) -> dict:
-        """Pruned zeros must be in the exported initializers, N:M groups along K."""
+    @staticmethod
+    def check_sparsity(ctx: RunContext, model: onnx.ModelProto, field: str = "export") -> dict:
+        """Pruned zeros must be in the exported initializers (dequantized ones too), N:M groups along K."""
         if not ctx.sparsity:
             return {"layers": 0}
         weights = onnx_inspect.linear_weights(model)
@@ -122,7 +100,7 @@ class Export(Stage):
                 if v:
                     bad.append(f"{name}: {v} groups of {m} along K with more than {n} non-zeros")
         if bad:
-            raise StageFailed(f"sparsity lost in export: {'; '.join(bad[:3])}", field="export")
+            raise StageFailed(f"sparsity lost in the graph: {'; '.join(bad[:3])}", field=field)
         patterns = sorted({i["pattern"] for i in ctx.sparsity.values()})
         return {"layers": len(ctx.sparsity), "patterns": patterns, "ok": True}
 
@@ -131,13 +109,46 @@ class Export(Stage):
         ctx.onnx = json.loads((folder / "onnx.json").read_text())
 
 
-def _trt_headline(trt: dict) -> dict:
+def tensorrt_readiness(ctx: RunContext, model: onnx.ModelProto, folder: Path, field: str) -> tensorrt.Readiness:
+    """Readiness of ``model`` for the recipe's TensorRT target, saved in the stage folder; a graph
+    that is not ready fails the stage (export, and quantize on its rewritten graph)."""
+    readiness = tensorrt.check(model, ctx.recipe.export.tensorrt.target)
+    (folder / "tensorrt.json").write_text(json.dumps(readiness.as_dict(), indent=1))
+    if not readiness.ok:
+        t = readiness.target
+        raise StageFailed(f"the graph is not ready for TensorRT {t.tensorrt} ({t.name}): {readiness.summary()}",
+                          field=field)
+    return readiness
+
+
+def tensorrt_material(ctx: RunContext, readiness: tensorrt.Readiness, path: Path, example: dict) -> dict:
+    """build/ for the graph at ``path`` (spec with its sha256, build_engine.sh, golden data), and an
+    engine when this machine can build one."""
+    spec = ctx.recipe.export.tensorrt
+    build_dir = ctx.workdir / "build"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    build = trt_build.build_spec(readiness.target, path, build_dir, ctx.onnx, readiness,
+                                 spec.workspace_mib, spec.optimization_level, spec.atol, spec.rtol)
+    feeds = [{name: t.numpy() for name, t in example.items()}]
+    trt_build.write_material(build_dir, build, feeds)
+    engine = trt_build.build_here(build_dir, build, feeds)
+    if engine["built"]:
+        ctx.events.log(f"built {engine['engine']} ({engine['gpu']}); ONNX Runtime comparison "
+                       f"{'passed' if engine['comparison']['passed'] else 'FAILED'}")
+    else:
+        ctx.events.log(f"no TensorRT engine built here: {escape(engine['reason'])}; build it on the device with "
+                       "build/build_engine.sh")
+    return {**readiness.as_dict(), "build": {"spec": "build/build_spec.json", "script": "build/build_engine.sh",
+                                             "engine": engine}}
+
+
+def trt_headline(trt: dict) -> dict:
     engine = trt["build"]["engine"]
     return {"target": trt["target"], "ready": trt["ok"], "sparse_2_4_layers": trt["sparse_2_4_layers"],
             "engine": engine["engine"] if engine["built"] else "not built here"}
 
 
-def _trt_table(trt: dict) -> Table:
+def trt_table(trt: dict) -> Table:
     engine = trt["build"]["engine"]
     rows = [[check, result] for check, result in trt["checks"].items()]
     rows += [["warning", str(w["message"])] for w in trt["warnings"]]

@@ -105,6 +105,23 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_onnx(llama_dir, tmp_path_factory):
+    """The tiny Llama as deployed (TaskModel), exported at [1, 16]: (task model, path, proto, example)."""
+    from transformers import AutoModelForCausalLM
+
+    from export import onnx as onnx_export
+    from pipeline.recipe import ModelSpec
+    from pipeline.tasks import TaskModel
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    tm = TaskModel(model, ModelSpec(source=str(llama_dir), task="causal-lm")).eval()
+    ids = torch.randint(0, 30000, (1, 16))
+    path = tmp_path_factory.mktemp("llama_onnx") / "lm.onnx"
+    proto = onnx_export.export(tm, (ids,), path, tm.input_names, tm.output_names, opset=18)
+    return tm, path, proto, (ids,)
+
+
+@pytest.fixture(scope="session")
 def vit_dir(tmp_path_factory):
     return build_vit(tmp_path_factory.mktemp("vit"))
 

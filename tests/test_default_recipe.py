@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 
 from export import inspect as onnx_inspect
+from export import qdq
 from pipeline.runner import run
 
 
@@ -19,11 +20,13 @@ def test_default_recipe_end_to_end(tmp_path):
     assert all(d.dim_value > 0 and not d.dim_param for d in dims)
     ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert m["onnx"]["parity"]["max_rel_err"] <= 1e-4
-    weights = onnx_inspect.linear_weights(model)
+    weights = onnx_inspect.linear_weights(model)  # int8 weights read back through their DequantizeLinear
     targeted = [n for n in weights if n.startswith("encoder.layer.")]
     assert len(targeted) == 36
     for name in targeted:  # every group of 4 along K has at least 2 zeros
         assert onnx_inspect.nm_violations(weights[name], 2, 4) == 0, name
+    report = qdq.inspect_qdq(model)  # TensorRT's layout; the six FFN down projections stay float
+    assert report.problems == [] and report.schemes == {"w8a8": 30}
     ev = m["evaluation"]
     assert ev["backend"] == "onnxruntime" and ev["comparison"]["samples"] == 64
     assert 0.5 < ev["comparison"]["mean_cosine"] < 1.0

@@ -94,16 +94,10 @@ def test_rename_io_avoids_internal_name_clash():
     assert m.graph.node[1].output[0] == "embedding__internal"
 
 
-def test_llama_export_parity(llama_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    tm = TaskModel(model, ModelSpec(source=str(llama_dir), task="causal-lm")).eval()
-    ids = torch.randint(0, 30000, (1, 16))
-    path = tmp_path / "lm.onnx"
-    proto = onnx_export.export(tm, (ids,), path, tm.input_names, tm.output_names, opset=18)
+def test_llama_export_parity(llama_onnx):
+    tm, path, proto, example = llama_onnx
     assert onnx_export.io_spec(proto)["outputs"][0]["shape"] == [1, 16, 30522]
-    assert onnx_export.parity(path, tm, tm.input_names, [(ids,)]).max_rel_err < 1e-4
+    assert onnx_export.parity(path, tm, tm.input_names, [example]).max_rel_err < 1e-4
 
 
 def test_external_data_layout_loads_in_onnx_runtime(bert_export, tmp_path):

@@ -139,12 +139,11 @@ def test_qdq_layout_tensorrt_fuses_passes():
 
 
 @pytest.mark.parametrize("kwargs, expected", [
-    ({"zero_point": 3}, "DequantizeLinear 'dq_w': zero point must be a constant 0 (symmetric quantization)"),
-    ({"zp_type": np.uint8}, "QuantizeLinear 'q_x': UINT8 quantization is asymmetric/unsigned"),
-    ({"axis": 0}, "DequantizeLinear 'dq_w': per-channel axis 0 of the weight of MatMul 'mm'; TensorRT wants the "
-                  "output-channel axis 1"),
-    ({"bias_int32": True}, "DequantizeLinear 'dq_bias': int32 (bias) quantization; keep biases float"),
-    ({"quantize_output": True}, "QuantizeLinear 'q_out': graph output is quantized; end the graph in float"),
+    ({"zero_point": 3}, "dq_w: non-zero zero point on 'wq' (asymmetric); TensorRT needs zero-point 0"),
+    ({"zp_type": np.uint8}, "dq_x: uint8 quantization of 'xq' is unsigned or asymmetric"),
+    ({"axis": 0}, "dq_w: per-channel axis 0 of 'wq' is not the output-channel axis 1 of MatMul mm"),
+    ({"bias_int32": True}, "dq_bias: int32 tensor 'bq' dequantized (a quantized bias); keep biases in float"),
+    ({"quantize_output": True}, "q_out: a graph output is quantized ('yq')"),
 ])
 def test_qdq_layouts_tensorrt_cannot_fuse(kwargs, expected):
     findings = [str(f) for f in tensorrt.qdq_findings(_qdq_matmul(**{"scale_shape": (8,), **kwargs}))]
@@ -158,8 +157,7 @@ def test_per_channel_activation_scale_is_refused():
             arr = numpy_helper.to_array(init)
             init.CopyFrom(numpy_helper.from_array(np.full(4, arr, arr.dtype), init.name))
     findings = [str(f) for f in tensorrt.qdq_findings(m)]
-    assert "DequantizeLinear 'dq_x': per-channel scales on an activation; TensorRT wants per-tensor activation " \
-           "scales" in findings
+    assert "dq_x: per-channel scales on activation 'xq'; TensorRT wants per-tensor activation scales" in findings
 
 
 def test_fp8_weights_need_a_tensorrt_10_target():

@@ -111,7 +111,9 @@ class Adapter:
     attn: ClassVar[tuple[str, str, str, str]]  # q, k, v, o relative to a block
     mlp_in: ClassVar[tuple[str, ...]]
     mlp_out: ClassVar[str]
-    attn_norm: ClassVar[str | None] = None  # relative to a block; set by pre-norm families
+    # Pre-norms relative to a block: the one feeding q/k/v and the one feeding mlp_in. None for
+    # post-norm families (BERT), whose norm output is also the residual stream.
+    norms: ClassVar[tuple[str, str] | None] = None
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""
@@ -140,7 +142,7 @@ class Adapter:
                 num_heads=model.get_submodule(q).out_features // hd,
                 num_kv_heads=model.get_submodule(k).out_features // hd,
                 intermediate_size=model.get_submodule(mlp_out).in_features,
-                attn_norm=f"{prefix}.{self.attn_norm}" if self.attn_norm else None,
+                attn_norm=f"{prefix}.{self.norms[0]}" if self.norms else None,
             ))
         return out
 
@@ -208,3 +210,13 @@ class Adapter:
     def joint_space(self, model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         """(final norm, projection) that map vision tokens into an image-text embedding space, if the model has one."""
         return None
+
+    def smoothing_groups(self, model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+        """(norm, the Linears that read only its output): where SmoothQuant can fold 1/s into a norm."""
+        if self.norms is None:
+            return []
+        out = []
+        for b in self.blocks(model):
+            out.append((f"{b.prefix}.{self.norms[0]}", (b.q, b.k, b.v)))
+            out.append((f"{b.prefix}.{self.norms[1]}", b.mlp_in))
+        return out

@@ -28,6 +28,7 @@ class LlamaAdapter(Adapter):
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out = "mlp.down_proj"
+    norms = ("input_layernorm", "post_attention_layernorm")
 
 
 class ViTAdapter(Adapter):
@@ -38,7 +39,7 @@ class ViTAdapter(Adapter):
     attn = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
-    attn_norm = "layernorm_before"
+    norms = ("layernorm_before", "layernorm_after")
 
     def vision_tokens(self, model):
         return _patch_grid(model.config, prefix=1)  # [CLS] first
@@ -54,7 +55,7 @@ class ClipAdapter(Adapter):
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
-    attn_norm = "layer_norm1"
+    norms = ("layer_norm1", "layer_norm2")
 
     def head_dim(self, model):
         cfg = model.config
