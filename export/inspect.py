@@ -14,6 +14,14 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute's value, or ``default`` when the node does not set it."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
 def scope(node: onnx.NodeProto) -> str | None:
     """The torch module that emitted ``node``: the deepest scope of the module chain (the last
     entry of ``name_scopes`` is the aten op itself, e.g. "linear")."""

@@ -79,20 +79,13 @@ class _Graph:
         return None
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def output_channel_axis(node: onnx.NodeProto) -> int:
     """Axis of the weight (input 1) that indexes output channels: MatMul [K, N] -> 1, Gemm with
     transB=1 [N, K] -> 0, Conv [Cout, Cin, ...] -> 0, ConvTranspose [Cin, Cout, ...] -> 1."""
     if node.op_type == "MatMul":
         return 1
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if onnx_inspect.attr(node, "transB", 0) else 1
     return 0 if node.op_type == "Conv" else 1
 
 
@@ -106,15 +99,15 @@ def _quantized_type(g: _Graph, dq: onnx.NodeProto) -> int | None:
         return None
     if len(q.input) > 2 and q.input[2]:
         return g.elem_type(q.input[2])
-    return _attr(q, "output_dtype", 0) or TensorProto.UINT8  # the ONNX default without a zero point
+    return onnx_inspect.attr(q, "output_dtype", 0) or TensorProto.UINT8  # the ONNX default without a zero point
 
 
 def _describe_dq(g: _Graph, dq: onnx.NodeProto) -> dict:
     scale = g.const(dq.input[1])
     zp = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
-    block = _attr(dq, "block_size", 0) or 0
+    block = onnx_inspect.attr(dq, "block_size", 0) or 0
     granularity = ("per-tensor" if scale is None or scale.size == 1 else
-                   f"block {block} on axis {_attr(dq, 'axis', 1)}" if block else f"per-channel axis {_attr(dq, 'axis', 1)}")
+                   f"block {block} on axis {onnx_inspect.attr(dq, 'axis', 1)}" if block else f"per-channel axis {onnx_inspect.attr(dq, 'axis', 1)}")
     return {"tensor": dq.input[0], "dtype": _TYPES.get(_quantized_type(g, dq), "unknown"),
             "granularity": granularity, "zero_point_max_abs": int(np.abs(zp.astype(np.int64)).max()) if zp is not None and zp.size else 0}
 
@@ -141,7 +134,7 @@ def _check_dq(g: _Graph, dq: onnx.NodeProto) -> list[str]:
         out.append(f"{name}: per-channel scales on activation {x!r}; TensorRT wants per-tensor activation scales")
     if dtype == "int4" and not is_weight:
         out.append(f"{name}: int4 activation {x!r}; TensorRT runs int4 as weight-only")
-    if (_attr(dq, "block_size", 0) or 0) and dtype != "int4":
+    if (onnx_inspect.attr(dq, "block_size", 0) or 0) and dtype != "int4":
         out.append(f"{name}: block quantization of {dtype} tensor {x!r}; blocks are for int4 weights")
     if dq.output[0] in g.outputs:
         out.append(f"{name}: a graph output is quantized ({dq.output[0]!r})")
@@ -161,8 +154,8 @@ def _check_weight_axis(g: _Graph, node: onnx.NodeProto, dq: onnx.NodeProto) -> l
         return []
     weight = g.const(dq.input[0])
     rank = weight.ndim if weight is not None else 2
-    axis = _attr(dq, "axis", 1) % rank
-    block = _attr(dq, "block_size", 0) or 0
+    axis = onnx_inspect.attr(dq, "axis", 1) % rank
+    block = onnx_inspect.attr(dq, "block_size", 0) or 0
     want = output_channel_axis(node)
     if block:
         k_axis = 1 - want if rank == 2 else None

@@ -212,18 +212,11 @@ def operator_findings(model: onnx.ModelProto, t: Target, graph: _Graph | None = 
     return out
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _attribute_limits(node: onnx.NodeProto, graph: _Graph, t: Target) -> list[str]:
     """Per-operator restrictions from the support tables that a static check can see."""
     op = node.op_type
     if op == "TopK":
-        out = [] if _attr(node, "sorted", 1) == 1 else ["TopK 'sorted' must be 1"]
+        out = [] if onnx_inspect.attr(node, "sorted", 1) == 1 else ["TopK 'sorted' must be 1"]
         k = graph.value(node.input[1]) if len(node.input) > 1 else None
         if k is not None and int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
             out.append(f"TopK K={int(np.asarray(k).reshape(-1)[0])} must be less than {TOPK_MAX_K}")
@@ -232,29 +225,29 @@ def _attribute_limits(node: onnx.NodeProto, graph: _Graph, t: Target) -> list[st
         return ["only LayerNormalization's first output Y is supported"]
     if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
         return ["MaxPool 'Indices' output is unsupported"]
-    if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in _attr(node, "dilations", []) or []):
+    if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in onnx_inspect.attr(node, "dilations", []) or []):
         return [f"{op} 'dilations' must be empty or all ones"]
     if op == "Dropout" and len(node.input) > 2 and node.input[2]:
         training = graph.value(node.input[2])
         if training is None or bool(np.asarray(training).reshape(-1)[0]):
             return ["Dropout 'training_mode' must be a constant False"]
-    if op == "ScatterND" and _attr(node, "reduction", b"none") != b"none":
+    if op == "ScatterND" and onnx_inspect.attr(node, "reduction", b"none") != b"none":
         return ["ScatterND 'reduction' other than none is unsupported"]
-    if op == "Einsum" and t.major_minor < (10, 12) and b"..." in _attr(node, "equation", b""):
+    if op == "Einsum" and t.major_minor < (10, 12) and b"..." in onnx_inspect.attr(node, "equation", b""):
         return ["Einsum ellipsis is unsupported before TensorRT 10.12"]
     if op == "Constant" and any(a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute):
         return ["Constant 'sparse_value' and string values are unsupported"]
     if op == "Resize":
         out = []
-        if _attr(node, "mode", b"nearest").decode() not in ("nearest", "linear"):
+        if onnx_inspect.attr(node, "mode", b"nearest").decode() not in ("nearest", "linear"):
             out.append("Resize mode must be nearest or linear")
-        ctm = _attr(node, "coordinate_transformation_mode", b"half_pixel").decode()
+        ctm = onnx_inspect.attr(node, "coordinate_transformation_mode", b"half_pixel").decode()
         if ctm not in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"):
             out.append(f"Resize coordinate_transformation_mode '{ctm}' is unsupported")
-        if _attr(node, "antialias", 0):
+        if onnx_inspect.attr(node, "antialias", 0):
             out.append("Resize antialiasing is unsupported")
         return out
-    if op == "LSTM" and (_attr(node, "input_forget", 0) or _attr(node, "layout", 0)):
+    if op == "LSTM" and (onnx_inspect.attr(node, "input_forget", 0) or onnx_inspect.attr(node, "layout", 0)):
         return ["LSTM 'input_forget' and 'layout' must be 0"]
     return []
 
