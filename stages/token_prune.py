@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 
+from export.trt_targets import TOPK_MAX_K
 from pipeline import models
 from pipeline.context import RunContext
 from pipeline.errors import RecipeError
 from tokens import trim
-from export.trt_targets import TOPK_MAX_K
 from tokens.methods import METHODS, HiPrune, Method, Trim
 from tokens.pruner import Placement, TokenPruner
 from tokens.text import TEXT_FILE, Companion, TextEncoder
