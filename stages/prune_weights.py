@@ -216,7 +216,8 @@ class PruneWeights(Stage):
         args, spec = self.args, ctx.recipe.calibration
         key = cache_key(kind="sequential", model=state_digest(ctx.model), data=ctx.calibration.sha256,
                         dtype=spec.dtype, method=args.method, pattern=args.pattern, sparsity=args.target_sparsity,
-                        targets=sorted(chosen), gradients=ctx.gradients_key if args.method == "gblm" else None)
+                        targets=sorted(chosen), gradients=ctx.gradients_key if args.method == "gblm" else None,
+                        gradient_norm=args.gradient_norm, gradient_scale=args.gradient_scale)
         cached = ctx.cache.load(key)
         if cached is not None:
             prune(chosen, cached)

@@ -91,6 +91,20 @@ def test_llama_gblm_unstructured(llama_dir, tmp_path):
     assert model.lm_head.weight.count_nonzero() == model.lm_head.weight.numel()  # outside the blocks: untouched
 
 
+def test_sequential_statistics_are_not_shared_across_gblm_norms(llama_dir, tmp_path):
+    """Block l's statistics depend on how blocks < l were pruned, so the score settings key the cache."""
+    def prune_info(norm):
+        stages = [{"type": "calibrate"}, {"type": "prune_weights", "method": "gblm", "sparsity": 0.5,
+                                          "gradient_norm": norm}]
+        out = run(write_recipe(tmp_path, text_recipe(llama_dir, "causal-lm", stages), f"{norm}.yaml"),
+                  output=tmp_path / norm, force=True)
+        return json.loads((out / "manifest.json").read_text())["stages"][1]["metrics"]
+
+    assert prune_info("l2")["cache"] in ("hit", "miss")
+    assert prune_info("l1")["cache"] == "miss"
+    assert prune_info("l1")["cache"] == "hit"
+
+
 def test_vit_classification_and_clip_towers(vit_dir, clip_dir, images_dir, tmp_path):
     images = {"source": "images", "path": str(images_dir)}
     stages = [{"type": "calibrate"}, {"type": "prune_weights", "method": "wanda", "sparsity": 0.3},
