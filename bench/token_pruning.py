@@ -317,6 +317,7 @@ def main() -> None:
             out["speed"][name] = speed(name, args.iterations, methods, args.threads)
     if "accuracy" in args.parts:
         out["accuracy"] = accuracy(TestSet(args.test_images))
+        out["test_images"] = min(args.test_images, 10_000)
         out["trim_calibration"] = trim_calibration()
     print(f"\nwrote {write_json('token_pruning', out)}")
 
