@@ -96,8 +96,10 @@ def main() -> None:
     args = ap.parse_args()
     from calibration.batches import calibration_batches, evaluation_batches
     from pipeline import models
-    from pipeline.recipe import CalibrationSpec, EvaluationSpec, ModelSpec
-    from pipeline.tasks import TaskModel
+    from calibration.spec import CalibrationSpec
+    from evaluation.spec import EvaluationSpec
+    from models.spec import ModelSpec
+    from models.tasks import TaskModel
     from stages.evaluate import Runner, perplexity
 
     spec = ModelSpec(source=SMOLLM2, task="causal-lm")

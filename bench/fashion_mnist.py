@@ -33,7 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.models import cache_dir  # noqa: E402
+from models.loading import cache_dir  # noqa: E402
 
 PACKAGE = "dataset-fashion-mnist"
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -12,7 +12,7 @@ SmolLM2-135M (GGUF Q4_1, dequantized), [1, 512] graphs in ONNX Runtime: perplexi
 8 x 512-token windows of Pride and Prejudice for fp32, fp16, int8 with and without SmoothQuant,
 and int4 weight-only with groups of 128 (576-wide inputs: the last group of those rows has 64
 weights) and of 64. Never asymmetric int4 with groups of 32: the GGUF weights already lie on that
-grid (calibration/data README §6.2).
+grid (docs/methods/quantization.md §7).
 
     python bench/quantization.py [--models minilm smollm2] [--calibration-samples 128]
 """
@@ -88,8 +88,9 @@ def minilm(samples: int) -> dict:
 
     from calibration.batches import encode_texts, evaluation_batches
     from calibration.sources import lee_benchmark
-    from pipeline.models import cache_dir, resolve_source
-    from pipeline.recipe import EvaluationSpec, ModelSpec
+    from models.loading import cache_dir, resolve_source
+    from evaluation.spec import EvaluationSpec
+    from models.spec import ModelSpec
     from stages.evaluate import cosine_rows, pearson, ranks
 
     runs = {"fp32": run_recipe(minilm_recipe("q-minilm-fp32", [{"type": "export"}], samples), "q-minilm-fp32"),

@@ -66,7 +66,7 @@ def _tp_prune(tp, model, spec, cal, channel_ratio: float, importance: str) -> No
     The residual width is left alone (embeddings and both output projections are not roots), so
     the parameter budget is spent on the same structures FLAP removes.
     """
-    from pipeline.tasks import gradient_loss
+    from models.tasks import gradient_loss
 
     heads = {}
     for layer in model.encoder.layer:
@@ -109,8 +109,10 @@ def torch_pruning_rows(ratios: list[float]) -> tuple[list[list], list[dict]]:
         return [["torch-pruning", "-", "-", "not installed (pip install torch-pruning)"]], []
     from calibration.batches import calibration_batches, evaluation_batches
     from pipeline import models
-    from pipeline.recipe import CalibrationSpec, EvaluationSpec, ModelSpec
-    from pipeline.tasks import TaskModel
+    from calibration.spec import CalibrationSpec
+    from evaluation.spec import EvaluationSpec
+    from models.spec import ModelSpec
+    from models.tasks import TaskModel
     from stages.evaluate import Runner, cosine_rows, outputs
 
     spec = ModelSpec(source=MINILM, task="feature-extraction")

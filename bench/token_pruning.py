@@ -38,12 +38,12 @@ from common import RESULTS, run_recipe, table, write_json
 
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
-from pipeline.adapters import adapter_for
-from pipeline.recipe import ModelSpec
-from pipeline.tasks import TaskModel
+from models.adapters import adapter_for
+from models.spec import ModelSpec
+from models.tasks import TaskModel
 from stages.token_prune import HIPRUNE_OBJECT_FRACTION, hiprune_anchors
-from tokens.methods import ClsAttention, DivPrune, GlobalAttention, HiPrune, Method, Trim
-from tokens.pruner import Placement, TokenPruner
+from methods.tokens.methods import ClsAttention, DivPrune, GlobalAttention, HiPrune, Method, Trim
+from methods.tokens.pruner import Placement, TokenPruner
 
 LAYER = 2
 SPEED_KEEPS = (0.25, 0.11, 0.05)
@@ -247,7 +247,7 @@ def accuracy(data: TestSet) -> dict:
 
 def vision_tower(clip_dir: Path):
     """The CLIP vision tower with its projection, loaded as the pipeline loads it."""
-    from pipeline.models import load_model, resolve_source
+    from models.loading import load_model, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task=TASK)
     return load_model(spec, resolve_source(spec))[0]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import DataSpec
+from core.errors import RecipeError
+from calibration.spec import DataSpec
 
 from .sources import ImageData, load_images, load_text, paragraphs
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.adapters import Adapter, Block
+from models.adapters import Adapter, Block
 
 from .batches import Batches
 from .collectors import InputHooks

@@ -16,8 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import DataSpec
+from core.errors import RecipeError
+from calibration.spec import DataSpec
 
 DATA = Path(__file__).parent / "data"
 BUILTIN = {"calibration": "austen_northangerabbey.txt.gz", "evaluation": "austen_prideprejudice.txt.gz"}

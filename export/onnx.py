@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from pipeline.errors import StageFailed
+from core.errors import StageFailed
 
 IR_VERSION = 10
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin

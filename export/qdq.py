@@ -1,7 +1,7 @@
 """Where Q/DQ nodes sit in a graph, and whether TensorRT's explicit quantization would fuse them.
 
 TensorRT fuses a DequantizeLinear into the compute op it feeds (MatMul/Gemm/Conv) and runs that op
-in INT8 only when the layout is the one its documentation describes (deployment.md §4.2): symmetric
+in INT8 only when the layout is the one its documentation describes (docs/methods/quantization.md §3.1-§3.2): symmetric
 INT8 (zero-point 0, signed), activations per tensor, weights per channel on the output-channel axis,
 Q/DQ on the *inputs* of compute ops only, biases in float. INT4 appears only as block-quantized
 weights (weight-only, blocks along K). Everything else is a layout this module reports as a problem:

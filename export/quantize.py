@@ -1,12 +1,12 @@
 """Graph precision on an exported ONNX model: FP16 with casts, INT8 Q/DQ, INT4 weight-only DQ.
 
-TensorRT takes precision from the graph in strongly typed builds (deployment.md §6), so each
+TensorRT takes precision from the graph in strongly typed builds (docs/methods/quantization.md §1), so each
 format is a rewrite of the float graph:
 
 - ``to_fp16``: ONNX Runtime's float16 converter, graph inputs/outputs kept float32, and LayerNorm,
-  Softmax and the reductions/powers of decomposed norms kept in float32 (§4.1: a decomposed norm's
+  Softmax and the reductions/powers of decomposed norms kept in float32 (quantization.md §2: a decomposed norm's
   ``Pow`` overflows in FP16).
-- ``int8_qdq``: ONNX Runtime ``quantize_static`` with the §5.2 TensorRT settings (signed symmetric
+- ``int8_qdq``: ONNX Runtime ``quantize_static`` with the TensorRT settings of quantization.md §3.3 (signed symmetric
   INT8, per-channel weights on the output-channel axis, Q/DQ only on MatMul/Gemm/Conv inputs, float
   biases, one Q/DQ pair per reader), calibrated here so that entropy gets TensorRT's 2048-bin
   histogram (``quantize_static`` would use 128 bins, where entropy degenerates to min-max).

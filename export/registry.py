@@ -32,8 +32,8 @@ from pathlib import Path, PurePosixPath
 import requests
 import requests.adapters
 
-from pipeline.errors import PipelineError, RecipeError
-from pipeline.manifest import sha256_path, write_atomic
+from core.errors import PipelineError, RecipeError
+from core.files import sha256_path, write_atomic
 
 VENDOR = "application/vnd.edgeprune"
 CONFIG_MEDIA_TYPE = f"{VENDOR}.manifest.v1+json"

@@ -277,7 +277,7 @@ def type_findings(graph: _Graph, t: Target) -> list[Finding]:
 
 def qdq_findings(model: onnx.ModelProto, quantized_types: frozenset[str] | set[str] = frozenset({"INT8"})) \
         -> list[Finding]:
-    """The explicit-quantization layouts TensorRT fuses (``export.qdq``, deployment spec §4.2), plus
+    """The explicit-quantization layouts TensorRT fuses (``export.qdq``, docs/methods/quantization.md §3.1-§3.2), plus
     the quantized element types this target's parser takes."""
     report = qdq.inspect_qdq(model)
     out = [Finding("qdq", None, p) for p in report.problems]

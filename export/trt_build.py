@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.manifest import dump, now, sha256_path, write_atomic
+from core.files import dump, now, sha256_path, write_atomic
 
 from .tensorrt import Readiness
 from .trt_targets import Target

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from export.registry import RegistryError
 
-from .errors import PipelineError, RecipeError
+from core.errors import PipelineError, RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:

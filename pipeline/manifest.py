@@ -7,9 +7,6 @@ model snapshot while the run is in progress, so --resume can continue after a fa
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import os
 import platform
 import shutil
@@ -17,25 +14,12 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from .errors import RecipeError
+from core.errors import RecipeError
+from core.files import sha256_path
 
 SCHEMA = "edgeprune-manifest/1"
 PACKAGES = ("edgeprune", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy", "safetensors",
             "tokenizers", "pydantic", "gguf")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 class RunFolder:
@@ -103,11 +87,3 @@ def artifacts(folder: Path) -> list[dict]:
             continue
         out.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_path(path)})
     return out
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=str) + "\n"

@@ -8,116 +8,21 @@ naming the field (``stages[1].sparsity``) and what is allowed.
 from __future__ import annotations
 
 import hashlib
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from export.trt_targets import TARGETS
+from calibration.spec import CalibrationSpec
+from core.errors import RecipeError
+from core.spec import Section
+from evaluation.spec import EvaluationSpec
+from export.spec import ExportSpec
+from models.spec import ModelSpec
 
-from .errors import RecipeError
-
-TASKS = ("causal-lm", "feature-extraction", "image-classification", "image-feature-extraction")
-Task = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(Section):
-    """Where the model comes from and what it is for.
-
-    ``source`` is a Hugging Face hub id, a local folder, a ``.gguf`` file (or a folder plus
-    ``gguf_file``), or ``package:<module>/<path>`` for weights shipped inside an installed Python
-    package (read by path; the package is never imported).
-    """
-
-    source: str = Field(min_length=1)
-    task: Task
-    gguf_file: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = True
-
-
-class DatasetSpec(Section):
-    """A `datasets` dataset: ``load_dataset(name, config, split=split, data_files=data_files)[column]``.
-
-    ``name: text`` (or json, csv, parquet) with ``data_files`` reads local files without a hub.
-    """
-
-    name: str = Field(min_length=1)
-    config: str | None = None
-    data_files: str | list[str] | None = None
-    split: str = "train"
-    column: str = "text"
-    label_column: str | None = None
-
-
-class DataSpec(Section):
-    """A data source: the built-in offline text, local files or image folders, or `datasets`."""
-
-    source: Literal["builtin", "files", "images", "datasets"] = "builtin"
-    path: str | None = None
-    dataset: DatasetSpec | None = None
-    seed: int = Field(default=0, ge=0)
-
-    @model_validator(mode="after")
-    def _source_fields(self):
-        if self.source in ("files", "images") and not self.path:
-            raise ValueError(f"source '{self.source}' needs 'path' (a file or a folder)")
-        if self.source == "datasets" and self.dataset is None:
-            raise ValueError("source 'datasets' needs 'dataset: {name, config, split, column}'")
-        if self.source in ("builtin", "datasets") and self.path:
-            raise ValueError(f"'path' is only used with source 'files' or 'images', not '{self.source}'")
-        return self
-
-
-class CalibrationSpec(DataSpec):
-    num_samples: int = Field(default=128, ge=1, le=100_000)
-    seq_len: int = Field(default=128, ge=2, le=32_768)
-    batch_size: int = Field(default=8, ge=1, le=4096)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-
-
-class LatencySpec(Section):
-    threads: int = Field(default=2, ge=1, le=256)
-    warmup: int = Field(default=3, ge=0, le=1000)
-    iterations: int = Field(default=20, ge=1, le=100_000)
-
-
-class EvaluationSpec(DataSpec):
-    """Held-out data and settings; shapes come from ``export`` so the artifact itself is measured."""
-
-    num_samples: int = Field(default=32, ge=1, le=100_000)
-    lee: bool = True
-    latency: LatencySpec = LatencySpec()
-
-
-class TensorRTSpec(Section):
-    """The TensorRT target the exported graph is checked against and prepared for (``build/``)."""
-
-    target: Literal[tuple(TARGETS)] = "jetson-orin-jp6"
-    workspace_mib: int = Field(default=1024, ge=16, le=1 << 20)
-    optimization_level: int = Field(default=3, ge=0, le=5)
-    atol: float = Field(default=1e-3, gt=0, le=1)  # engine vs ONNX Runtime (TF32 math in FP32 builds)
-    rtol: float = Field(default=1e-2, gt=0, le=1)
-
-
-class ExportSpec(Section):
-    """Static shapes of the exported graph (no dynamic axis anywhere)."""
-
-    batch_size: int = Field(default=1, ge=1, le=4096)
-    seq_len: int = Field(default=128, ge=2, le=32_768)
-    image_size: int | None = Field(default=None, ge=8, le=4096)
-    opset: int = Field(default=18, ge=18, le=20)
-    rtol: float = Field(default=1e-4, gt=0, le=1)
-    parity_batches: int = Field(default=2, ge=1, le=64)
-    tensorrt: TensorRTSpec = TensorRTSpec()
 
 
 class PublishSpec(Section):
@@ -214,22 +119,49 @@ def parse_recipe(raw: Any) -> Recipe:
     return recipe
 
 
-def _validate(cls: type[BaseModel], data: Any, where: str) -> BaseModel:
+def _validate(cls: Any, data: Any, where: str) -> BaseModel:
+    """Validate a section or a stage's arguments: a model, or a discriminated union of models
+    (a method family, see core/registry.py), whose member the discriminator field picks."""
     if not isinstance(data, dict):
         raise RecipeError(f"must be a mapping, got {type(data).__name__}", field=where)
     try:
-        return cls.model_validate(data)
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            return cls.model_validate(data)
+        return TypeAdapter(cls).validate_python(data)
     except ValidationError as e:
         raise _to_recipe_error(e, cls, where) from None
 
 
-def _to_recipe_error(e: ValidationError, cls: type[BaseModel], prefix: str) -> RecipeError:
+def _union_member(cls: Any, loc: list) -> tuple[type[BaseModel], list]:
+    """For a discriminated union: the member a location starts in, and the location inside it."""
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return cls, loc
+    union, discriminator = typing.get_args(cls)
+    members = {typing.get_args(m.model_fields[discriminator.discriminator].annotation)[0]: m
+               for m in typing.get_args(union)}
+    return (members[loc[0]], loc[1:]) if loc and loc[0] in members else (next(iter(members.values())), loc)
+
+
+def _union_tags(cls: Any) -> tuple[str, list[str]] | None:
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return None
+    union, discriminator = typing.get_args(cls)
+    key = discriminator.discriminator
+    return key, [typing.get_args(m.model_fields[key].annotation)[0] for m in typing.get_args(union)]
+
+
+def _to_recipe_error(e: ValidationError, cls: Any, prefix: str) -> RecipeError:
     err = e.errors()[0]
-    loc = [p for p in err["loc"]]
+    kind, value = err["type"], err.get("input")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        key, tags = _union_tags(cls)
+        field = f"{prefix}.{key}" if prefix else key
+        text = (f"{value.get(key)!r} is not allowed" if kind == "union_tag_invalid" else "required key is missing")
+        return RecipeError(f"{text}; allowed: {', '.join(tags)}", field=field)
+    cls, loc = _union_member(cls, list(err["loc"]))
     field = prefix
     for part in loc:
         field = f"{field}[{part}]" if isinstance(part, int) else (f"{field}.{part}" if field else str(part))
-    kind, value = err["type"], err.get("input")
     msg = err["msg"]
     if kind == "extra_forbidden":
         owner = _owner(cls, loc[:-1])
@@ -298,6 +230,16 @@ def _check_stage_order(recipe: Recipe) -> None:
             if exported_at is not None:
                 raise RecipeError("only one 'export' stage is allowed", field=where)
             exported_at = i
+        if stage_cls.after_model_changes:
+            changing = [later.type for later in recipe.stages[i + 1:] if REGISTRY[later.type].changes_model]
+            if changing:
+                raise RecipeError(f"'{changing[0]}' comes after {args.type}: put {args.type} after every stage that "
+                                  "changes the model (it only changes the deployed graph)", field=where)
+        if stage_cls.replaces_outputs(args) and any(REGISTRY[later.type].compares_with_dense
+                                                    for later in recipe.stages[i + 1:]):
+            raise RecipeError("evaluate compares task outputs with the dense model, and an encoder ended at its "
+                              "feature layer has no dense counterpart: remove evaluate or set output: false",
+                              field=f"{where}.output")
         if stage_cls.rewrites_onnx:
             if exported_at is None:
                 raise RecipeError(f"stage '{args.type}' rewrites the exported graph: put '- type: export' before it",

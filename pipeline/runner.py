@@ -19,15 +19,17 @@ import torch
 
 from calibration.cache import StatsCache
 from calibration.sources import image_files, text_files
+from calibration.spec import DataSpec
+from core.errors import PipelineError, RecipeError
+from core.events import Events
+from core.files import dump, now, write_atomic
+from models import loading as models
+from models.adapters import Adapter, adapter_for
 from stages import REGISTRY, Stage, StageResult, Table
+from stages.context import RunContext
 
-from . import models
-from .adapters import Adapter, adapter_for
-from .context import RunContext
-from .errors import PipelineError, RecipeError
-from .events import Events
-from .manifest import SCHEMA, RunFolder, artifacts, dump, environment, now, write_atomic
-from .recipe import DataSpec, Recipe, load_recipe
+from .manifest import SCHEMA, RunFolder, artifacts, environment
+from .recipe import Recipe, load_recipe
 from .report import render
 
 
@@ -105,9 +107,11 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
     reusable = resuming
     try:
         for i, (stage, label) in enumerate(zip(p.stages, p.labels)):
-            extra = recipe.model_dump(mode="json", include={"export", "evaluation"}) if stage.type in ("export", "evaluate") else {}
+            extra = recipe.model_dump(mode="json", include=set(stage.settings))
             fingerprint = _chain(fingerprint, {"args": stage.args.model_dump(mode="json"), **extra})
             ctx.stage_index, events.stage = i, label
+            if stage.type == "calibrate":
+                ctx.statistics.kinds = _statistics_wanted(recipe, i)
             sdir = folder.stage_dir(i, label)
             record = _read_record(sdir) if reusable else None
             if record is not None and record["fingerprint"] == fingerprint:
@@ -167,6 +171,16 @@ def _publish(final: Path, ref: str, events: Events) -> None:
     events.console.print(f"pushed {final}/ to {r['ref']} ({r['digest']})", highlight=False)
 
 
+def _statistics_wanted(recipe: Recipe, at: int) -> frozenset[str]:
+    """Statistic kinds the stages served by the calibrate stage at ``at`` (up to the next one) ask for."""
+    kinds: set[str] = set()
+    for args in recipe.stages[at + 1:]:
+        if args.type == "calibrate":
+            break
+        kinds |= REGISTRY[args.type].statistics(args)
+    return frozenset(kinds)
+
+
 def _read_record(sdir: Path) -> dict | None:
     path = sdir / "result.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -197,7 +211,7 @@ def _manifest(ctx: RunContext, records: list[dict], params_before: int) -> dict:
                   "nonzero_params_after": sum(int((q != 0).sum()) for q in ctx.model.parameters())},
         "calibration": calibration,
         "stages": records,
-        "onnx": ctx.onnx or None,
+        "onnx": ctx.onnx.record() if ctx.onnx is not None else None,
         "evaluation": ctx.evaluation or None,
         "environment": environment(),
     }

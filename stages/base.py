@@ -5,11 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.context import RunContext
+from calibration.batches import calibration_batches
+
+from .context import RunContext
 
 
 class StageArgs(BaseModel):
@@ -36,9 +38,12 @@ class Stage(ABC):
     """One step of a recipe. Subclasses set ``type`` and ``Args`` and implement ``run``."""
 
     type: ClassVar[str]
-    Args: ClassVar[type[StageArgs]]
+    Args: ClassVar[Any]  # a StageArgs model, or a discriminated union of them (core/registry.py stage_args)
     changes_model: ClassVar[bool] = False
     rewrites_onnx: ClassVar[bool] = False  # edits the exported model.onnx (needs an export before it)
+    settings: ClassVar[tuple[str, ...]] = ()  # recipe sections besides model/calibration its result depends on
+    after_model_changes: ClassVar[bool] = False  # must follow every stage that changes the model
+    compares_with_dense: ClassVar[bool] = False  # compares task outputs with the dense model's
 
     def __init__(self, args: StageArgs):
         self.args = args
@@ -57,6 +62,11 @@ class Stage(ABC):
     def describe(cls, args) -> str:
         return cls.type
 
+    @classmethod
+    def replaces_outputs(cls, args) -> bool:
+        """Whether the deployed graph's outputs stop being the task's (so nothing dense compares with them)."""
+        return False
+
     def validate(self, recipe, model, adapter, field: str) -> None:
         """Checks against the model's structure (a meta-device copy) before any work starts."""
 
@@ -66,3 +76,38 @@ class Stage(ABC):
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         """Put back into ``ctx`` what a completed stage left there (for --resume)."""
+
+
+def export_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple]:
+    """Calibration-source samples at the export shapes, as the task model's positional inputs: what
+    the parity check feeds both runtimes (and graph-level calibration, with ``num_samples``)."""
+    ex = ctx.recipe.export
+    spec = ctx.recipe.calibration.model_copy(update={
+        "num_samples": num_samples or ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len,
+        "batch_size": ex.batch_size})
+    batches = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec, image_size=ex.image_size)
+    module = ctx.task_model()
+    return [module.example(b.inputs) for b in batches if b.size == ex.batch_size]
+
+
+def tensorrt_headline(trt: dict) -> dict:
+    engine = trt["build"]["engine"]
+    return {"target": trt["target"], "ready": trt["ok"], "sparse_2_4_layers": trt["sparse_2_4_layers"],
+            "engine": engine["engine"] if engine["built"] else "not built here"}
+
+
+def tensorrt_table(trt: dict) -> Table:
+    engine = trt["build"]["engine"]
+    rows = [[check, result] for check, result in trt["checks"].items()]
+    rows += [["warning", str(w["message"])] for w in trt["warnings"]]
+    rows.append(["2:4 sparse MatMul/Gemm weights", f"{trt['sparse_2_4_layers']} of {len(trt['sparsity'])}"])
+    rows.append(["engine", f"{engine['engine']} ({engine['gpu']}, TensorRT {engine['tensorrt']})" if engine["built"]
+                 else f"not built here: {engine['reason']}. On the device run build/build_engine.sh"])
+    return Table(f"TensorRT readiness: {trt['target']} (TensorRT {trt['tensorrt']}, {trt['platform']})",
+                 ["check", "result"], rows)
+
+
+def parity_table(title: str, parity: dict) -> Table:
+    return Table(title, ["samples", "max abs err", "max rel err", "rtol"],
+                 [[parity["samples"], f"{parity['max_abs_err']:.3g}", f"{parity['max_rel_err']:.3g}",
+                   f"{parity['rtol']:g}"]])

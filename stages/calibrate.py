@@ -19,10 +19,10 @@ from calibration.batches import calibration_batches
 from calibration.cache import cache_key, state_digest
 from calibration.collectors import GradientHooks
 from calibration.layerwise import LayerwiseEngine
-from pipeline.context import RunContext
-from pipeline.tasks import gradient_loss
+from models.tasks import gradient_loss
 
 from .base import Stage, StageArgs, StageResult, Table
+from .context import RunContext
 
 
 class CalibrateArgs(StageArgs):
@@ -34,17 +34,6 @@ class Calibrate(Stage):
     type = "calibrate"
     Args = CalibrateArgs
 
-    def _wanted(self, ctx: RunContext) -> set[str]:
-        """Statistic kinds requested by the stages this calibration serves (up to the next calibrate)."""
-        from . import REGISTRY
-
-        kinds: set[str] = set()
-        for args in ctx.recipe.stages[ctx.stage_index + 1:]:
-            if args.type == "calibrate":
-                break
-            kinds |= REGISTRY[args.type].statistics(args)
-        return kinds
-
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         t0 = time.perf_counter()
         spec = ctx.recipe.calibration
@@ -54,7 +43,7 @@ class Calibrate(Stage):
                    "batches": len(ctx.calibration), "seq_len": spec.seq_len, "seed": spec.seed,
                    "data_sha256": ctx.calibration.sha256, "protocol": ctx.calibration.protocol,
                    "seconds_data": round(time.perf_counter() - t0, 3)}
-        kinds = self._wanted(ctx)
+        kinds = set(ctx.statistics.kinds)
         rows = []
         digest = state_digest(ctx.model) if kinds else None
         if kinds - {"gradients"}:
@@ -84,9 +73,9 @@ class Calibrate(Stage):
             engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events)
             stats = engine.run(self._linears(ctx), kinds, "dense")
             ctx.cache.save(key, stats)
-            ctx.dense_stats = stats
+            ctx.statistics.dense = stats
             return "miss"
-        ctx.dense_stats = stats
+        ctx.statistics.dense = stats
         return "hit"
 
     def _gradient_samples(self, ctx: RunContext) -> int:
@@ -98,14 +87,14 @@ class Calibrate(Stage):
         m = ctx.recipe.model
         key = cache_key(kind="gradients", model=digest, data=ctx.calibration.sha256, samples=limit, task=m.task,
                         pooling=m.pooling, normalize=m.normalize)
-        ctx.gradients_key = key
+        ctx.statistics.gradients_key = key
         grads = ctx.cache.load(key)
         if grads is not None:
-            ctx.gradients = grads
+            ctx.statistics.gradients = grads
             return "hit"
         modules = {n: mod for block in self._linears(ctx).values() for n, mod in block.items()}
-        ctx.gradients = collect_gradients(ctx, modules, limit)
-        ctx.cache.save(key, ctx.gradients)
+        ctx.statistics.gradients = collect_gradients(ctx, modules, limit)
+        ctx.cache.save(key, ctx.statistics.gradients)
         return "miss"
 
 

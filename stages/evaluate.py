@@ -22,10 +22,10 @@ from calibration.cache import cache_key
 from calibration.sources import lee_benchmark
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
-from pipeline.context import RunContext
-from pipeline.models import cache_dir, load_model
+from models.loading import cache_dir, load_model
 
 from .base import Stage, StageArgs, StageResult
+from .context import RunContext
 
 LATENCY_ROUNDS = 5
 
@@ -99,6 +99,8 @@ def lee_correlation(run: Runner, docs_batches, n_docs: int, human: np.ndarray) -
 class Evaluate(Stage):
     type = "evaluate"
     Args = EvaluateArgs
+    settings = ("export", "evaluation")
+    compares_with_dense = True
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         spec, ex, task = ctx.recipe.evaluation, ctx.recipe.export, ctx.recipe.model.task
@@ -106,13 +108,13 @@ class Evaluate(Stage):
         dense_model, _ = load_model(ctx.recipe.model, ctx.source)
         dense_tm, comp_tm = ctx.task_model(dense_model), ctx.task_model()
         dense_path = None
-        if ctx.onnx_path is not None:
+        if ctx.onnx is not None:
             dense_path = self._dense_onnx(ctx, dense_tm, dense_tm.example(batches.batches[0].inputs))
         threads = spec.latency.threads
         # Session options a stage asked for (quantize: the ones that keep ORT's int8 fusions), on both graphs alike.
-        disabled = tuple(ctx.onnx.get("onnxruntime", {}).get("disabled_optimizers", ()))
+        disabled = ctx.onnx.disabled_optimizers if ctx.onnx is not None else ()
         dense = Runner(dense_tm, dense_path, threads, disabled)
-        comp = Runner(comp_tm, ctx.onnx_path, threads, disabled)
+        comp = Runner(comp_tm, ctx.onnx.path if ctx.onnx is not None else None, threads, disabled)
         backend = "onnxruntime" if dense_path else "pytorch"
         result = {"backend": backend, "data": {"origin": batches.origin, **batches.protocol}}
         result.update(self._quality(ctx, dense, comp, batches))
@@ -179,7 +181,7 @@ class Evaluate(Stage):
         size = {"dense": {"params": params(dense_model), "nonzero_params": nonzero(dense_model)},
                 "compressed": {"params": params(ctx.model), "nonzero_params": nonzero(ctx.model)}}
         if dense_path:
-            for key, path in (("dense", dense_path), ("compressed", ctx.onnx_path)):
+            for key, path in (("dense", dense_path), ("compressed", ctx.onnx.path)):
                 size[key]["flops"] = onnx_inspect.matmul_flops(onnx.load(path))
                 size[key]["onnx_bytes"] = onnx_export.file_bytes(path)
         return size

@@ -1,6 +1,6 @@
 """Structured pruning: FLAP and the -sp baselines remove attention heads / KV groups and MLP channels.
 
-Faithful to shared/methods/weight-pruning.md §9-10:
+Faithful to docs/methods/structured-pruning.md §3-§9:
 - channel metrics at the inputs of the attention output projection and the MLP output
   projection: `ifv` (variance), `wifv` (variance x squared column norm, FLAP's default), `wifn`
   (mean_i |W_ij| sqrt(s_j), Wanda-sp's score); magnitude-sp uses the column L2 norm;
@@ -32,12 +32,12 @@ from torch import nn
 
 from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
-from pipeline.adapters import Block, head_channels
-from pipeline.context import RunContext
-from pipeline.errors import RecipeError
-from pipeline.targets import select
+from models.adapters import Block, head_channels
+from core.errors import RecipeError
+from core.targets import select
 
 from .base import Stage, StageArgs, StageResult, Table
+from .context import RunContext
 
 ALIGNS = (1, 8, 16, 32, 64, 128, 256)
 
@@ -274,7 +274,7 @@ class PruneStructured(Stage):
             engine.run(targets, args.kinds, "sequential", on_block=prune_now)
             source = "sequential"
         else:
-            stats = ctx.dense_stats if args.kinds else None
+            stats = ctx.statistics.dense if args.kinds else None
             plans = self._plan(ctx.model, blocks, stats, self._hidden(ctx.model, blocks[0]), len(blocks))
             for plan in plans:
                 self._apply(ctx, plan, stats)

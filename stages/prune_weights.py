@@ -1,6 +1,6 @@
 """Weight pruning: magnitude, Wanda and GBLM scores; unstructured or N:M masks.
 
-Faithful to shared/methods/weight-pruning.md:
+Faithful to docs/methods/weight-pruning.md §3-§6 (propagation §2.2, N:M §6.1):
 - magnitude: |W|, one threshold per whole matrix (unstructured) or per M-group (N:M);
 - wanda: |W_ij| * sqrt(s_j), s_j = ||X_j||^2 / N, compared within each output row;
 - gblm: |W_ij| * sqrt(s_j) + |W_ij| * G_ij with G = scale * ||g_ij||_p over calibration samples
@@ -25,12 +25,13 @@ from torch import nn
 from calibration.cache import cache_key, state_digest
 from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
-from pipeline.context import RunContext
-from pipeline.errors import RecipeError
-from pipeline.targets import select
-from pipeline.tasks import check_gradient_task
+from core.errors import RecipeError
+from export.gate import LayerSparsity
+from core.targets import select
+from models.tasks import check_gradient_task
 
 from .base import Stage, StageArgs, StageResult, Table
+from .context import RunContext
 
 _PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
@@ -190,7 +191,7 @@ class PruneWeights(Stage):
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         args = self.args
         chosen = self._targets(ctx.model, ctx.adapter, "stages")
-        method = METHODS[args.method](args, ctx.gradients)
+        method = METHODS[args.method](args, ctx.statistics.gradients)
         t0 = time.perf_counter()
         info: dict = {"statistics": "none (magnitude)"}
 
@@ -205,7 +206,7 @@ class PruneWeights(Stage):
             prune(chosen, None)
         elif args.propagation == "dense":
             info = {"statistics": "dense, from the calibrate stage"}
-            prune(chosen, ctx.dense_stats)
+            prune(chosen, ctx.statistics.dense)
         else:
             info = self._sequential(ctx, chosen, prune)
         seconds = time.perf_counter() - t0
@@ -216,7 +217,7 @@ class PruneWeights(Stage):
         args, spec = self.args, ctx.recipe.calibration
         key = cache_key(kind="sequential", model=state_digest(ctx.model), data=ctx.calibration.sha256,
                         dtype=spec.dtype, method=args.method, pattern=args.pattern, sparsity=args.target_sparsity,
-                        targets=sorted(chosen), gradients=ctx.gradients_key if args.method == "gblm" else None,
+                        targets=sorted(chosen), gradients=ctx.statistics.gradients_key if args.method == "gblm" else None,
                         gradient_norm=args.gradient_norm, gradient_scale=args.gradient_scale)
         cached = ctx.cache.load(key)
         if cached is not None:
@@ -239,7 +240,7 @@ class PruneWeights(Stage):
             z = int((w == 0).sum())
             zeros, total = zeros + z, total + w.numel()
             rows.append([name, "x".join(map(str, w.shape)), round(z / w.numel(), 4)])
-            ctx.sparsity[name] = {"pattern": self.args.pattern, "sparsity": z / w.numel()}
+            ctx.sparsity[name] = LayerSparsity(self.args.pattern, z / w.numel())
         overall = zeros / total
         metrics = {"method": self.args.method, "pattern": self.args.pattern,
                    "target_sparsity": round(self.args.target_sparsity, 6), "achieved_sparsity": round(overall, 6),

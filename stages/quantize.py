@@ -19,18 +19,20 @@ from typing import Literal
 
 import onnx
 from pydantic import Field, model_validator
+from rich.markup import escape
 
 from export import onnx as onnx_export
 from export import qdq
 from export import quantize as graph
+from export.gate import gate
 from export.inspect import linear_nodes
 from export.trt_targets import TARGETS
-from pipeline.context import RunContext
-from pipeline.errors import RecipeError, StageFailed
-from pipeline.targets import select
+from core.errors import RecipeError, StageFailed
+from core.targets import select
 
-from .base import Stage, StageArgs, StageResult, Table
-from .export import Export, parity_inputs, tensorrt_material, tensorrt_readiness, trt_headline, trt_table
+from .base import (Stage, StageArgs, StageResult, Table, export_inputs, parity_table, tensorrt_headline,
+                   tensorrt_table)
+from .context import OnnxArtifact, RunContext
 
 # Parity with the float model: max |error| / max |reference| over every output, worst output.
 DEFAULT_RTOL = {"fp16": 0.05, "int8": 0.25, "int4": 0.5}
@@ -75,6 +77,7 @@ class Quantize(Stage):
     type = "quantize"
     Args = QuantizeArgs
     rewrites_onnx = True
+    settings = ("export",)
 
     @classmethod
     def needs_calibration(cls, args):
@@ -116,10 +119,10 @@ class Quantize(Stage):
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         args = self.args
-        model = onnx.load(ctx.onnx_path)
+        model = onnx.load(ctx.onnx.path)
         if any(n.op_type in qdq.QDQ_OPS for n in model.graph.node) or any(
                 i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-            raise StageFailed(f"{ctx.onnx_path.name} already carries reduced precision (an interrupted run?); "
+            raise StageFailed(f"{ctx.onnx.path.name} already carries reduced precision (an interrupted run?); "
                               "rerun with --force", field=f"stages[{ctx.stage_index}]")
         work = folder / "work"
         work.mkdir(exist_ok=True)
@@ -156,13 +159,13 @@ class Quantize(Stage):
     def _int8(self, ctx: RunContext, folder: Path, work: Path, nodes: dict, details: dict) -> onnx.ModelProto:
         args = self.args
         names = ctx.task_model().input_names
-        samples = parity_inputs(ctx, ctx.recipe.calibration.num_samples)
+        samples = export_inputs(ctx, ctx.recipe.calibration.num_samples)
         feeds = [{n: t.numpy() for n, t in zip(names, s)} for s in samples]
         ranges = folder / "calibration_ranges.json"
         task = ctx.events.task(f"int8 ranges ({args.calibrate_method}) over {len(feeds)} samples", total=len(feeds))
-        graph.calibrate(ctx.onnx_path, feeds, args.calibrate_method, args.percentile, ranges, work, task.advance)
+        graph.calibrate(ctx.onnx.path, feeds, args.calibrate_method, args.percentile, ranges, work, task.advance)
         task.done()
-        graph.int8_qdq(ctx.onnx_path, work / "int8.onnx", [n.name for n in nodes.values()], ranges,
+        graph.int8_qdq(ctx.onnx.path, work / "int8.onnx", [n.name for n in nodes.values()], ranges,
                        args.calibrate_method)
         out = onnx.load(work / "int8.onnx")
         details["float_readers_restored"] = qdq.restrict_to_compute_inputs(out)
@@ -185,53 +188,37 @@ class Quantize(Stage):
 
     def _check_and_place(self, ctx: RunContext, folder: Path, work: Path, out: onnx.ModelProto,
                          details: dict) -> StageResult:
-        """Checker, parity and sparsity on a staged copy; model.onnx is replaced only if all pass, so a
-        failed stage leaves the float graph for --resume."""
-        args, where = self.args, f"stages[{ctx.stage_index}]"
-        report = qdq.inspect_qdq(out)
-        (folder / "qdq.json").write_text(json.dumps({"nodes": report.nodes, "problems": report.problems}, indent=1))
-        if report.problems:
-            raise StageFailed(f"Q/DQ layout TensorRT would not fuse ({len(report.problems)} problems): "
-                              f"{report.problems[0]}", field=where)
-        staged = work / ctx.onnx_path.name
-        onnx_export.save(out, staged, external=onnx_export.file_bytes(ctx.onnx_path) > onnx_export.EXTERNAL_DATA_BYTES)
+        """The gate on a staged copy; model.onnx is replaced only if it passes, so a failed stage leaves
+        the float graph for --resume."""
+        args, where, onnx_path = self.args, f"stages[{ctx.stage_index}]", ctx.onnx.path
+        staged = work / onnx_path.name
+        onnx_export.save(out, staged, external=onnx_export.file_bytes(onnx_path) > onnx_export.EXTERNAL_DATA_BYTES)
         onnx.checker.check_model(str(staged), full_check=True)
-        module, inputs = ctx.task_model(), parity_inputs(ctx)
-        par = onnx_export.parity(staged, module, module.input_names, inputs)
-        sparsity = Export.check_sparsity(ctx, out, where)
-        details.update({"checker": report.as_dict(), "parity": {**par.as_dict(), "rtol": args.tolerance},
-                        "sparsity_check": sparsity})
-        if par.max_rel_err > args.tolerance:
-            raise StageFailed(f"{args.format} graph differs from the float model: max relative error "
-                              f"{par.max_rel_err:.3g} > {args.tolerance:g} (set 'rtol' to accept, or ignore sensitive "
-                              "layers)", field=f"{where}.rtol")
-        readiness = tensorrt_readiness(ctx, out, folder, where)
-        data = staged.with_name(f"{staged.name}.data")
-        if data.exists():
-            data.replace(ctx.onnx_path.with_name(data.name))
-        staged.replace(ctx.onnx_path)
+        module = ctx.task_model()
+        info = ctx.onnx.info
+        report = gate(out, staged, onnx_path, module, export_inputs(ctx), args.tolerance, ctx.sparsity,
+                      ctx.recipe.export.tensorrt, folder, info, field=where, rtol_field=f"{where}.rtol", target_field=where,
+                      log=lambda m: ctx.events.log(escape(m)))
+        details.update({"checker": report.qdq.as_dict(), "parity": {**report.parity.as_dict(), "rtol": args.tolerance},
+                        "sparsity_check": report.sparsity})
         opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
-        ctx.onnx.update({"opset": opset, "nodes": len(out.graph.node), "ops": sorted({n.op_type for n in out.graph.node}),
-                         "bytes": onnx_export.file_bytes(ctx.onnx_path), "quantization": details})
+        info.update({"opset": opset, "nodes": len(out.graph.node), "ops": sorted({n.op_type for n in out.graph.node}),
+                     "bytes": onnx_export.file_bytes(onnx_path), "quantization": details, "tensorrt": report.tensorrt})
         if args.format == "int8":
-            ctx.onnx["onnxruntime"] = {"disabled_optimizers": list(ORT_DISABLED_OPTIMIZERS)}
-        # the export's build/ described the float graph: rebuild it for this one
-        ctx.onnx["tensorrt"] = tensorrt_material(ctx, readiness, ctx.onnx_path, dict(zip(module.input_names, inputs[0])))
-        (folder / "onnx.json").write_text(json.dumps(ctx.onnx, indent=1))
+            ctx.onnx.disabled_optimizers = ORT_DISABLED_OPTIMIZERS
+        ctx.onnx.save(folder / "onnx.json")
         rows = [[n["module"], n["op"], n["scheme"],
                  ", ".join(f"{k}: {v['dtype']} {v['granularity']}" for k, v in n["inputs"].items())]
-                for n in report.nodes]
-        metrics = {"format": args.format, "opset": opset, "bytes": ctx.onnx["bytes"],
-                   "quantized_ops": len(report.nodes), "parity": details["parity"], "sparsity_check": sparsity,
-                   "tensorrt": trt_headline(ctx.onnx["tensorrt"])}
+                for n in report.qdq.nodes]
+        metrics = {"format": args.format, "opset": opset, "bytes": info["bytes"],
+                   "quantized_ops": len(report.qdq.nodes), "parity": details["parity"],
+                   "sparsity_check": report.sparsity, "tensorrt": tensorrt_headline(report.tensorrt)}
         return StageResult(metrics, [
             Table("Precision", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
                                                   for k, v in details.items() if k not in ("checker", "parity")]),
             Table("Quantized ops (Q/DQ placement)", ["module", "op", "scheme", "inputs"], rows),
-            Table("Parity with the float PyTorch model (ONNX Runtime, CPU)", ["samples", "max abs err",
-                                                                              "max rel err", "rtol"],
-                  [[par.samples, f"{par.max_abs_err:.3g}", f"{par.max_rel_err:.3g}", f"{args.tolerance:g}"]]),
-            trt_table(ctx.onnx["tensorrt"])])
+            parity_table("Parity with the float PyTorch model (ONNX Runtime, CPU)", details["parity"]),
+            tensorrt_table(report.tensorrt)])
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
-        ctx.onnx = json.loads((folder / "onnx.json").read_text())
+        ctx.onnx = OnnxArtifact.load(ctx.onnx.path, folder / "onnx.json")

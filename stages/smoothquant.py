@@ -1,4 +1,4 @@
-"""SmoothQuant: migrate activation outliers into the weights before W8A8 (deployment.md §4.3).
+"""SmoothQuant: migrate activation outliers into the weights before W8A8 (docs/methods/quantization.md §4).
 
 For each pre-norm and the Linears that read only its output (q/k/v; gate/up or fc1), per input
 channel j:
@@ -24,10 +24,10 @@ from pydantic import Field
 from torch import nn
 
 from calibration.collectors import Stats
-from pipeline.context import RunContext
-from pipeline.errors import RecipeError, StageFailed
+from core.errors import RecipeError, StageFailed
 
 from .base import Stage, StageArgs, StageResult, Table
+from .context import RunContext
 
 CLAMP = 1e-5
 
@@ -83,7 +83,7 @@ class SmoothQuant(Stage):
                 raise StageFailed(f"{norm_name} has no affine weight to fold the smoothing scales into",
                                   field="stages")
             linears = [ctx.model.get_submodule(n) for n in names]
-            act = Stats(ctx.dense_stats[names[0]]).abs_max
+            act = Stats(ctx.statistics.dense[names[0]]).abs_max
             w_before = max(float(lin.weight.detach().abs().max()) for lin in linears)
             scales = smoothing_scales(act, [lin.weight for lin in linears], self.args.alpha)
             fold(norm, linears, scales)

@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 
 from export.trt_targets import TOPK_MAX_K
-from pipeline import models
-from pipeline.context import RunContext
-from pipeline.errors import RecipeError
-from tokens import trim
-from tokens.methods import METHODS, HiPrune, Method, Trim
-from tokens.pruner import Placement, TokenPruner
-from tokens.text import TEXT_FILE, Companion, TextEncoder
+from models import loading as models
+from core.errors import RecipeError
+from methods.tokens import trim
+from methods.tokens.methods import METHODS, HiPrune, Method, Trim
+from methods.tokens.pruner import Placement, TokenPruner
+from methods.tokens.text import TEXT_FILE, Companion, TextEncoder
 
 from .base import Stage, StageArgs, StageResult, Table
+from .context import RunContext
 
 TRIM_ONLY = ("prompt", "percentile", "similarity_sign", "text_len")
 HIPRUNE_ONLY = ("object_layer", "alpha")
@@ -119,6 +119,11 @@ class TokenPrune(Stage):
     type = "token_prune"
     Args = TokenPruneArgs
     changes_model = True  # the deployed graph changes (weights do not): export must come after
+    after_model_changes = True  # it hooks the model as it is: a later weight change would not be selected on
+
+    @classmethod
+    def replaces_outputs(cls, args):
+        return args.output
 
     @classmethod
     def needs_calibration(cls, args):
@@ -162,22 +167,9 @@ class TokenPrune(Stage):
             raise RecipeError(f"token pruning needs a vision encoder with a patch grid (ViT, CLIP vision tower); "
                               f"task {task!r} on a {adapter.family} model has none", field=f"{field}.type")
         self._resolve(model, adapter, field)
-        here = next(i for i, s in enumerate(recipe.stages) if s is a)
-        later = recipe.stages[here + 1:]
-        from . import REGISTRY
-
-        changing = [s.type for s in later if REGISTRY[s.type].changes_model]
-        if changing:
-            raise RecipeError(f"'{changing[0]}' comes after token_prune: put token_prune after every stage that "
-                              "changes the model (it only changes the deployed graph)", field=field)
-        if a.output:
-            if task != "image-feature-extraction":
-                raise RecipeError("output: true ends the encoder at its feature layer (before a VLM projector); "
-                                  "it needs task image-feature-extraction", field=f"{field}.output")
-            if any(s.type == "evaluate" for s in later):
-                raise RecipeError("evaluate compares task outputs with the dense model, and an encoder ended at "
-                                  "its feature layer has no dense counterpart: remove evaluate or set output: false",
-                                  field=f"{field}.output")
+        if a.output and task != "image-feature-extraction":
+            raise RecipeError("output: true ends the encoder at its feature layer (before a VLM projector); "
+                              "it needs task image-feature-extraction", field=f"{field}.output")
         if a.method == "trim":
             self._check_trim(recipe, model, adapter, field)
 

@@ -110,8 +110,8 @@ def llama_onnx(llama_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from export import onnx as onnx_export
-    from pipeline.recipe import ModelSpec
-    from pipeline.tasks import TaskModel
+    from models.spec import ModelSpec
+    from models.tasks import TaskModel
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     tm = TaskModel(model, ModelSpec(source=str(llama_dir), task="causal-lm")).eval()

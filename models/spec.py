@@ -1,0 +1,29 @@
+"""The recipe's ``model`` section: where the model comes from and what it is for."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from core.spec import Section
+
+TASKS = ("causal-lm", "feature-extraction", "image-classification", "image-feature-extraction")
+Task = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
+
+
+class ModelSpec(Section):
+    """Where the model comes from and what it is for.
+
+    ``source`` is a Hugging Face hub id, a local folder, a ``.gguf`` file (or a folder plus
+    ``gguf_file``), or ``package:<module>/<path>`` for weights shipped inside an installed Python
+    package (read by path; the package is never imported).
+    """
+
+    source: str = Field(min_length=1)
+    task: Task
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True

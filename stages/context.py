@@ -1,0 +1,95 @@
+"""RunContext: what stages share, typed, owned by the runner.
+
+Stages read the recipe's sections through `Settings` (the runner passes the validated recipe, which
+has these fields), so this layer never imports the orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from torch import nn
+
+from calibration.batches import Batches
+from calibration.cache import StatsCache
+from calibration.spec import CalibrationSpec
+from core.events import Events
+from evaluation.spec import EvaluationSpec
+from export.gate import LayerSparsity
+from export.spec import ExportSpec
+from models.adapters import Adapter
+from models.loading import Source
+from models.spec import ModelSpec
+from models.tasks import TaskModel
+
+
+class Settings(Protocol):
+    """The recipe sections stages read."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model(self) -> ModelSpec: ...
+    @property
+    def calibration(self) -> CalibrationSpec: ...
+    @property
+    def export(self) -> ExportSpec: ...
+    @property
+    def evaluation(self) -> EvaluationSpec: ...
+
+
+@dataclass
+class Statistics:
+    """Calibration results of the model as calibrated (the last calibrate stage)."""
+
+    kinds: frozenset[str] = frozenset()  # what the stages this calibration serves asked for (set by the runner)
+    dense: dict | None = None  # per Linear input statistics
+    gradients: dict | None = None  # per Linear per-sample gradient sums
+    gradients_key: str | None = None  # cache key of ``gradients`` (keys statistics derived from them)
+
+
+@dataclass
+class OnnxArtifact:
+    """The exported graph: its path, what the manifest records about it, and how ONNX Runtime must run it."""
+
+    path: Path
+    info: dict  # io, opset, parity, sparsity check, TensorRT readiness, quantization (manifest "onnx")
+    disabled_optimizers: tuple[str, ...] = ()  # ORT optimizers that would undo the graph's precision
+
+    def record(self) -> dict:
+        """The manifest's "onnx" entry."""
+        ort = {"onnxruntime": {"disabled_optimizers": list(self.disabled_optimizers)}} if self.disabled_optimizers else {}
+        return {**self.info, **ort}
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.record(), indent=1))
+
+    @classmethod
+    def load(cls, onnx_path: Path, path: Path) -> OnnxArtifact:
+        info = json.loads(path.read_text())
+        disabled = tuple(info.pop("onnxruntime", {}).get("disabled_optimizers", ()))
+        return cls(onnx_path, info, disabled)
+
+
+@dataclass
+class RunContext:
+    recipe: Settings
+    source: Source
+    model: nn.Module
+    preprocessor: object
+    adapter: Adapter
+    workdir: Path  # the run folder being written (renamed into place at the end)
+    cache: StatsCache
+    events: Events
+    calibration: Batches | None = None
+    statistics: Statistics = field(default_factory=Statistics)
+    sparsity: dict[str, LayerSparsity] = field(default_factory=dict)  # Linear name -> what pruning left
+    stage_index: int = 0
+    onnx: OnnxArtifact | None = None
+    evaluation: dict = field(default_factory=dict)
+
+    def task_model(self, model: nn.Module | None = None) -> TaskModel:
+        return TaskModel(model if model is not None else self.model, self.recipe.model).eval()
