@@ -1,8 +1,11 @@
-"""Architecture adapters: the only place that knows where heads and MLP channels live."""
+"""Architecture adapters: the only place that knows where heads and MLP channels live (one file per family)."""
 
 from ..errors import RecipeError
-from .base import Adapter, Block, BlockShape, head_channels
-from .families import BertAdapter, ClipAdapter, LlamaAdapter, ViTAdapter
+from .base import Adapter, Block, BlockShape, Projection, head_channels
+from .bert import BertAdapter
+from .clip import ClipAdapter
+from .llama import LlamaAdapter
+from .vit import ViTAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), LlamaAdapter(), ViTAdapter(), ClipAdapter())
 
@@ -25,4 +28,5 @@ def adapter_for(model_type: str, task: str) -> Adapter:
         field="model.source")
 
 
-__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "adapter_for", "head_channels", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "Projection", "adapter_for", "head_channels",
+           "supported_model_types"]
