@@ -4,10 +4,14 @@ from ..errors import RecipeError
 from .base import Adapter, Block, BlockShape, Projection, head_channels
 from .bert import BertAdapter
 from .clip import ClipAdapter
+from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter
+from .phi3 import Phi3Adapter
+from .qwen3 import Qwen3Adapter
 from .vit import ViTAdapter
 
-ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), LlamaAdapter(), ViTAdapter(), ClipAdapter())
+ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), LlamaAdapter(), ViTAdapter(), ClipAdapter(), Gemma3Adapter(),
+                                 Qwen3Adapter(), Phi3Adapter())
 
 
 def supported_model_types() -> list[str]:
