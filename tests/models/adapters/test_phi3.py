@@ -52,7 +52,10 @@ def _unfused(phi3) -> LlamaForCausalLM:
 
 
 def test_phi3_block_layout(phi3_dir):
-    block = ADAPTER.blocks(_phi3(phi3_dir))[1]
+    model = _phi3(phi3_dir)
+    towers = ADAPTER.towers(model)
+    assert list(towers) == ["model.layers"] and towers["model.layers"] == ADAPTER.blocks(model)
+    block = ADAPTER.blocks(model)[1]
     assert (block.q.rows, block.k.rows, block.v.rows) == ((0, 64), (64, 96), (96, 128))
     assert [p.rows for p in block.mlp_in] == [(0, 128), (128, 256)]
     assert block.linears == tuple(f"model.layers.1.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj",
