@@ -291,7 +291,7 @@ class PruneStructured(Stage):
         mods = {"attention+mlp": ("attn", "mlp"), "attention": ("attn",), "mlp": ("mlp",)}[self.args.modules]
         total = 0
         for b in blocks:
-            names = ([b.q, b.k, b.v, b.o] if "attn" in mods else []) + (list(b.mlp_in) + [b.mlp_out] if "mlp" in mods else [])
+            names = (b.attn_linears if "attn" in mods else ()) + (b.mlp_linears if "mlp" in mods else ())
             total += sum(model.get_submodule(n).weight.numel() for n in names)
         return total
 

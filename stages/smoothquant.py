@@ -44,9 +44,12 @@ def smoothing_scales(act_abs_max: torch.Tensor, weights: list[torch.Tensor], alp
 
 
 @torch.no_grad()
-def fold(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
-    """X' = X / s through the norm's affine parameters, W' = W diag(s): the same function."""
-    norm.weight.copy_((norm.weight.double() / scales).to(norm.weight.dtype))
+def fold(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tensor, offset: float = 0.0) -> None:
+    """X' = X / s through the norm's affine parameters, W' = W diag(s): the same function.
+
+    ``offset``: the norm scales by (offset + weight) (Gemma: 1), so that sum is what is divided.
+    """
+    norm.weight.copy_(((norm.weight.double() + offset) / scales - offset).to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.copy_((norm.bias.double() / scales).to(norm.bias.dtype))
     for lin in linears:
@@ -86,7 +89,7 @@ class SmoothQuant(Stage):
             act = Stats(ctx.statistics.dense[names[0]]).abs_max
             w_before = max(float(lin.weight.detach().abs().max()) for lin in linears)
             scales = smoothing_scales(act, [lin.weight for lin in linears], self.args.alpha)
-            fold(norm, linears, scales)
+            fold(norm, linears, scales, ctx.adapter.norm_offset)
             act_after = act.double() / scales
             ratio = float(act.max() / act.mean().clamp_min(1e-12)), float(act_after.max() / act_after.mean())
             ratios.append(ratio)

@@ -28,8 +28,8 @@ def attention_probs(model: nn.Module, block: Block, x: torch.Tensor, cls_only: b
     h = model.get_submodule(block.attn_norm)(x)
     b, t, _ = h.shape
     queries = h[:, :1] if cls_only else h
-    q = model.get_submodule(block.q)(queries).view(b, queries.shape[1], block.num_heads, block.head_dim)
-    k = model.get_submodule(block.k)(h).view(b, t, block.num_heads, block.head_dim)
+    q = block.q.apply(model, queries).view(b, queries.shape[1], block.num_heads, block.head_dim)
+    k = block.k.apply(model, h).view(b, t, block.num_heads, block.head_dim)
     logits = torch.matmul(q.transpose(1, 2).float(), k.permute(0, 2, 3, 1).float()) * block.head_dim ** -0.5
     return torch.softmax(logits, dim=-1)
 

@@ -1,10 +1,13 @@
-"""Architecture adapters: the only place that knows where heads and MLP channels live."""
+"""Architecture adapters: the only place that knows where heads and MLP channels live (one file per family)."""
 
 from core.errors import RecipeError
-from .base import Adapter, Block, BlockShape, head_channels
-from .families import BertAdapter, ClipAdapter, LlamaAdapter, ViTAdapter
+from core.registry import import_members
 
-ADAPTERS: tuple[Adapter, ...] = (BertAdapter(), LlamaAdapter(), ViTAdapter(), ClipAdapter())
+from .base import FAMILIES, Adapter, Block, BlockShape, Projection, head_channels
+
+import_members(__name__)  # each family module registers its adapter: adding a family is one new file
+ADAPTERS: tuple[Adapter, ...] = tuple(FAMILIES)
+
 
 
 def supported_model_types() -> list[str]:
@@ -25,4 +28,5 @@ def adapter_for(model_type: str, task: str) -> Adapter:
         field="model.source")
 
 
-__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "adapter_for", "head_channels", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "Projection", "adapter_for", "head_channels",
+           "supported_model_types"]

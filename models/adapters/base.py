@@ -4,6 +4,11 @@ A `Block` names, by full module path, the four attention projections, the MLP pr
 output rows are MLP channels (``mlp_in``: gate/up, fc1, intermediate.dense) and the projection
 whose input columns are MLP channels (``mlp_out``: down, fc2, output.dense). Head counts and widths
 are read from the current weight shapes, so they stay true after structured pruning changed a layer.
+
+Projections that read the same input may share one fused Linear (Phi-3's ``qkv_proj`` holds q, k
+and v, its ``gate_up_proj`` gate and up): a family says so by naming the same Linear for several
+projections, and each `Projection` then carries the output rows it owns. ``Block.linears`` lists
+every physical Linear once, which is what calibration, weight pruning and quantization hook.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,18 +34,77 @@ class VisionTokens:
     def patches(self) -> int:
         return self.rows * self.cols
 
+    @classmethod
+    def square_grid(cls, config, prefix: int) -> VisionTokens:
+        """The layout of a vision config with square images and patches."""
+        rows = config.image_size // config.patch_size
+        return cls(prefix=prefix, rows=rows, cols=rows)
+
+
+class Projection(str):
+    """One logical projection: the full name of the Linear computing it (the string itself) and,
+    when that Linear is fused with other projections, the ``rows`` [start, stop) of its outputs
+    that are this projection's (None: all of them).
+
+    A str so that everything addressing Linears by name (hooks, statistics, weight pruning) works
+    unchanged; what needs this projection's own outputs (head slicing, token scores) uses ``rows``.
+    """
+
+    rows: tuple[int, int] | None
+
+    def __new__(cls, name: str, rows: tuple[int, int] | None = None):
+        self = super().__new__(cls, name)
+        self.rows = rows
+        return self
+
+    def __repr__(self) -> str:
+        return f"Projection({str(self)!r}, rows={self.rows})"
+
+    @property
+    def start(self) -> int:
+        return self.rows[0] if self.rows else 0
+
+    def apply(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """This projection's output for ``x`` (the whole Linear when it is not fused)."""
+        linear = model.get_submodule(self)
+        if self.rows is None:
+            return linear(x)
+        rows = slice(*self.rows)
+        return F.linear(x, linear.weight[rows], linear.bias[rows] if linear.bias is not None else None)
+
+
+def _stack(model: nn.Module, names: list[str], widths: list[int]) -> list[Projection]:
+    """Projections for ``names`` in order; several naming one Linear take consecutive row ranges of
+    the given widths, which must fill it (a layout this cannot describe fails here, not later)."""
+    start: dict[str, int] = {}
+    out = []
+    for name, width in zip(names, widths):
+        a = start.get(name, 0)
+        start[name] = a + width
+        out.append(Projection(name, (a, a + width) if names.count(name) > 1 else None))
+    for name, used in start.items():
+        if names.count(name) > 1 and used != model.get_submodule(name).out_features:
+            raise ValueError(f"fused {name}: parts of widths {widths} do not fill its "
+                             f"{model.get_submodule(name).out_features} outputs")
+    return out
+
+
+def _once(*names: str) -> tuple[str, ...]:
+    """Plain names, each once, in order."""
+    return tuple(dict.fromkeys(str(n) for n in names))
+
 
 @dataclass(frozen=True)
 class Block:
     index: int
     prefix: str
     module: nn.Module
-    q: str
-    k: str
-    v: str
-    o: str
-    mlp_in: tuple[str, ...]
-    mlp_out: str
+    q: Projection
+    k: Projection
+    v: Projection
+    o: str  # read by input column (query-head channels); never fused
+    mlp_in: tuple[Projection, ...]
+    mlp_out: str  # read by input column (MLP channels); never fused
     head_dim: int
     num_heads: int
     num_kv_heads: int
@@ -47,9 +112,27 @@ class Block:
     attn_norm: str | None = None  # the LayerNorm whose output feeds q/k/v (pre-norm blocks only)
 
     @property
+    def qkv_linears(self) -> tuple[str, ...]:
+        """The physical Linears computing q, k and v (one when fused)."""
+        return _once(self.q, self.k, self.v)
+
+    @property
+    def mlp_in_linears(self) -> tuple[str, ...]:
+        return _once(*self.mlp_in)
+
+    @property
+    def attn_linears(self) -> tuple[str, ...]:
+        """The attention's physical Linears, each once, in execution order."""
+        return (*self.qkv_linears, self.o)
+
+    @property
+    def mlp_linears(self) -> tuple[str, ...]:
+        return (*self.mlp_in_linears, self.mlp_out)
+
+    @property
     def linears(self) -> tuple[str, ...]:
-        """Every projection of the block, in execution order."""
-        return (self.q, self.k, self.v, self.o, *self.mlp_in, self.mlp_out)
+        """Every physical Linear of the block once, in execution order."""
+        return self.attn_linears + self.mlp_linears
 
 
 @dataclass(frozen=True)
@@ -95,10 +178,54 @@ def _slice_linear(model: nn.Module, name: str, rows: torch.Tensor | None = None,
     setattr(parent, child, new)
 
 
+def _slice_rows(model: nn.Module, kept: list[tuple[Projection, torch.Tensor]]) -> None:
+    """Keep, of each projection, its ``kept`` rows (relative to the projection); projections sharing
+    a Linear are sliced together, in their order."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    for proj, local in kept:
+        rows.setdefault(str(proj), []).append(local + proj.start)
+    for name, parts in rows.items():
+        _slice_linear(model, name, rows=parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
 def head_channels(heads, head_dim: int) -> torch.Tensor:
     """Channel indices of the given heads: head h owns [h*hd, (h+1)*hd)."""
     heads = torch.as_tensor(list(heads), dtype=torch.long)
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+class LayerConfig:
+    """The model config as one structurally pruned layer sees it: its own sizes, the rest shared.
+
+    For layers whose forward reads sizes from ``self.config`` (Phi-3's attention splits qkv at
+    ``config.num_attention_heads * head_dim``). It delegates instead of copying so later changes to
+    the shared config (the attention implementation, say) still reach the layer; nothing in
+    transformers is patched.
+    """
+
+    def __init__(self, shared, **own):
+        self._shared = shared
+        self.__dict__.update(own)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_shared":  # copy/pickle probe dunders before _shared is set
+            raise AttributeError(name)
+        return getattr(self._shared, name)
+
+
+def own_config(module: nn.Module, **sizes) -> None:
+    """Give ``module`` a `LayerConfig` with ``sizes`` (replacing any earlier one's)."""
+    shared = getattr(module.config, "_shared", module.config)
+    module.config = LayerConfig(shared, **sizes)
+
+
+FAMILIES: list[Adapter] = []  # filled by @register as models/adapters/ imports its modules
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Register an adapter class (one instance serves every model of its ``model_types``)."""
+    FAMILIES.append(cls())
+    return cls
 
 
 class Adapter:
@@ -108,12 +235,16 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]]
     tasks: ClassVar[tuple[str, ...]]
     block_list: ClassVar[str]  # regex matching the full name of the ModuleList of blocks
-    attn: ClassVar[tuple[str, str, str, str]]  # q, k, v, o relative to a block
-    mlp_in: ClassVar[tuple[str, ...]]
+    # q, k, v, o relative to a block; q/k/v naming one Linear share it, stacked in that order.
+    attn: ClassVar[tuple[str, str, str, str]]
+    mlp_in: ClassVar[tuple[str, ...]]  # likewise: gate and up naming one Linear are its two halves
     mlp_out: ClassVar[str]
     # Pre-norms relative to a block: the one feeding q/k/v and the one feeding mlp_in. None for
     # post-norm families (BERT), whose norm output is also the residual stream.
     norms: ClassVar[tuple[str, str] | None] = None
+    # The norms compute x_hat * (offset + weight): 1 for Gemma's RMSNorm, so scales fold into
+    # (offset + weight), not into the stored weight.
+    norm_offset: ClassVar[float] = 0.0
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""
@@ -127,24 +258,40 @@ class Adapter:
         cfg = model.config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-    def blocks(self, model: nn.Module) -> list[Block]:
+    def towers(self, model: nn.Module) -> dict[str, list[Block]]:
+        """The model's block stacks, by the name of their ModuleList.
+
+        One stack for every family so far (CLIP's task picks its tower before loading); a
+        vision-language adapter returns one per tower, each with its own sizes.
+        """
         name, layers = self.layers(model)
+        return {name: [self._block(model, f"{name}.{i}", i, layer) for i, layer in enumerate(layers)]}
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """The blocks of a one-tower model: what the stages calibrate and prune."""
+        towers = self.towers(model)
+        if len(towers) != 1:
+            raise ValueError(f"{self.family} model has towers {list(towers)}; pick one with towers()")
+        return next(iter(towers.values()))
+
+    def _block(self, model: nn.Module, prefix: str, index: int, layer: nn.Module) -> Block:
+        """Sizes come from the Linears read by input column (o, mlp_out), which are never fused,
+        and KV heads from what the query rows leave of k's Linear."""
         hd = self.head_dim(model)
-        out = []
-        for i, layer in enumerate(layers):
-            prefix = f"{name}.{i}"
-            q, k, v, o = (f"{prefix}.{p}" for p in self.attn)
-            mlp_in = tuple(f"{prefix}.{p}" for p in self.mlp_in)
-            mlp_out = f"{prefix}.{self.mlp_out}"
-            out.append(Block(
-                index=i, prefix=prefix, module=layer, q=q, k=k, v=v, o=o, mlp_in=mlp_in, mlp_out=mlp_out,
-                head_dim=hd,
-                num_heads=model.get_submodule(q).out_features // hd,
-                num_kv_heads=model.get_submodule(k).out_features // hd,
-                intermediate_size=model.get_submodule(mlp_out).in_features,
-                attn_norm=f"{prefix}.{self.norms[0]}" if self.norms else None,
-            ))
-        return out
+        q, k, v, o = (f"{prefix}.{p}" for p in self.attn)
+        mlp_in = [f"{prefix}.{p}" for p in self.mlp_in]
+        mlp_out = f"{prefix}.{self.mlp_out}"
+        heads = model.get_submodule(o).in_features // hd
+        inter = model.get_submodule(mlp_out).in_features
+        kv_rows = model.get_submodule(k).out_features - (heads * hd if q == k else 0)
+        kv_heads = kv_rows // ((1 + (v == k)) * hd)
+        q, k, v = _stack(model, [q, k, v], [heads * hd, kv_heads * hd, kv_heads * hd])
+        return Block(
+            index=index, prefix=prefix, module=layer, q=q, k=k, v=v, o=o,
+            mlp_in=tuple(_stack(model, mlp_in, [inter] * len(mlp_in))), mlp_out=mlp_out,
+            head_dim=hd, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=inter,
+            attn_norm=f"{prefix}.{self.norms[0]}" if self.norms else None,
+        )
 
     def shape(self, model: nn.Module, block: Block) -> BlockShape:
         return BlockShape(block.num_heads, block.num_kv_heads, block.intermediate_size,
@@ -156,7 +303,9 @@ class Adapter:
         """Keep query ``heads``, ``kv_heads`` and MLP ``channels`` (sorted indices) of ``block``.
 
         Dependency-aware: q rows and o columns by query head, k/v rows by KV head, MLP input-side
-        rows and output-side columns by channel, biases alongside. ``o_bias``/``mlp_bias`` are
+        rows and output-side columns by channel, biases alongside. A fused Linear keeps, for each
+        projection it holds, that projection's rows within its own range, so the layout stays
+        [q | k | v] and [gate | up] with equal halves. ``o_bias``/``mlp_bias`` are
         added to the output projections' biases (bias compensation; created where absent).
         With grouped-query attention every kept KV head must keep the same number of query heads,
         contiguous and in order, because HF's repeat_kv maps query head j to KV head j // g.
@@ -171,12 +320,9 @@ class Adapter:
         hd = block.head_dim
         q_cols, kv_rows = head_channels(heads, hd), head_channels(kv_heads, hd)
         ch = torch.as_tensor(channels, dtype=torch.long)
-        _slice_linear(model, block.q, rows=q_cols)
-        _slice_linear(model, block.k, rows=kv_rows)
-        _slice_linear(model, block.v, rows=kv_rows)
+        _slice_rows(model, [(block.q, q_cols), (block.k, kv_rows), (block.v, kv_rows)])
         _slice_linear(model, block.o, cols=q_cols, add_bias=o_bias)
-        for name in block.mlp_in:
-            _slice_linear(model, name, rows=ch)
+        _slice_rows(model, [(p, ch) for p in block.mlp_in])
         _slice_linear(model, block.mlp_out, cols=ch, add_bias=mlp_bias)
         attention = _parent(model, block.q)[0]
         for attr, value in (("num_heads", len(heads)), ("num_attention_heads", len(heads)),
@@ -217,6 +363,6 @@ class Adapter:
             return []
         out = []
         for b in self.blocks(model):
-            out.append((f"{b.prefix}.{self.norms[0]}", (b.q, b.k, b.v)))
-            out.append((f"{b.prefix}.{self.norms[1]}", b.mlp_in))
+            out.append((f"{b.prefix}.{self.norms[0]}", b.qkv_linears))
+            out.append((f"{b.prefix}.{self.norms[1]}", b.mlp_in_linears))
         return out

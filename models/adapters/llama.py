@@ -1,0 +1,17 @@
+"""Llama-family decoders."""
+
+from .base import Adapter, register
+
+
+@register
+class LlamaAdapter(Adapter):
+    """Llama-family decoders with grouped-query attention (Llama, Qwen2, Mistral; SmolLM2 is Llama)."""
+
+    family = "llama"
+    model_types = ("llama", "qwen2", "mistral")
+    tasks = ("causal-lm",)
+    block_list = r"(^|\.)layers$"
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    mlp_in = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out = "mlp.down_proj"
+    norms = ("input_layernorm", "post_attention_layernorm")
