@@ -54,7 +54,7 @@ def build_llama(folder: Path, model_type: str = "llama") -> Path:
     return folder
 
 
-def _small_decoder(cfg_cls, model_cls, folder: Path, **extra) -> Path:
+def small_decoder(cfg_cls, model_cls, folder: Path, **extra) -> Path:
     """The tiny decoder shape shared by the families below: 4 query heads over 2 KV heads of 16, MLP 128."""
     torch.manual_seed(0)
     cfg = cfg_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -63,27 +63,6 @@ def _small_decoder(cfg_cls, model_cls, folder: Path, **extra) -> Path:
     model_cls(cfg).save_pretrained(folder)
     _tokenizer_into(folder)
     return folder
-
-
-def build_gemma3(folder: Path) -> Path:
-    """Gemma 3 text with one sliding-window layer (window 8, shorter than the test sequences)."""
-    import transformers as tf
-
-    return _small_decoder(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, folder, head_dim=16, query_pre_attn_scalar=16,
-                          sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-
-
-def build_qwen3(folder: Path) -> Path:
-    import transformers as tf
-
-    return _small_decoder(tf.Qwen3Config, tf.Qwen3ForCausalLM, folder, head_dim=16)
-
-
-def build_phi3(folder: Path) -> Path:
-    """Phi-3 (head_dim = 64 / 4 = 16): fused qkv_proj [64 | 32 | 32] and gate_up_proj [128 | 128]."""
-    import transformers as tf
-
-    return _small_decoder(tf.Phi3Config, tf.Phi3ForCausalLM, folder, original_max_position_embeddings=256)
 
 
 def build_vit(folder: Path) -> Path:

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import transformers as tf
 from transformers import AutoModelForCausalLM
 
 from models.adapters import adapter_for
 from stages.smoothquant import fold, smoothing_scales
 
-from ...conftest import build_gemma3
-from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, logits, prune_and_export
+from ...conftest import small_decoder
+from .common import (
+    HEAD_DIM,
+    HIDDEN,
+    assert_slice_equals_zeroing,
+    check_run,
+    logits,
+    prune_and_export,
+)
+
+
+def build_gemma3(folder: Path) -> Path:
+    """Gemma 3 text with one sliding-window layer (window 8, shorter than the test sequences)."""
+    return small_decoder(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, folder, head_dim=16, query_pre_attn_scalar=16,
+                          sliding_window=8, layer_types=["sliding_attention", "full_attention"])
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,32 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import transformers as tf
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from models.adapters import adapter_for
 
-from ...conftest import build_phi3
-from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, logits, prune_and_export
+from ...conftest import small_decoder
+from .common import (
+    HEAD_DIM,
+    HIDDEN,
+    assert_slice_equals_zeroing,
+    check_run,
+    logits,
+    prune_and_export,
+)
 
 ADAPTER = adapter_for("phi3", "causal-lm")
+
+
+def build_phi3(folder: Path) -> Path:
+    """Phi-3 (head_dim = 64 / 4 = 16): fused qkv_proj [64 | 32 | 32] and gate_up_proj [128 | 128]."""
+    return small_decoder(tf.Phi3Config, tf.Phi3ForCausalLM, folder, original_max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

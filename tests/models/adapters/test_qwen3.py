@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import transformers as tf
 from transformers import AutoModelForCausalLM
 
 from models.adapters import adapter_for
 
-from ...conftest import build_qwen3
-from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, prune_and_export
+from ...conftest import small_decoder
+from .common import (
+    HEAD_DIM,
+    HIDDEN,
+    assert_slice_equals_zeroing,
+    check_run,
+    prune_and_export,
+)
+
+
+def build_qwen3(folder: Path) -> Path:
+    return small_decoder(tf.Qwen3Config, tf.Qwen3ForCausalLM, folder, head_dim=16)
 
 
 @pytest.fixture(scope="module")
