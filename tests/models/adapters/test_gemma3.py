@@ -13,14 +13,7 @@ from models.adapters import adapter_for
 from stages.smoothquant import fold, smoothing_scales
 
 from ...conftest import small_decoder
-from .common import (
-    HEAD_DIM,
-    HIDDEN,
-    assert_slice_equals_zeroing,
-    check_run,
-    logits,
-    prune_and_export,
-)
+from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, logits, prune_and_export
 
 
 def build_gemma3(folder: Path) -> Path:

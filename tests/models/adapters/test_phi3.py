@@ -16,14 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from models.adapters import adapter_for
 
 from ...conftest import small_decoder
-from .common import (
-    HEAD_DIM,
-    HIDDEN,
-    assert_slice_equals_zeroing,
-    check_run,
-    logits,
-    prune_and_export,
-)
+from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, logits, prune_and_export
 
 ADAPTER = adapter_for("phi3", "causal-lm")
 

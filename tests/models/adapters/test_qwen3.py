@@ -11,13 +11,7 @@ from transformers import AutoModelForCausalLM
 from models.adapters import adapter_for
 
 from ...conftest import small_decoder
-from .common import (
-    HEAD_DIM,
-    HIDDEN,
-    assert_slice_equals_zeroing,
-    check_run,
-    prune_and_export,
-)
+from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, prune_and_export
 
 
 def build_qwen3(folder: Path) -> Path:
