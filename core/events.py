@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 
 class Events:
@@ -31,13 +31,13 @@ class Events:
         self.console.print(message, highlight=False)
         self.emit("log", message=Text.from_markup(message).plain)
 
-    def task(self, description: str, total: int) -> "ProgressTask":
+    def task(self, description: str, total: int) -> ProgressTask:
         if self._progress is None:
             self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
                                       transient=False)
             self._progress.start()
-        return ProgressTask(self, self._progress.add_task(description, total=total), description, total)
+        return ProgressTask(self, self._progress, description, total)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -46,18 +46,20 @@ class Events:
 
 
 class ProgressTask:
-    def __init__(self, events: Events, task_id, description: str, total: int):
-        self.events, self.id, self.description, self.total = events, task_id, description, total
+    """One bar; its progress also goes to events.jsonl."""
+
+    def __init__(self, events: Events, progress: Progress, description: str, total: int):
+        self.events, self.progress, self.description, self.total = events, progress, description, total
+        self.id = progress.add_task(description, total=total)
         self.completed = 0
         events.emit("progress", task=description, completed=0, total=total)
 
     def advance(self, n: int = 1) -> None:
         self.completed += n
-        self.events._progress.update(self.id, advance=n)
+        self.progress.update(self.id, advance=n)
         self.events.emit("progress", task=self.description, completed=self.completed, total=self.total)
 
     def done(self) -> None:
-        progress = self.events._progress
-        if progress is not None:
-            progress.remove_task(self.id)
+        if self.events._progress is self.progress:  # not closed since (an error ends the run's bars)
+            self.progress.remove_task(self.id)
         self.events.console.print(f"  {self.description}: done", highlight=False)
