@@ -23,7 +23,7 @@ from common import MINILM, RESULTS, SMOLLM2, run_recipe, table, write_json
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from export import registry, tensorrt  # noqa: E402
 from export.trt_targets import TARGETS  # noqa: E402
-from tests import registry_server  # noqa: E402
+from export import local_registry as registry_server  # noqa: E402
 
 RECIPES = {
     "minilm-2:4": {"name": "deploy-minilm", "model": {"source": MINILM, "task": "feature-extraction"},

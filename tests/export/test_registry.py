@@ -19,7 +19,7 @@ from core.errors import RecipeError
 from core.files import sha256_path
 from pipeline.recipe import parse_recipe
 
-from .. import registry_server
+from export import local_registry as registry_server
 from ..conftest import text_recipe, write_recipe
 
 

@@ -1,5 +1,6 @@
-"""Debian's docker-registry on 127.0.0.1 with a private config (loopback only, temporary storage,
-deletes enabled, no auth), for the registry tests and bench/deploy.py. Never the packaged service."""
+"""A loopback OCI registry for trying push/pull on one machine: Debian's docker-registry on 127.0.0.1
+with a private config (temporary storage, deletes enabled, optional Basic auth). Used by the registry
+tests and bench/deploy.py; never the packaged system service."""
 
 from __future__ import annotations
 
