@@ -48,8 +48,13 @@ def image_recipe(model_dir, images_dir, task, stages, **export):
                            "latency": {"iterations": 5, "warmup": 1}}}
 
 
-STAGE_CASES = {"cls_attention": {"fuse": True}, "global_attention": {}, "divprune": {},
-               "hiprune": {"alpha": 0.6, "object_layer": 0}}
+# Every selector that runs on a plain ViT goes through the export checks; extra fields where its defaults test less.
+STAGE_CASES = {name: {} for name, cls in SELECTORS.members().items() if not (cls.calibration_images or cls.text_tower)}
+STAGE_CASES |= {"cls_attention": {"fuse": True}, "hiprune": {"alpha": 0.6, "object_layer": 0}}
+
+
+def test_every_plain_selector_is_exported_below():
+    assert {"cls_attention", "divprune", "global_attention", "hiprune"} <= set(STAGE_CASES) <= set(SELECTORS.names())
 
 
 @pytest.mark.parametrize("method", sorted(STAGE_CASES))
