@@ -38,12 +38,18 @@ from common import RESULTS, run_recipe, table, write_json
 
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
+from methods.tokens.base import Method
+from methods.tokens.cls_attention import ClsAttention
+from methods.tokens.divprune import DivPrune
+from methods.tokens.global_attention import GlobalAttention
+from methods.tokens.hiprune import OBJECT_FRACTION as HIPRUNE_OBJECT_FRACTION
+from methods.tokens.hiprune import HiPrune
+from methods.tokens.hiprune import anchor_count as hiprune_anchors
+from methods.tokens.pruner import Placement, TokenPruner
+from methods.tokens.trim import Trim
 from models.adapters import adapter_for
 from models.spec import ModelSpec
 from models.tasks import TaskModel
-from stages.token_prune import HIPRUNE_OBJECT_FRACTION, hiprune_anchors
-from methods.tokens.methods import ClsAttention, DivPrune, GlobalAttention, HiPrune, Method, Trim
-from methods.tokens.pruner import Placement, TokenPruner
 
 LAYER = 2
 SPEED_KEEPS = (0.25, 0.11, 0.05)

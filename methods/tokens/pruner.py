@@ -20,7 +20,8 @@ from torch import nn
 from models.adapters import Adapter
 from models.tasks import TOKEN_PRUNER, token_pruner
 
-from .methods import Method, Tap, global_attention
+from .attention import global_attention
+from .base import Method, Tap
 from .select import fused_token, gather_rows
 
 OUTPUT_NAMES = ("image_features", "token_index")

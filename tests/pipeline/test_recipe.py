@@ -71,7 +71,8 @@ def test_resource_errors(bert_dir, tmp_path):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (gpt2 / "model.safetensors").write_bytes(b"")
     err = _error({**base, "model": {"source": str(gpt2), "task": "causal-lm"}}, tmp_path)
-    assert err.field == "model.source" and "'gpt2' is not supported; supported: bert, llama" in err.message
+    assert err.field == "model.source" and "'gpt2' is not supported; supported: bert, clip" in err.message
+    assert all(f" {t}," in err.message for t in ("gemma3_text", "llama", "phi3", "qwen3"))
 
     err = _error({**base, "model": {"source": str(bert_dir), "task": "causal-lm"}}, tmp_path)
     assert err.field == "model.task" and "allowed: feature-extraction" in err.message
