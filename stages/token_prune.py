@@ -25,6 +25,7 @@ from methods.tokens import trim
 from methods.tokens.methods import METHODS, HiPrune, Method, Trim
 from methods.tokens.pruner import Placement, TokenPruner
 from methods.tokens.text import TEXT_FILE, Companion, TextEncoder
+from tasks import TASKS
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
@@ -163,11 +164,11 @@ class TokenPrune(Stage):
     def validate(self, recipe, model, adapter, field):
         a = self.args
         task = recipe.model.task
-        if not task.startswith("image") or adapter.vision_tokens(model) is None:
+        if TASKS[task].modality != "images" or adapter.vision_tokens(model) is None:
             raise RecipeError(f"token pruning needs a vision encoder with a patch grid (ViT, CLIP vision tower); "
                               f"task {task!r} on a {adapter.family} model has none", field=f"{field}.type")
         self._resolve(model, adapter, field)
-        if a.output and task != "image-feature-extraction":
+        if a.output and not TASKS[task].embeds:
             raise RecipeError("output: true ends the encoder at its feature layer (before a VLM projector); "
                               "it needs task image-feature-extraction", field=f"{field}.output")
         if a.method == "trim":
@@ -181,7 +182,7 @@ class TokenPrune(Stage):
         if source.model_type != "clip":
             raise RecipeError(f"trim needs CLIP's text tower, and {recipe.model.source!r} is a "
                               f"{source.model_type!r} checkpoint: give a full CLIPModel", field=f"{field}.method")
-        text = models.model_config(recipe.model.model_copy(update={"task": "feature-extraction"}), source)
+        text = models.model_config(recipe.model, source, TASKS["feature-extraction"])
         if self.args.text_len > text.max_position_embeddings:
             raise RecipeError(f"text_len {self.args.text_len} is longer than the text tower's "
                               f"{text.max_position_embeddings} positions", field=f"{field}.text_len")
@@ -213,8 +214,7 @@ class TokenPrune(Stage):
             self._install(ctx, r.placement, k)
 
     def _text_encoder(self, ctx: RunContext) -> TextEncoder:
-        model, tokenizer = models.load_model(ctx.recipe.model.model_copy(update={"task": "feature-extraction"}),
-                                             ctx.source)
+        model, tokenizer = models.load_model(ctx.recipe.model, ctx.source, TASKS["feature-extraction"])
         return TextEncoder(model, tokenizer, self.args.text_len)
 
     def _method(self, ctx: RunContext, k: int, sign: float = 1.0) -> Method:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.adapters import Adapter
-from models.tasks import TOKEN_PRUNER, token_pruner
+from tasks.model import TOKEN_PRUNER, token_pruner
 
 from .methods import Method, Tap, global_attention
 from .select import fused_token, gather_rows

@@ -18,7 +18,7 @@ from core.errors import RecipeError, StageFailed
 from models.spec import ModelSpec
 from pipeline.recipe import parse_recipe
 from pipeline.runner import plan, run
-from models.tasks import TaskModel
+from tasks import TASKS, TaskModel
 from export import token_graph as graph
 from methods.tokens import trim
 from methods.tokens.methods import ClsAttention, DivPrune, GlobalAttention, HiPrune, Trim
@@ -46,11 +46,11 @@ def clip(clip_dir):
 
 @pytest.fixture(scope="module")
 def clip_vision(clip_dir):
-    from models.loading import _auto_class, model_config, resolve_source
+    from models.loading import model_config, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task="image-feature-extraction")
-    config = model_config(spec, resolve_source(spec))
-    return _auto_class(spec.task, "clip").from_pretrained(clip_dir, config=config, attn_implementation="eager").eval()
+    config = model_config(spec, resolve_source(spec), TASKS[spec.task])
+    return TASKS[spec.task].auto_class("clip").from_pretrained(clip_dir, config=config, attn_implementation="eager").eval()
 
 
 def text_tower(clip_dir):
@@ -58,7 +58,7 @@ def text_tower(clip_dir):
     from models.loading import load_model, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task="feature-extraction")
-    return load_model(spec, resolve_source(spec))
+    return load_model(spec, resolve_source(spec), TASKS[spec.task])
 
 
 def pixels(seed: int = 0, batch: int = 2) -> torch.Tensor:
@@ -307,13 +307,12 @@ def test_stage_trim_calibrates_k_and_exports_the_text_graph(clip_dir, clip, clip
     info = m["stages"][1]["metrics"]["trim"]
     assert info["paper"]["used"] and not info["released_code"]["used"]
     # K from an independent pass: HF hidden states of the calibration images, scored with both signs.
-    from calibration.batches import calibration_batches
     from models.loading import load_model, resolve_source
     from calibration.spec import CalibrationSpec
 
     spec = ModelSpec(source=str(clip_dir), task="image-feature-extraction")
-    _, processor = load_model(spec, resolve_source(spec))
-    batches = calibration_batches(spec.task, processor, CalibrationSpec(**recipe["calibration"]))
+    _, processor = load_model(spec, resolve_source(spec), TASKS[spec.task])
+    batches = TASKS[spec.task].calibration_batches(processor, CalibrationSpec(**recipe["calibration"]))
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(clip_dir)(["a photo of stripes"], padding="max_length", max_length=16,
