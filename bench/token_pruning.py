@@ -40,7 +40,7 @@ from export import inspect as onnx_inspect
 from export import onnx as onnx_export
 from models.adapters import adapter_for
 from models.spec import ModelSpec
-from models.tasks import TaskModel
+from tasks import TASKS, TaskModel
 from stages.token_prune import HIPRUNE_OBJECT_FRACTION, hiprune_anchors
 from methods.tokens.methods import ClsAttention, DivPrune, GlobalAttention, HiPrune, Method, Trim
 from methods.tokens.pruner import Placement, TokenPruner
@@ -250,7 +250,7 @@ def vision_tower(clip_dir: Path):
     from models.loading import load_model, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task=TASK)
-    return load_model(spec, resolve_source(spec))[0]
+    return load_model(spec, resolve_source(spec), TASKS[spec.task])[0]
 
 
 @torch.no_grad()
