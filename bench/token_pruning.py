@@ -27,13 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import fashion_mnist as fm
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 import transformers
-
-import fashion_mnist as fm
 from common import RESULTS, run_recipe, table, write_json
 
 from export import inspect as onnx_inspect
@@ -49,7 +48,7 @@ from methods.tokens.pruner import Placement, TokenPruner
 from methods.tokens.trim import Trim
 from models.adapters import adapter_for
 from models.spec import ModelSpec
-from models.tasks import TaskModel
+from tasks import TASKS, TaskModel
 
 LAYER = 2
 SPEED_KEEPS = (0.25, 0.11, 0.05)
@@ -256,7 +255,7 @@ def vision_tower(clip_dir: Path):
     from models.loading import load_model, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task=TASK)
-    return load_model(spec, resolve_source(spec))[0]
+    return load_model(spec, resolve_source(spec), TASKS[spec.task])[0]
 
 
 @torch.no_grad()

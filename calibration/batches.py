@@ -1,9 +1,10 @@
 """Fixed-shape, seeded batches: every sample is exactly ``seq_len`` tokens (or one image size).
 
-Causal LMs get windows of a token stream (no padding, no special tokens), as the Wanda/GBLM
-protocol samples C4; encoders get whole paragraphs padded to ``seq_len`` with an attention mask
-that the statistic collectors honour. Evaluation windows are the first non-overlapping ones of
-the held-out text, so the protocol is reproducible from the manifest alone.
+The primitives a task builds its calibration and evaluation batches from (tasks/ chooses which):
+token windows of a stream (no padding, no special tokens), as the Wanda/GBLM protocol samples C4;
+whole paragraphs padded to ``seq_len`` with an attention mask that the statistic collectors
+honour; and preprocessed images. Evaluation takes the first non-overlapping windows of the
+held-out text, so the protocol is reproducible from the manifest alone.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from core.errors import RecipeError
-from calibration.spec import DataSpec
 
-from .sources import ImageData, load_images, load_text, paragraphs
+from .sources import ImageData, TextData, paragraphs
 
 
 @dataclass
@@ -76,65 +76,62 @@ def _token_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def calibration_batches(task: str, preprocessor, spec, field: str = "calibration",
-                        image_size: int | None = None) -> Batches:
-    """``spec`` is a CalibrationSpec: num_samples samples of seq_len tokens, seeded."""
+def random_windows(tokenizer, text: TextData, spec, field: str) -> Batches:
+    """``spec.num_samples`` seeded windows of ``spec.seq_len`` tokens anywhere in the stream (``spec``: a
+    CalibrationSpec)."""
     rng = random.Random(spec.seed)
-    if task.startswith("image"):
-        data = load_images(spec, field)
-        idx = rng.sample(range(len(data.images)), min(spec.num_samples, len(data.images)))
-        return _image_batches(data, idx, preprocessor, spec.batch_size, image_size, drop_last=False)
-    text = load_text(spec, "calibration", field)
-    if task == "causal-lm":
-        stream = _token_stream(preprocessor, text.text)
-        if len(stream) <= spec.seq_len:
-            raise RecipeError(f"the text has {len(stream)} tokens, fewer than seq_len={spec.seq_len}",
-                              field=f"{field}.path" if spec.path else f"{field}.seq_len")
-        starts = [rng.randint(0, len(stream) - spec.seq_len - 1) for _ in range(spec.num_samples)]
-        ids = torch.stack([stream[s:s + spec.seq_len] for s in starts])
-        return Batches(_chunk({"input_ids": ids}, spec.batch_size), text.origin,
-                       {"kind": "random windows", "seed": spec.seed, "windows": len(starts), "seq_len": spec.seq_len,
-                        "stream_tokens": len(stream), "special_tokens": False})
+    stream = _token_stream(tokenizer, text.text)
+    if len(stream) <= spec.seq_len:
+        raise RecipeError(f"the text has {len(stream)} tokens, fewer than seq_len={spec.seq_len}",
+                          field=f"{field}.path" if spec.path else f"{field}.seq_len")
+    starts = [rng.randint(0, len(stream) - spec.seq_len - 1) for _ in range(spec.num_samples)]
+    ids = torch.stack([stream[s:s + spec.seq_len] for s in starts])
+    return Batches(_chunk({"input_ids": ids}, spec.batch_size), text.origin,
+                   {"kind": "random windows", "seed": spec.seed, "windows": len(starts), "seq_len": spec.seq_len,
+                    "stream_tokens": len(stream), "special_tokens": False})
+
+
+def first_windows(tokenizer, text: TextData, num_samples: int, batch_size: int, seq_len: int,
+                  field: str) -> Batches:
+    """The first non-overlapping windows, whole batches only (at most ``num_samples``)."""
+    stream = _token_stream(tokenizer, text.text)
+    n = min(num_samples, (len(stream) - 1) // seq_len)
+    n -= n % batch_size
+    if n < 1:
+        raise RecipeError(f"the held-out text has {len(stream)} tokens: not one batch of {batch_size} x "
+                          f"{seq_len}-token windows", field=f"{field}.num_samples")
+    ids = stream[: n * seq_len].view(n, seq_len)
+    return Batches(_chunk({"input_ids": ids}, batch_size, drop_last=True), text.origin,
+                   {"kind": "first non-overlapping windows", "windows": n, "seq_len": seq_len, "offset": 0,
+                    "stream_tokens": len(stream), "special_tokens": False})
+
+
+def random_paragraphs(tokenizer, text: TextData, spec, field: str) -> Batches:
+    """``spec.num_samples`` seeded paragraphs (8+ words), padded to ``spec.seq_len`` (``spec``: a CalibrationSpec)."""
     paras = paragraphs(text.text)
     if not paras:
         raise RecipeError("the text has no paragraph of 8 words or more", field=f"{field}.path")
-    chosen = rng.sample(paras, min(spec.num_samples, len(paras)))
-    enc = preprocessor(chosen, padding="max_length", truncation=True, max_length=spec.seq_len, return_tensors="pt")
+    chosen = random.Random(spec.seed).sample(paras, min(spec.num_samples, len(paras)))
+    enc = tokenizer(chosen, padding="max_length", truncation=True, max_length=spec.seq_len, return_tensors="pt")
     inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
     return Batches(_chunk(inputs, spec.batch_size), text.origin,
                    {"kind": "random paragraphs", "seed": spec.seed, "paragraphs": len(chosen), "seq_len": spec.seq_len,
                     "padding": "max_length, masked out of statistics"})
 
 
-def evaluation_batches(task: str, preprocessor, spec, batch_size: int, seq_len: int,
-                       image_size: int | None = None, field: str = "evaluation") -> Batches:
-    """Held-out samples at the export shapes ([batch_size, seq_len]) so the artifact itself can run them."""
-    if task.startswith("image"):
-        data = load_images(spec, field)
-        n = min(spec.num_samples, len(data.images))
-        return _image_batches(data, list(range(n)), preprocessor, batch_size, image_size, drop_last=True)
-    text = load_text(spec, "evaluation", field)
-    if task == "causal-lm":
-        stream = _token_stream(preprocessor, text.text)
-        n = min(spec.num_samples, (len(stream) - 1) // seq_len)
-        n -= n % batch_size
-        if n < 1:
-            raise RecipeError(f"the held-out text has {len(stream)} tokens: not one batch of {batch_size} x "
-                              f"{seq_len}-token windows", field=f"{field}.num_samples")
-        ids = stream[: n * seq_len].view(n, seq_len)
-        return Batches(_chunk({"input_ids": ids}, batch_size, drop_last=True), text.origin,
-                       {"kind": "first non-overlapping windows", "windows": n, "seq_len": seq_len, "offset": 0,
-                        "stream_tokens": len(stream), "special_tokens": False})
+def held_out_paragraphs(tokenizer, text: TextData, num_samples: int, seed: int, batch_size: int, seq_len: int,
+                        field: str) -> Batches:
+    """Seeded paragraphs of 20+ words at the export shapes, whole batches only."""
     paras = paragraphs(text.text, min_words=20)
-    chosen = random.Random(spec.seed).sample(paras, min(spec.num_samples, len(paras)))
+    chosen = random.Random(seed).sample(paras, min(num_samples, len(paras)))
     chosen = chosen[: len(chosen) - len(chosen) % batch_size]
     if not chosen:
         raise RecipeError(f"fewer than batch_size={batch_size} held-out paragraphs of 20+ words",
                           field=f"{field}.num_samples")
-    enc = preprocessor(chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    enc = tokenizer(chosen, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
     inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
     return Batches(_chunk(inputs, batch_size, drop_last=True), text.origin,
-                   {"kind": "random paragraphs (20+ words)", "seed": spec.seed, "paragraphs": len(chosen),
+                   {"kind": "random paragraphs (20+ words)", "seed": seed, "paragraphs": len(chosen),
                     "seq_len": seq_len})
 
 
@@ -144,6 +141,18 @@ def encode_texts(preprocessor, texts: list[str], batch_size: int, seq_len: int) 
     enc = preprocessor(texts + [""] * pad, padding="max_length", truncation=True, max_length=seq_len,
                        return_tensors="pt")
     return _chunk({k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}, batch_size)
+
+
+def random_images(processor, data: ImageData, spec, size: int | None) -> Batches:
+    """``spec.num_samples`` seeded images, the last batch possibly short (``spec``: a CalibrationSpec)."""
+    idx = random.Random(spec.seed).sample(range(len(data.images)), min(spec.num_samples, len(data.images)))
+    return _image_batches(data, idx, processor, spec.batch_size, size, drop_last=False)
+
+
+def first_images(processor, data: ImageData, num_samples: int, batch_size: int, size: int | None) -> Batches:
+    """The first images (at most ``num_samples``), whole batches only."""
+    n = min(num_samples, len(data.images))
+    return _image_batches(data, list(range(n)), processor, batch_size, size, drop_last=True)
 
 
 def _image_batches(data: ImageData, idx: list[int], processor, batch_size: int, size: int | None,

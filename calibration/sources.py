@@ -2,17 +2,15 @@
 
 The built-in text is two public-domain Jane Austen novels shipped with the package (from Debian's
 ``r-cran-janeaustenr``): *Northanger Abbey* for calibration and *Pride and Prejudice* for
-evaluation, so the two never overlap. The Lee document-similarity benchmark is read from the
-``gensim`` 4.4.0 wheel on PyPI (downloaded once into the cache; gensim is never installed).
+evaluation, so the two never overlap. The Lee document-similarity benchmark lies in ``data/lee/``,
+put there at install time by the Makefile (its provenance and why it is not in git:
+``data/lee/README.md``); library code never downloads anything.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from calibration.spec import DataSpec
 DATA = Path(__file__).parent / "data"
 BUILTIN = {"calibration": "austen_northangerabbey.txt.gz", "evaluation": "austen_prideprejudice.txt.gz"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+MODALITY = {"builtin": "text", "files": "text", "images": "images"}  # what a source gives; "datasets" gives either
 
 
 @dataclass
@@ -136,31 +135,21 @@ class LeeBenchmark:
     similarity: list[list[float]]  # 50 x 50, upper triangle filled (human mean ratings in [0, 1])
 
 
-LEE_WHEEL = "gensim==4.4.0"
-LEE_MEMBERS = ("gensim/test/test_data/lee.cor", "gensim/test/test_data/similarities0-1.txt")
+LEE = DATA / "lee"
+LEE_FILES = ("lee.cor", "similarities0-1.txt")
+LEE_SOURCE = "gensim 4.4.0 test data (Lee et al. 2005)"
 
 
-def lee_benchmark(cache: Path) -> LeeBenchmark | None:
-    """The Lee et al. (2005) similarity set, fetched once from PyPI's gensim wheel; None if unreachable."""
-    folder = cache / "lee"
-    files = [folder / Path(m).name for m in LEE_MEMBERS]
-    if not all(f.is_file() for f in files):
-        folder.mkdir(parents=True, exist_ok=True)
-        wheel_dir = folder / "wheel"
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               LEE_WHEEL, "-d", str(wheel_dir)]
-        if subprocess.run(cmd, capture_output=True, timeout=600).returncode != 0:
-            return None
-        wheel = next(wheel_dir.glob("gensim-*.whl"), None)
-        if wheel is None:
-            return None
-        with zipfile.ZipFile(wheel) as z:
-            for member, target in zip(LEE_MEMBERS, files):
-                target.write_bytes(z.read(member))
-        for w in wheel_dir.iterdir():
-            w.unlink()
-        wheel_dir.rmdir()
-    return read_lee(files[0], files[1])
+def lee_benchmark(folder: Path | None = None) -> LeeBenchmark:
+    """The Lee et al. (2005) similarity set installed with the package (`make` fetches it into ``LEE``)."""
+    folder = folder or LEE
+    files = [folder / name for name in LEE_FILES]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise RecipeError(f"the Lee benchmark is not installed ({', '.join(missing)} missing from {folder}): "
+                          "run 'make lee' (see calibration/data/lee/README.md), or set lee: false",
+                          field="evaluation.lee")
+    return read_lee(*files)
 
 
 def read_lee(corpus: Path, ratings: Path) -> LeeBenchmark:

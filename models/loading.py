@@ -3,7 +3,9 @@
 Sources: a local folder with ``config.json`` and safetensors weights; a ``.gguf`` file (dequantized
 once by transformers and cached as a plain fp32 folder, since GGUF-loaded models refuse
 ``save_pretrained``); a Hugging Face hub id; or ``package:<module>/<path>`` for weights shipped
-inside an installed Python package, located without importing it.
+inside an installed Python package, located without importing it. Which transformers class and
+preprocessor a model loads with is the task's answer (`TaskLoading`, implemented in tasks/, the
+layer above), passed in by the caller.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -32,6 +35,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def cache_dir() -> Path:
     """Where statistics and converted models are cached (``PIPELINE_CACHE`` overrides)."""
     return Path(os.environ.get("PIPELINE_CACHE", Path.home() / ".cache" / "edgeprune"))
+
+
+class TaskLoading(Protocol):
+    """What loading asks the task (tasks/ implements it; models/ sits below tasks/ and never imports it)."""
+
+    name: str
+    modality: str  # "text" or "images": which tower of a two-tower (CLIP) checkpoint
+
+    def auto_class(self, model_type: str) -> type: ...
+    def preprocessor(self, where: str | Path, **kw) -> object: ...
 
 
 @dataclass
@@ -115,19 +128,8 @@ def _hub_source(spec: ModelSpec) -> Source:
     return Source("hub", spec.source, None, config.model_type)
 
 
-def _auto_class(task: str, model_type: str):
-    import transformers as tf
-
-    if model_type.startswith("clip"):
-        return {"feature-extraction": tf.CLIPTextModelWithProjection,
-                "image-feature-extraction": tf.CLIPVisionModelWithProjection}[task]
-    return {"causal-lm": tf.AutoModelForCausalLM, "feature-extraction": tf.AutoModel,
-            "image-classification": tf.AutoModelForImageClassification,
-            "image-feature-extraction": tf.AutoModel}[task]
-
-
-def model_config(spec: ModelSpec, source: Source):
-    """The transformers config (for CLIP, the tower the task uses)."""
+def model_config(spec: ModelSpec, source: Source, task: TaskLoading):
+    """The transformers config (for CLIP, the tower of the task's modality)."""
     from transformers import AutoConfig
 
     if source.kind == "gguf":
@@ -139,29 +141,21 @@ def model_config(spec: ModelSpec, source: Source):
     else:
         config = AutoConfig.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if config.model_type == "clip":  # the tower's config does not carry the shared projection width
-        tower = config.text_config if spec.task == "feature-extraction" else config.vision_config
+        tower = config.text_config if task.modality == "text" else config.vision_config
         tower.projection_dim = config.projection_dim
         config = tower
     return config
 
 
-def meta_model(spec: ModelSpec, source: Source) -> nn.Module:
+def meta_model(spec: ModelSpec, source: Source, task: TaskLoading) -> nn.Module:
     """The model's structure without weights (device "meta"): enough to check targets and shapes."""
-    config = model_config(spec, source)
-    cls = _auto_class(spec.task, source.model_type)
+    config = model_config(spec, source, task)
+    cls = task.auto_class(source.model_type)
     with torch.device("meta"):  # Auto classes build from a config with from_config, model classes directly
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
-def _preprocessor(task: str, where: str | Path, **kw):
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    if task.startswith("image"):
-        return AutoImageProcessor.from_pretrained(where, **kw)
-    return AutoTokenizer.from_pretrained(where, **kw)
-
-
-def load_model(spec: ModelSpec, source: Source) -> tuple[nn.Module, object]:
+def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.Module, object]:
     """The fp32 model in eval mode and its tokenizer or image processor."""
     if source.kind == "gguf":
         where, kw = _converted_gguf(source), {}
@@ -169,13 +163,13 @@ def load_model(spec: ModelSpec, source: Source) -> tuple[nn.Module, object]:
         where, kw = source.path, {}
     else:
         where, kw = spec.source, {"revision": spec.revision}
-    cls = _auto_class(spec.task, source.model_type)
-    model = cls.from_pretrained(where, config=model_config(spec, source), dtype=torch.float32, use_safetensors=True,
-                                trust_remote_code=spec.trust_remote_code, **kw)
+    cls = task.auto_class(source.model_type)
+    model = cls.from_pretrained(where, config=model_config(spec, source, task), dtype=torch.float32,
+                                use_safetensors=True, trust_remote_code=spec.trust_remote_code, **kw)
     if source.kind == "hub":
         source.files = _hub_weight_hashes(model)
     model.eval()
-    return model, _preprocessor(spec.task, where, trust_remote_code=spec.trust_remote_code, **kw)
+    return model, task.preprocessor(where, trust_remote_code=spec.trust_remote_code, **kw)
 
 
 def _hub_weight_hashes(model: nn.Module) -> dict[str, str]:
@@ -241,8 +235,14 @@ def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> 
     (folder / CHECKPOINT_META).write_text(json.dumps({"task": task, "model_type": config.model_type}, indent=2))
 
 
-def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object]:
-    """Load a checkpoint written by `save_checkpoint` (the run folder's ``checkpoint/``).
+def checkpoint_task(folder: str | Path) -> str:
+    """The task name a checkpoint written by `save_checkpoint` records."""
+    return json.loads((Path(folder) / CHECKPOINT_META).read_text())["task"]
+
+
+def load_checkpoint(folder: str | Path, task: TaskLoading) -> tuple[nn.Module, object]:
+    """Load a checkpoint written by `save_checkpoint` for ``task``, the one it records (`checkpoint_task`;
+    tasks.load_checkpoint looks it up).
 
     This is the one call for structurally pruned models, whose layers have their own head counts
     and MLP widths; unpruned checkpoints also load with plain transformers.
@@ -254,12 +254,12 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object]:
 
     folder = Path(folder)
     meta = json.loads((folder / CHECKPOINT_META).read_text())
-    cls = _auto_class(meta["task"], meta["model_type"])
+    cls = task.auto_class(meta["model_type"])
     config = AutoConfig.from_pretrained(folder)
     structure = getattr(config, "edgeprune_structure", None)
     if not structure:
         model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
-        return model.eval(), _preprocessor(meta["task"], folder)
+        return model.eval(), task.preprocessor(folder)
     model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") else cls.from_config(config)
     adapter = adapter_for(meta["model_type"], meta["task"])
     for block, shape in zip(adapter.blocks(model), structure):
@@ -272,4 +272,4 @@ def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object]:
     if unexpected or untied:
         raise ValueError(f"checkpoint {folder} does not match its recorded structure: "
                          f"missing {untied[:3]}, unexpected {unexpected[:3]}")
-    return model.eval(), _preprocessor(meta["task"], folder)
+    return model.eval(), task.preprocessor(folder)

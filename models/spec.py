@@ -8,8 +8,9 @@ from pydantic import Field
 
 from core.spec import Section
 
+# The task names, here because models/ sits below tasks/ (whose registry must list the same: a test checks).
 TASKS = ("causal-lm", "feature-extraction", "image-classification", "image-feature-extraction")
-Task = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
+TaskName = Literal[TASKS]  # Literal[("a", "b")] is Literal["a", "b"]
 
 
 class ModelSpec(Section):
@@ -21,7 +22,7 @@ class ModelSpec(Section):
     """
 
     source: str = Field(min_length=1)
-    task: Task
+    task: TaskName
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False

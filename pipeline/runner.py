@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 
 from calibration.cache import StatsCache
-from calibration.sources import image_files, text_files
-from calibration.spec import DataSpec
 from core.errors import PipelineError, RecipeError
 from core.events import Events
 from core.files import dump, now, write_atomic
@@ -27,6 +25,7 @@ from models import loading as models
 from models.adapters import Adapter, adapter_for
 from stages import REGISTRY, Stage, StageResult, Table
 from stages.context import RunContext
+from tasks import TASKS
 
 from .manifest import SCHEMA, RunFolder, artifacts, environment
 from .recipe import Recipe, load_recipe
@@ -45,30 +44,17 @@ class Plan:
 def plan(recipe: Recipe) -> Plan:
     source = models.resolve_source(recipe.model)
     adapter = adapter_for(source.model_type, recipe.model.task)
+    task = TASKS[recipe.model.task]
     types = [s.type for s in recipe.stages]
     if any(t in ("calibrate", "export") for t in types):
-        _check_data(recipe.calibration, recipe.model.task, "calibration")
+        task.check_data(recipe.calibration, "calibration")
     if "evaluate" in types:
-        _check_data(recipe.evaluation, recipe.model.task, "evaluation")
-    meta = models.meta_model(recipe.model, source)
+        task.check_evaluation(recipe.evaluation)
+    meta = models.meta_model(recipe.model, source, task)
     stages = [REGISTRY[a.type](a) for a in recipe.stages]
     for i, stage in enumerate(stages):
         stage.validate(recipe, meta, adapter, f"stages[{i}]")
     return Plan(recipe, source, adapter, stages, _labels(recipe))
-
-
-def _check_data(spec: DataSpec, task: str, field: str) -> None:
-    image_task = task.startswith("image")
-    if image_task and spec.source in ("builtin", "files"):
-        raise RecipeError(f"task {task!r} needs images: set source 'images' with a folder path, or 'datasets' "
-                          f"(the built-in data is text)", field=f"{field}.source")
-    if not image_task and spec.source == "images":
-        raise RecipeError(f"task {task!r} needs text: use source 'builtin', 'files' or 'datasets'",
-                          field=f"{field}.source")
-    if spec.source == "files":
-        text_files(spec.path, field)
-    elif spec.source == "images":
-        image_files(spec.path, field)
 
 
 def _labels(recipe: Recipe) -> list[str]:
@@ -97,7 +83,8 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
     events.emit("run_start", recipe=recipe.name, resume=resuming)
     events.log(f"[bold]{recipe.name}[/]: loading {recipe.model.source}")
     t0 = time.perf_counter()
-    model, preprocessor = models.load_model(recipe.model, p.source)
+    task = TASKS[recipe.model.task]
+    model, preprocessor = models.load_model(recipe.model, p.source, task)
     ctx = RunContext(recipe=recipe, source=p.source, model=model, preprocessor=preprocessor, adapter=p.adapter,
                      workdir=work, cache=StatsCache(models.cache_dir()), events=events)
     params_before = _params(model)
@@ -117,7 +104,7 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
             if record is not None and record["fingerprint"] == fingerprint:
                 result = StageResult(record["metrics"], [Table(**t) for t in record["tables"]])
                 if stage.changes_model:
-                    ctx.model, _ = models.load_checkpoint(sdir / "model")
+                    ctx.model, _ = models.load_checkpoint(sdir / "model", task)
                 stage.restore(ctx, sdir, result)
                 status, seconds = "resumed", record["seconds"]
                 events.log(f"[bold]{label}[/]: complete in the partial run, reused")

@@ -9,8 +9,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibration.batches import calibration_batches
-
 from .context import RunContext
 
 
@@ -85,7 +83,7 @@ def export_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple
     spec = ctx.recipe.calibration.model_copy(update={
         "num_samples": num_samples or ex.batch_size * ex.parity_batches, "seq_len": ex.seq_len,
         "batch_size": ex.batch_size})
-    batches = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec, image_size=ex.image_size)
+    batches = ctx.task.calibration_batches(ctx.preprocessor, spec, image_size=ex.image_size)
     module = ctx.task_model()
     return [module.example(b.inputs) for b in batches if b.size == ex.batch_size]
 

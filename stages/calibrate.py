@@ -15,11 +15,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from calibration.batches import calibration_batches
 from calibration.cache import cache_key, state_digest
 from calibration.collectors import GradientHooks
 from calibration.layerwise import LayerwiseEngine
-from models.tasks import gradient_loss
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
@@ -37,8 +35,7 @@ class Calibrate(Stage):
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         t0 = time.perf_counter()
         spec = ctx.recipe.calibration
-        ctx.calibration = calibration_batches(ctx.recipe.model.task, ctx.preprocessor, spec,
-                                              image_size=ctx.recipe.export.image_size)
+        ctx.calibration = ctx.task.calibration_batches(ctx.preprocessor, spec, image_size=ctx.recipe.export.image_size)
         metrics = {"origin": ctx.calibration.origin, "samples": ctx.calibration.num_samples,
                    "batches": len(ctx.calibration), "seq_len": spec.seq_len, "seed": spec.seed,
                    "data_sha256": ctx.calibration.sha256, "protocol": ctx.calibration.protocol,
@@ -125,14 +122,14 @@ def collect_gradients(ctx: RunContext, modules: dict, limit: int) -> dict:
     task = ctx.events.task(f"gradients over {limit} samples", total=limit)
     try:
         # SimCSE needs dropout on to make two views; the other losses are deterministic (eval mode).
-        with _grad_mode(ctx.model, train=spec.task == "feature-extraction"):
+        with _grad_mode(ctx.model, train=ctx.task.gradients_in_train_mode):
             for batch in ctx.calibration:
                 if seen >= limit:
                     break
                 take = min(batch.size, limit - seen)
                 inputs = {k: v[:take] for k, v in batch.inputs.items()}
                 labels = batch.labels[:take] if batch.labels is not None else None
-                gradient_loss(ctx.model, spec, inputs, labels).backward()
+                ctx.task.gradient_loss(ctx.model, spec, inputs, labels).backward()
                 seen += take
                 hooks.samples = seen
                 task.advance(take)

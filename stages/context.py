@@ -23,7 +23,7 @@ from export.spec import ExportSpec
 from models.adapters import Adapter
 from models.loading import Source
 from models.spec import ModelSpec
-from models.tasks import TaskModel
+from tasks import TASKS, Task, TaskModel
 
 
 class Settings(Protocol):
@@ -90,6 +90,11 @@ class RunContext:
     stage_index: int = 0
     onnx: OnnxArtifact | None = None
     evaluation: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> Task:
+        """What the recipe's ``model.task`` means (data, outputs, loss, metrics)."""
+        return TASKS[self.recipe.model.task]
 
     def task_model(self, model: nn.Module | None = None) -> TaskModel:
         return TaskModel(model if model is not None else self.model, self.recipe.model).eval()

@@ -28,7 +28,7 @@ from calibration.layerwise import LayerwiseEngine
 from core.errors import RecipeError
 from export.gate import LayerSparsity
 from core.targets import select
-from models.tasks import check_gradient_task
+from tasks import TASKS
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
@@ -176,7 +176,7 @@ class PruneWeights(Stage):
     def validate(self, recipe, model, adapter, field):
         chosen = self._targets(model, adapter, field)
         if self.args.method == "gblm":
-            check_gradient_task(recipe.model.task, f"{field}.method")
+            TASKS[recipe.model.task].check_gradients(f"{field}.method")
         if self.args.nm:
             m = self.args.nm[1]
             bad = [n for n, mod in chosen.items() if mod.in_features % m]

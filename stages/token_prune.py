@@ -26,6 +26,7 @@ from methods.tokens import SELECTORS
 from methods.tokens.base import Build, Env, Method, block_index
 from methods.tokens.pruner import Placement, TokenPruner
 from models import loading as models
+from tasks import TASKS
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
@@ -99,11 +100,11 @@ class TokenPrune(Stage):
     def validate(self, recipe, model, adapter, field):
         a = self.args
         task = recipe.model.task
-        if not task.startswith("image") or adapter.vision_tokens(model) is None:
+        if TASKS[task].modality != "images" or adapter.vision_tokens(model) is None:
             raise RecipeError(f"token pruning needs a vision encoder with a patch grid (ViT, CLIP vision tower); "
                               f"task {task!r} on a {adapter.family} model has none", field=f"{field}.type")
         self._resolve(model, adapter, field)
-        if a.output and task != "image-feature-extraction":
+        if a.output and not TASKS[task].embeds:
             raise RecipeError("output: true ends the encoder at its feature layer (before a VLM projector); "
                               "it needs task image-feature-extraction", field=f"{field}.output")
         self.selector.validate(a, recipe.model, model, adapter, field)
@@ -131,7 +132,7 @@ class TokenPrune(Stage):
         """The encoder, plus the checkpoint's text tower (task feature-extraction) if the selector reads one."""
         text = None
         if self.selector.text_tower:
-            text = models.load_model(ctx.recipe.model.model_copy(update={"task": "feature-extraction"}), ctx.source)
+            text = models.load_model(ctx.recipe.model, ctx.source, TASKS["feature-extraction"])
         return Env(ctx.model, ctx.adapter, ctx.recipe.export.batch_size, text)
 
 

@@ -122,7 +122,7 @@ def llama_onnx(llama_dir, tmp_path_factory):
 
     from export import onnx as onnx_export
     from models.spec import ModelSpec
-    from models.tasks import TaskModel
+    from tasks import TaskModel
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     tm = TaskModel(model, ModelSpec(source=str(llama_dir), task="causal-lm")).eval()

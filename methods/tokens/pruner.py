@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.adapters import Adapter
-from models.tasks import TOKEN_PRUNER, token_pruner
+from tasks.model import TOKEN_PRUNER, token_pruner
 
 from .attention import global_attention
 from .base import Method, Tap

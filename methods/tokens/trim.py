@@ -22,6 +22,7 @@ from torch import nn
 
 from core.errors import RecipeError
 from models.loading import model_config, resolve_source
+from tasks import TASKS
 
 from .base import SELECTORS, Build, Calibration, Method, SelectorArgs
 from .select import top_k_raster
@@ -79,7 +80,7 @@ class Trim(Method):
         if source.model_type != "clip":
             raise RecipeError(f"trim needs CLIP's text tower, and {spec.source!r} is a "
                               f"{source.model_type!r} checkpoint: give a full CLIPModel", field=f"{field}.method")
-        text = model_config(spec.model_copy(update={"task": "feature-extraction"}), source)
+        text = model_config(spec, source, TASKS["feature-extraction"])
         if args.text_len > text.max_position_embeddings:
             raise RecipeError(f"text_len {args.text_len} is longer than the text tower's "
                               f"{text.max_position_embeddings} positions", field=f"{field}.text_len")

@@ -5,22 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calibration.batches import Batch, Batches, calibration_batches
+from calibration.batches import Batch, Batches
 from calibration.cache import StatsCache, cache_key, state_digest
 from calibration.collectors import GradientHooks, InputStats, Stats
 from calibration.layerwise import LayerwiseEngine
 from models.adapters import adapter_for
 from calibration.spec import CalibrationSpec
 from models.spec import ModelSpec
-from models.tasks import gradient_loss
 from stages.prune_weights import PruneWeightsArgs, Wanda
+from tasks import TASKS
 
 
 def _load(folder, task):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    return cls.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    cls = TASKS[task].auto_class(AutoConfig.from_pretrained(folder).model_type)
+    return cls.from_pretrained(folder).eval(), TASKS[task].preprocessor(folder)
 
 
 def test_input_stats_mask_mean_var():
@@ -72,7 +72,7 @@ def test_sequential_engine_matches_reference(llama_dir, batch_size):
     ref_model, _ = _load(llama_dir, "causal-lm")
     adapter = adapter_for("llama", "causal-lm")
     spec = CalibrationSpec(num_samples=6, seq_len=12, batch_size=batch_size)
-    batches = calibration_batches("causal-lm", tok, spec)
+    batches = TASKS["causal-lm"].calibration_batches(tok, spec)
     args = PruneWeightsArgs(type="prune_weights", method="wanda", sparsity=0.5)
     method = Wanda(args, None)
 
@@ -97,7 +97,7 @@ def test_dense_engine_with_padding_matches_unpadded_full_forward(bert_dir, tmp_p
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(" ".join(["word", "tree", "river"] * (3 + 4 * i)) for i in range(5)))
     spec = CalibrationSpec(source="files", path=str(text), num_samples=5, seq_len=48, batch_size=5)
-    batches = calibration_batches("feature-extraction", tok, spec)
+    batches = TASKS["feature-extraction"].calibration_batches(tok, spec)
     assert batches.batches[0].token_mask is not None and not batches.batches[0].token_mask.all()
     blocks = adapter.blocks(model)
     targets = {b.index: {n: model.get_submodule(n) for n in b.linears} for b in blocks}
@@ -130,7 +130,7 @@ def test_dense_engine_with_padding_matches_unpadded_full_forward(bert_dir, tmp_p
 def test_bfloat16_compute_stays_close(llama_dir):
     model, tok = _load(llama_dir, "causal-lm")
     adapter = adapter_for("llama", "causal-lm")
-    batches = calibration_batches("causal-lm", tok, CalibrationSpec(num_samples=4, seq_len=16, batch_size=2))
+    batches = TASKS["causal-lm"].calibration_batches(tok, CalibrationSpec(num_samples=4, seq_len=16, batch_size=2))
     targets = {b.index: {n: model.get_submodule(n) for n in b.linears} for b in adapter.blocks(model)}
     before = state_digest(model)
     fp32 = LayerwiseEngine(model, adapter, batches).run(targets, {"sq_norm"}, "dense")
@@ -143,14 +143,14 @@ def test_bfloat16_compute_stays_close(llama_dir):
 def test_gradient_hooks_equal_per_sample_autograd(llama_dir):
     model, tok = _load(llama_dir, "causal-lm")
     spec = ModelSpec(source=str(llama_dir), task="causal-lm")
-    batches = calibration_batches("causal-lm", tok, CalibrationSpec(num_samples=3, seq_len=10, batch_size=3))
+    batches = TASKS["causal-lm"].calibration_batches(tok, CalibrationSpec(num_samples=3, seq_len=10, batch_size=3))
     ids = batches.batches[0].inputs["input_ids"]
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     modules = {n: model.get_submodule(n) for n in names}
 
     expected = {n: torch.zeros_like(m.weight) for n, m in modules.items()}
     for i in range(3):
-        loss = gradient_loss(model, spec, {"input_ids": ids[i:i + 1]}, None)
+        loss = TASKS["causal-lm"].gradient_loss(model, spec, {"input_ids": ids[i:i + 1]}, None)
         grads = torch.autograd.grad(loss, [m.weight for m in modules.values()])
         for n, g in zip(names, grads):
             expected[n] += g ** 2
@@ -160,7 +160,7 @@ def test_gradient_hooks_equal_per_sample_autograd(llama_dir):
     hooks = GradientHooks(modules)
     handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_())
     with torch.enable_grad():
-        gradient_loss(model, spec, {"input_ids": ids}, None).backward()
+        TASKS["causal-lm"].gradient_loss(model, spec, {"input_ids": ids}, None).backward()
     handle.remove()
     got = hooks.remove()
     for n in names:
@@ -183,10 +183,10 @@ def test_batches_are_fixed_shape_and_seeded(llama_dir, bert_dir):
 
     tok = AutoTokenizer.from_pretrained(llama_dir)
     spec = CalibrationSpec(num_samples=10, seq_len=32, batch_size=4, seed=3)
-    a, b = calibration_batches("causal-lm", tok, spec), calibration_batches("causal-lm", tok, spec)
+    a, b = TASKS["causal-lm"].calibration_batches(tok, spec), TASKS["causal-lm"].calibration_batches(tok, spec)
     assert [x.inputs["input_ids"].shape for x in a] == [(4, 32), (4, 32), (2, 32)]
     assert a.sha256 == b.sha256
-    assert calibration_batches("causal-lm", tok, spec.model_copy(update={"seed": 4})).sha256 != a.sha256
-    enc = calibration_batches("feature-extraction", AutoTokenizer.from_pretrained(bert_dir), spec)
+    assert TASKS["causal-lm"].calibration_batches(tok, spec.model_copy(update={"seed": 4})).sha256 != a.sha256
+    enc = TASKS["feature-extraction"].calibration_batches(AutoTokenizer.from_pretrained(bert_dir), spec)
     assert all(x.inputs["attention_mask"].shape[1] == 32 for x in enc)
     assert isinstance(enc, Batches) and isinstance(enc.batches[0], Batch)

@@ -1,10 +1,13 @@
-"""Data sources: built-in text, files, `datasets`, image folders, the Lee benchmark reader."""
+"""Data sources: built-in text, files, `datasets`, image folders, the Lee benchmark and its reader."""
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytest
 
-from calibration.sources import load_images, load_text, paragraphs, read_lee
+from calibration.sources import LEE, LEE_FILES, lee_benchmark, load_images, load_text, paragraphs, read_lee
 from core.errors import RecipeError
 from calibration.spec import CalibrationSpec
 from evaluation.spec import EvaluationSpec
@@ -61,3 +64,27 @@ def test_lee_reader(tmp_path):
     ratings.write_text("1\t0.5\n0\t1\n")
     with pytest.raises(ValueError, match="disagree"):
         read_lee(corpus, ratings)
+
+
+def test_lee_benchmark_is_installed_with_the_package():
+    """`make` fetches it (calibration/data/lee/README.md); without it this fails instead of skipping."""
+    sums = dict(reversed(line.split()) for line in (LEE / "SHA256SUMS").read_text().splitlines())
+    assert sorted(sums) == sorted(LEE_FILES)
+    for name, digest in sums.items():
+        assert hashlib.sha256((LEE / name).read_bytes()).hexdigest() == digest, name
+    lee = lee_benchmark()
+    ratings = np.array(lee.similarity)
+    assert len(lee.documents) == 50 and ratings.shape == (50, 50)
+    assert (np.diag(ratings) == 1).all() and (np.tril(ratings, -1) == 0).all()
+    upper = ratings[np.triu_indices(50, 1)]
+    assert len(upper) == 1225 and upper.min() == 0.2 and upper.max() == 1.0 and len(np.unique(upper)) == 67
+    assert round(float(upper.mean()), 6) == 0.326505
+    assert lee.documents[0].startswith("The national executive of the strife-torn Democrats")
+    assert sum("£" in d for d in lee.documents) == 1  # the one Latin-1 byte, decoded
+
+
+def test_missing_lee_files_name_the_recipe_field(tmp_path):
+    (tmp_path / "lee.cor").write_text("x")
+    with pytest.raises(RecipeError, match="similarities0-1.txt missing") as e:
+        lee_benchmark(tmp_path)
+    assert e.value.field == "evaluation.lee" and "lee.cor" not in e.value.message.split("missing")[0]

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
 from models.spec import ModelSpec
-from models.tasks import TaskModel
+from tasks import TaskModel
 
 
 @pytest.fixture(scope="module")

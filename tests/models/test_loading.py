@@ -13,6 +13,7 @@ from models.adapters import adapter_for
 from core.errors import RecipeError
 from models.spec import ModelSpec
 from pipeline.runner import run
+from tasks import TASKS
 
 from ..conftest import build_llama, text_recipe, write_recipe
 
@@ -116,7 +117,7 @@ def test_encoder_adapters(bert_dir, vit_dir, clip_dir):
 
     def clip(task):
         spec = ModelSpec(source=str(clip_dir), task=task)
-        return models.load_model(spec, models.resolve_source(spec))[0]
+        return models.load_model(spec, models.resolve_source(spec), TASKS[task])[0]
 
     bert = adapter_for("bert", "feature-extraction").blocks(AutoModel.from_pretrained(bert_dir))
     assert (bert[0].num_heads, bert[0].head_dim, bert[0].intermediate_size) == (4, 8, 64)
@@ -128,3 +129,23 @@ def test_encoder_adapters(bert_dir, vit_dir, clip_dir):
     assert clip_text.text_projection.out_features == 16  # the shared projection width, not the tower default
     clip_vision = clip("image-feature-extraction")
     assert adapter_for("clip", "image-feature-extraction").blocks(clip_vision)[0].num_heads == 4
+
+
+def test_loading_asks_the_task_not_the_spec(clip_dir):
+    """The class, the CLIP tower and the preprocessor are the task object's answers (spec.task is not read)."""
+    from types import SimpleNamespace
+
+    import transformers as tf
+
+    spec = ModelSpec(source=str(clip_dir), task="image-feature-extraction")
+    source = models.resolve_source(spec)
+    asked = []
+    text = SimpleNamespace(name="stub", modality="text", auto_class=lambda t: asked.append(t) or tf.CLIPTextModel,
+                           preprocessor=lambda where, **kw: ("preprocessor", where))
+    config = models.model_config(spec, source, text)
+    assert isinstance(config, tf.CLIPTextConfig) and config.projection_dim == 16
+    meta = models.meta_model(spec, source, text)
+    assert type(meta) is tf.CLIPTextModel and next(meta.parameters()).device.type == "meta"
+    model, pre = models.load_model(spec, source, text)
+    assert type(model) is tf.CLIPTextModel and pre == ("preprocessor", source.path) and asked == ["clip", "clip"]
+    assert isinstance(models.model_config(spec, source, TASKS[spec.task]), tf.CLIPVisionConfig)

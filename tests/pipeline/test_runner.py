@@ -13,9 +13,8 @@ from export import inspect as onnx_inspect
 from export import onnx as onnx_export
 from core.errors import RecipeError, StageFailed
 from core.files import sha256_path
-from models.loading import load_checkpoint
 from pipeline.runner import run
-from models.tasks import TaskModel
+from tasks import TASKS, TaskModel, load_checkpoint
 from models.spec import ModelSpec
 
 from ..conftest import text_recipe, write_recipe
@@ -169,7 +168,6 @@ def test_dense_propagation_uses_calibrate_statistics(llama_dir, tmp_path):
     """Wanda with dense propagation = masks from one full forward of the dense model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calibration.batches import calibration_batches
     from calibration.spec import CalibrationSpec
 
     stages = [{"type": "calibrate"}, {"type": "prune_weights", "method": "wanda", "sparsity": 0.5,
@@ -182,7 +180,7 @@ def test_dense_propagation_uses_calibrate_statistics(llama_dir, tmp_path):
 
     dense = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     spec = CalibrationSpec(**recipe["calibration"])
-    batches = calibration_batches("causal-lm", AutoTokenizer.from_pretrained(llama_dir), spec)
+    batches = TASKS["causal-lm"].calibration_batches(AutoTokenizer.from_pretrained(llama_dir), spec)
     linears = {n: mod for n, mod in dense.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in n}
     sums = {n: 0.0 for n in linears}
     hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: sums.__setitem__(n, sums[n] + (a[0] ** 2).sum((0, 1))))

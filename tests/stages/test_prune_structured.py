@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.batches import calibration_batches
 from calibration.collectors import InputStats, Stats
 from calibration.layerwise import LayerwiseEngine
 from export import onnx as onnx_export
 from models.adapters import adapter_for, head_channels
 from core.errors import RecipeError, StageFailed
-from models.loading import load_checkpoint
+from tasks import TASKS, load_checkpoint
 from calibration.spec import CalibrationSpec
 from pipeline.recipe import parse_recipe
 from pipeline.runner import plan, run
@@ -85,7 +84,7 @@ def _fixture_model(kind, bert_dir, llama_dir):
 def test_sliced_model_equals_masked_dense_model(kind, gqa, bert_dir, llama_dir):
     model, tok, family, task = _fixture_model(kind, bert_dir, llama_dir)
     adapter = adapter_for(family, task)
-    batches = calibration_batches(task, tok, CalibrationSpec(num_samples=6, seq_len=16, batch_size=3))
+    batches = TASKS[task].calibration_batches(tok, CalibrationSpec(num_samples=6, seq_len=16, batch_size=3))
     blocks = adapter.blocks(model)
     stats = LayerwiseEngine(model, adapter, batches).run(
         {b.index: {n: model.get_submodule(n) for n in b.linears} for b in blocks}, {"mean_var"}, "dense")
@@ -135,7 +134,7 @@ def test_flap_run_ratio_floors_roundtrip_and_onnx(llama_dir, tmp_path):
 
     ids = torch.randint(0, 30000, (2, 16))
     np.save(tmp_path / "ids.npy", ids.numpy())
-    code = ("import numpy as np, torch, sys; from models.loading import load_checkpoint; "
+    code = ("import numpy as np, torch, sys; from tasks import load_checkpoint; "
             f"m, _ = load_checkpoint({str(out / 'checkpoint')!r}); "
             f"ids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r})); "
             f"np.save({str(tmp_path / 'fresh.npy')!r}, m(input_ids=ids).logits.detach().numpy())")

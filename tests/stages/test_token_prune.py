@@ -22,6 +22,7 @@ from models.spec import ModelSpec
 from pipeline.recipe import _validate, parse_recipe
 from pipeline.runner import plan, run
 from stages.token_prune import TokenPrune
+from tasks import TASKS
 
 from ..conftest import write_recipe
 
@@ -107,13 +108,12 @@ def test_stage_trim_calibrates_k_and_exports_the_text_graph(clip_dir, clip, clip
     info = m["stages"][1]["metrics"]["trim"]
     assert info["paper"]["used"] and not info["released_code"]["used"]
     # K from an independent pass: HF hidden states of the calibration images, scored with both signs.
-    from calibration.batches import calibration_batches
     from calibration.spec import CalibrationSpec
     from models.loading import load_model, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task="image-feature-extraction")
-    _, processor = load_model(spec, resolve_source(spec))
-    batches = calibration_batches(spec.task, processor, CalibrationSpec(**recipe["calibration"]))
+    _, processor = load_model(spec, resolve_source(spec), TASKS[spec.task])
+    batches = TASKS[spec.task].calibration_batches(processor, CalibrationSpec(**recipe["calibration"]))
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(clip_dir)(["a photo of stripes"], padding="max_length", max_length=16,

@@ -10,7 +10,7 @@ import torch
 from methods.tokens.pruner import Placement, TokenPruner
 from models.adapters import adapter_for
 from models.spec import ModelSpec
-from models.tasks import TaskModel
+from tasks import TASKS, TaskModel
 
 PATCHES, GRID = 16, 4  # the conftest ViT/CLIP: 32x32 images, 8x8 patches
 
@@ -31,11 +31,11 @@ def clip(clip_dir):
 
 @pytest.fixture(scope="module")
 def clip_vision(clip_dir):
-    from models.loading import _auto_class, model_config, resolve_source
+    from models.loading import model_config, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task="image-feature-extraction")
-    config = model_config(spec, resolve_source(spec))
-    return _auto_class(spec.task, "clip").from_pretrained(clip_dir, config=config, attn_implementation="eager").eval()
+    config = model_config(spec, resolve_source(spec), TASKS[spec.task])
+    return TASKS[spec.task].auto_class("clip").from_pretrained(clip_dir, config=config, attn_implementation="eager").eval()
 
 
 def text_tower(clip_dir):
@@ -43,7 +43,7 @@ def text_tower(clip_dir):
     from models.loading import load_model, resolve_source
 
     spec = ModelSpec(source=str(clip_dir), task="feature-extraction")
-    return load_model(spec, resolve_source(spec))
+    return load_model(spec, resolve_source(spec), TASKS[spec.task])
 
 
 def pixels(seed: int = 0, batch: int = 2) -> torch.Tensor:

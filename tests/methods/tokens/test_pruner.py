@@ -8,7 +8,7 @@ import torch
 from methods.tokens.cls_attention import ClsAttention
 from methods.tokens.pruner import Placement, TokenPruner
 from models.adapters import adapter_for
-from models.tasks import token_pruner
+from tasks.model import token_pruner
 
 from .conftest import pixels, reference_pass
 

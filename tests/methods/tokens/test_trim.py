@@ -17,15 +17,7 @@ from methods.tokens.trim_iqr import counts, fixed_k, softmax
 from models.adapters import adapter_for
 from models.spec import ModelSpec
 
-from .conftest import (
-    PATCHES,
-    gathered,
-    pixels,
-    reference_pass,
-    select,
-    text_tower,
-    top_k_sorted,
-)
+from .conftest import PATCHES, gathered, pixels, reference_pass, select, text_tower, top_k_sorted
 
 CLIP_VISION = adapter_for("clip", "image-feature-extraction")
 

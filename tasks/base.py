@@ -1,0 +1,152 @@
+"""What a task is: the data it reads, the graph it deploys, how it loads, its loss and its quality.
+
+One `Task` object per recipe ``model.task`` (tasks/registry.py); code that would test the task
+string asks the object instead. Modality is the split most behaviour follows, so `TextTask` and
+`ImageTask` hold what the text (or image) tasks share, and each task module adds its own outputs,
+loss and metrics.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibration.batches import Batches, first_images, random_images
+from calibration.sources import MODALITY, image_files, load_images, text_files
+from calibration.spec import DataSpec
+from core.errors import RecipeError
+from models.spec import ModelSpec
+
+from .metrics import Run
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What a task's quality metrics run on besides the two models: the held-out batches, and the
+    preprocessor and export shapes that extra benchmarks (Lee) are encoded with."""
+
+    batches: Batches
+    preprocessor: object
+    batch_size: int
+    seq_len: int
+    lee: bool  # the recipe's evaluation.lee
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    modality: ClassVar[Literal["text", "images"]]  # what the data sources must give
+    input_names: ClassVar[tuple[str, ...]]  # the deployed graph's inputs, in order
+    output_names: ClassVar[tuple[str, ...]]  # and its outputs
+    embeds: ClassVar[bool] = False  # outputs (embedding, last_hidden_state): the encoder's features, no head
+    gradients_in_train_mode: ClassVar[bool] = False  # dropout on while the gradient loss runs
+    source_hint: ClassVar[str]  # which sources give this modality (error messages)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    def check_data(self, spec: DataSpec, field: str) -> None:
+        """Before any work: the source gives this task's modality and its path exists."""
+        given = MODALITY.get(spec.source)
+        if given is not None and given != self.modality:
+            raise RecipeError(f"task {self.name!r} needs {self.modality}: {self.source_hint}", field=f"{field}.source")
+        if spec.source == "files":
+            text_files(spec.path, field)
+        elif spec.source == "images":
+            image_files(spec.path, field)
+
+    def check_evaluation(self, spec) -> None:
+        """Before any work: what the evaluate stage will read (``spec``: the EvaluationSpec)."""
+        self.check_data(spec, "evaluation")
+
+    def check_gradients(self, field: str) -> None:
+        """Raise a RecipeError when the task has no loss to take gradients of (GBLM)."""
+
+    @abstractmethod
+    def auto_class(self, model_type: str) -> type:
+        """The transformers class that loads a ``model_type`` checkpoint for this task."""
+
+    @abstractmethod
+    def preprocessor(self, where: str | Path, **kw) -> object:
+        """The tokenizer or image processor saved at ``where``."""
+
+    @abstractmethod
+    def calibration_batches(self, preprocessor, spec, field: str = "calibration",
+                            image_size: int | None = None) -> Batches:
+        """``spec`` is a CalibrationSpec: num_samples samples of seq_len tokens (or images), seeded."""
+
+    @abstractmethod
+    def evaluation_batches(self, preprocessor, spec, batch_size: int, seq_len: int,
+                           image_size: int | None = None, field: str = "evaluation") -> Batches:
+        """Held-out samples at the export shapes ([batch_size, seq_len]) so the artifact itself can run them."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        """The deployed outputs (``output_names``) of the model on its keyword inputs."""
+
+    @abstractmethod
+    def gradient_loss(self, model: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor],
+                      labels: torch.Tensor | None) -> torch.Tensor:
+        """A loss that is a *sum* of per-sample terms, so per-sample gradients are well defined."""
+
+    @abstractmethod
+    def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
+        """The compressed model against the dense one: {"dense": ..., "compressed": ..., "comparison": ...}."""
+
+
+class TextTask(Task):
+    modality = "text"
+    source_hint = "use source 'builtin', 'files' or 'datasets'"
+
+    def preprocessor(self, where: str | Path, **kw) -> object:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(where, **kw)
+
+
+class ImageTask(Task):
+    modality = "images"
+    input_names = ("pixel_values",)
+    source_hint = "set source 'images' with a folder path, or 'datasets' (the built-in data is text)"
+
+    def preprocessor(self, where: str | Path, **kw) -> object:
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(where, **kw)
+
+    def calibration_batches(self, preprocessor, spec, field: str = "calibration",
+                            image_size: int | None = None) -> Batches:
+        return random_images(preprocessor, load_images(spec, field), spec, image_size)
+
+    def evaluation_batches(self, preprocessor, spec, batch_size: int, seq_len: int,
+                           image_size: int | None = None, field: str = "evaluation") -> Batches:
+        return first_images(preprocessor, load_images(spec, field), spec.num_samples, batch_size, image_size)
+
+
+def embedding_outputs(model: nn.Module, inputs: dict[str, torch.Tensor],
+                      spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding, last_hidden_state): a projection head's embedding (CLIP) or the pooled hidden states,
+    L2-normalized when the recipe asks."""
+    out = model(**inputs)
+    hidden = out.last_hidden_state
+    projected = getattr(out, "text_embeds", None)
+    if projected is None:
+        projected = getattr(out, "image_embeds", None)
+    emb = projected if projected is not None else pool(hidden, inputs.get("attention_mask"), spec.pooling)
+    if spec.normalize:
+        emb = F.normalize(emb, dim=-1)
+    return emb, hidden
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)

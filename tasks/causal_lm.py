@@ -1,0 +1,55 @@
+"""causal-lm: a decoder predicting the next token (Llama, Qwen2, Mistral; GGUF checkpoints too).
+
+Calibration samples random windows of the token stream and evaluation the first non-overlapping
+ones, as Wanda/GBLM do on C4/WikiText (docs/methods/weight-pruning.md §2); the loss is GBLM's
+next-token cross-entropy and the quality metric the perplexity ratio to the dense model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calibration.batches import Batches, first_windows, random_windows
+from calibration.sources import load_text
+from models.spec import ModelSpec
+
+from .base import HeldOut, TextTask
+from .metrics import Run, perplexity
+
+
+class CausalLM(TextTask):
+    name = "causal-lm"
+    input_names = ("input_ids",)
+    output_names = ("logits",)
+
+    def auto_class(self, model_type: str) -> type:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def calibration_batches(self, preprocessor, spec, field: str = "calibration",
+                            image_size: int | None = None) -> Batches:
+        return random_windows(preprocessor, load_text(spec, "calibration", field), spec, field)
+
+    def evaluation_batches(self, preprocessor, spec, batch_size: int, seq_len: int,
+                           image_size: int | None = None, field: str = "evaluation") -> Batches:
+        text = load_text(spec, "evaluation", field)
+        return first_windows(preprocessor, text, spec.num_samples, batch_size, seq_len, field)
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor]:
+        return (model(**inputs, use_cache=False).logits,)
+
+    def gradient_loss(self, model: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor],
+                      labels: torch.Tensor | None) -> torch.Tensor:
+        """Mean next-token cross-entropy of each window (GBLM's loss), summed over windows."""
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        target = inputs["input_ids"][:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        return ce.view(target.shape).mean(1).sum()
+
+    def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
+        d, c = perplexity(dense, held_out.batches), perplexity(compressed, held_out.batches)
+        return {"dense": {"perplexity": round(d, 4)}, "compressed": {"perplexity": round(c, 4)},
+                "comparison": {"perplexity_ratio": round(c / d, 4)}}

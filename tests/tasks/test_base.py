@@ -1,0 +1,62 @@
+"""The shared task behaviour: data modality checks, pooling and the embedding outputs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from calibration.spec import CalibrationSpec
+from core.errors import RecipeError
+from evaluation.spec import EvaluationSpec
+from models.spec import ModelSpec
+from tasks import TASKS
+from tasks.base import embedding_outputs, pool
+
+
+@pytest.mark.parametrize("task, source, needs", [
+    ("causal-lm", "images", "needs text: use source 'builtin', 'files' or 'datasets'"),
+    ("image-classification", "builtin", "needs images: set source 'images' with a folder path, or 'datasets'"),
+    ("image-feature-extraction", "files", "needs images"),
+])
+def test_source_of_the_wrong_modality_names_the_field(task, source, needs, tmp_path):
+    spec = CalibrationSpec(source=source, path=None if source == "builtin" else str(tmp_path))
+    with pytest.raises(RecipeError) as e:
+        TASKS[task].check_data(spec, "calibration")
+    assert e.value.field == "calibration.source" and needs in e.value.message and repr(task) in e.value.message
+
+
+def test_paths_are_checked_and_datasets_give_either(tmp_path, images_dir):
+    with pytest.raises(RecipeError, match="no such file or folder") as e:
+        TASKS["causal-lm"].check_data(EvaluationSpec(source="files", path=str(tmp_path / "x")), "evaluation")
+    assert e.value.field == "evaluation.path"
+    with pytest.raises(RecipeError, match="has no images"):
+        TASKS["image-classification"].check_data(CalibrationSpec(source="images", path=str(tmp_path)), "calibration")
+    TASKS["image-classification"].check_data(CalibrationSpec(source="images", path=str(images_dir)), "calibration")
+    for task in TASKS.values():
+        task.check_data(CalibrationSpec(source="datasets", dataset={"name": "text"}), "calibration")
+
+
+def test_pool_mean_ignores_padding_and_cls_takes_the_first_token():
+    hidden = torch.arange(24.0).view(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    torch.testing.assert_close(pool(hidden, mask, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
+    torch.testing.assert_close(pool(hidden, None, "mean"), hidden.mean(1))
+    torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
+
+
+def test_embedding_prefers_a_projection_and_normalizes_on_request():
+    hidden = torch.randn(2, 3, 4)
+    projected = torch.randn(2, 5)
+
+    def model(**kw):
+        return SimpleNamespace(last_hidden_state=hidden, image_embeds=projected)
+
+    spec = ModelSpec(source="x", task="image-feature-extraction")
+    emb, out_hidden = embedding_outputs(model, {"pixel_values": torch.zeros(2)}, spec)
+    torch.testing.assert_close(emb, projected / projected.norm(dim=-1, keepdim=True))
+    assert out_hidden is hidden
+    raw = embedding_outputs(lambda **kw: SimpleNamespace(last_hidden_state=hidden), {},
+                            spec.model_copy(update={"normalize": False, "pooling": "cls"}))[0]
+    torch.testing.assert_close(raw, hidden[:, 0])
