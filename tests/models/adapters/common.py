@@ -10,8 +10,8 @@ import torch
 
 from export import onnx as onnx_export
 from models.adapters import adapter_for, head_channels
-from models.loading import load_checkpoint
 from pipeline.runner import run
+from tasks import load_checkpoint
 
 from ...conftest import text_recipe, write_recipe
 

@@ -120,7 +120,7 @@ def test_phi3_flap_wanda_2_4_export_reload(phi3_dir, tmp_path):
 
     ids = torch.randint(0, 30000, (2, 16))  # a fresh process rebuilds the same model: no state leaks in
     np.save(tmp_path / "ids.npy", ids.numpy())
-    code = ("import numpy as np, torch; from models.loading import load_checkpoint; "
+    code = ("import numpy as np, torch; from tasks import load_checkpoint; "
             f"m, _ = load_checkpoint({str(out / 'checkpoint')!r}); "
             f"ids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r})); "
             f"np.save({str(tmp_path / 'fresh.npy')!r}, m(input_ids=ids, use_cache=False).logits.detach().numpy())")
