@@ -18,6 +18,8 @@ import os
 import platform
 import shlex
 import shutil
+import string
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +117,26 @@ def _write_golden(build_dir: Path, onnx_path: Path, feeds: list[dict[str, np.nda
         results.save(str(build_dir / GOLDEN_OUTPUTS))
 
 
+class _ScriptTemplate(string.Template):
+    """``@{name}`` placeholders only: the script itself is bash, full of ``$x`` and ``${x}``."""
+
+    delimiter = "@"
+    pattern = r"@(?:(?P<escaped>@)|\{(?P<braced>[a-z_][a-z0-9_]*)\}|(?P<named>(?!))|(?P<invalid>(?!)))"
+
+
 def build_script(spec: dict) -> str:
+    """export/templates/build_engine.sh with this spec's target, graph, flags and tolerances filled in."""
+    flags = " ".join(shlex.quote(f) for f in trtexec_flags(spec))
+    g = spec["golden"]
+    template = _ScriptTemplate(resources.files(__package__).joinpath("templates/build_engine.sh").read_text("utf-8"))
+    return template.substitute(
+        target=spec["target"], tensorrt=spec["tensorrt"], cc=spec["compute_capability"] or "any",
+        onnx=shlex.quote(spec["onnx"]["path"]), sha256=spec["onnx"]["sha256"], flags=flags,
+        inputs=shlex.quote(g["inputs"]), outputs=shlex.quote(g["outputs"]), atol=g["atol"], rtol=g["rtol"],
+        engine=ENGINE, timing=TIMING_CACHE)
+
+
+def _old_build_script(spec: dict) -> str:
     flags = " ".join(shlex.quote(f) for f in trtexec_flags(spec))
     g = spec["golden"]
     return _SCRIPT.format(
