@@ -5,7 +5,7 @@ MiniLM-L6 (all-MiniLM-L6-v2), every graph at [1, 128]: dense fp32, ONNX Runtime'
 does), and our static int8 Q/DQ (pipeline runs). Fidelity = cosine of the pooled embeddings to
 fp32 on held-out Pride and Prejudice paragraphs, and the Lee benchmark; latency alternates between
 all graphs in rounds, once with ONNX Runtime's default session and once with the two graph
-optimizers off that block its int8 Q/DQ fusions (see stages/quantize.py); and FLAP (UL-UM, 20%, the
+optimizers off that block its int8 Q/DQ fusions (see export/formats/int8.py); and FLAP (UL-UM, 20%, the
 default recipe's setting) followed by int8.
 
 SmolLM2-135M (GGUF Q4_1, dequantized), [1, 512] graphs in ONNX Runtime: perplexity on the first

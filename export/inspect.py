@@ -11,44 +11,42 @@ import ast
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+import onnx_ir as ir
+from onnx import shape_inference
+
+from .graph import constant
+
+SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
-    """An attribute's value, or ``default`` when the node does not set it."""
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def scope(node: onnx.NodeProto) -> str | None:
+def scope(node: ir.Node) -> str | None:
     """The torch module that emitted ``node``: the deepest scope of the module chain (the last
     entry of ``name_scopes`` is the aten op itself, e.g. "linear")."""
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            chain = None
-            for s in ast.literal_eval(p.value)[1:]:
-                if chain is None or s.startswith(chain + "."):
-                    chain = s
-            return chain
-    return None
+    scopes = node.metadata_props.get(SCOPES)
+    if scopes is None:
+        return None
+    chain = None
+    for s in ast.literal_eval(scopes)[1:]:
+        if chain is None or s.startswith(chain + "."):
+            chain = s
+    return chain
 
 
-def _weight(node: onnx.NodeProto, inits: dict, producers: dict) -> np.ndarray | None:
+def _weight(node: ir.Node) -> np.ndarray | None:
     """A MatMul/Gemm weight as stored: an initializer, or a DequantizeLinear of one (dequantized
     here, so zeros read as zeros and values as the graph computes them)."""
-    name = node.input[1]
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    dq = producers.get(name)
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+    b = node.inputs[1]
+    if b is None:
         return None
-    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
-    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else 0.0
-    attrs = {a.name: a.i for a in dq.attribute}
-    axis, block = attrs.get("axis", 1) % q.ndim, attrs.get("block_size", 0)
+    if b.const_value is not None:
+        return b.const_value.numpy()
+    dq = b.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
+        return None
+    q = dq.inputs[0].const_value.numpy().astype(np.float32)
+    scale = constant(dq.inputs[1]).astype(np.float32)
+    zp = constant(dq.inputs[2]).astype(np.float32) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0.0
+    axis, block = dq.attributes.get_int("axis", 1) % q.ndim, dq.attributes.get_int("block_size", 0)
     if scale.size > 1:
         if block:  # blocked: scale has ceil(dim / block) entries along axis
             scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
@@ -61,31 +59,29 @@ def _weight(node: onnx.NodeProto, inits: dict, producers: dict) -> np.ndarray | 
     return (q - zp) * scale
 
 
-def matmul_weights(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, np.ndarray]]:
+def matmul_weights(model: onnx.ModelProto) -> list[tuple[ir.Node, np.ndarray]]:
     """Every MatMul/Gemm whose B is a constant 2-D weight (maybe behind a DequantizeLinear), with
     that weight as [K, N] (input dimension first), dequantized."""
-    inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
     out = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+    for node in ir.from_proto(model).graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
-        w = _weight(node, inits, producers)
+        w = _weight(node)
         if w is None or w.ndim != 2:
             continue
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute):
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1:
             w = w.T
         out.append((node, w))
     return out
 
 
-def torch_scope(node: onnx.NodeProto, strip_prefix: str = "model.") -> str | None:
+def torch_scope(node: ir.Node, strip_prefix: str = "model.") -> str | None:
     """The torch module name of ``node`` as the model's ``named_modules`` spells it."""
     name = scope(node)
     return name.removeprefix(strip_prefix) if name else None
 
 
-def linear_nodes(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, onnx.NodeProto]:
+def linear_nodes(model: onnx.ModelProto, strip_prefix: str = "model.") -> dict[str, ir.Node]:
     """torch Linear name -> the MatMul/Gemm node that computes it (its weight a constant, maybe quantized)."""
     return {s: node for node, _ in matmul_weights(model) if (s := torch_scope(node, strip_prefix))}
 

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+import onnx_ir as ir
+from onnx import shape_inference
 
 from . import inspect as onnx_inspect
 from . import qdq
+from .graph import constant, constant_type
 from .trt_targets import TARGETS, TOPK_MAX_K, Target
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -78,7 +80,7 @@ def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
     t = TARGETS[target] if isinstance(target, str) else target
     graph = _Graph(model)
     r = Readiness(t)
-    for finding in (*static_shape_findings(graph.inferred), *operator_findings(model, t, graph),
+    for finding in (*static_shape_findings(graph.ir), *operator_findings(model, t, graph),
                     *qdq_findings(model, t.quantized_types), *type_findings(graph, t)):
         (r.warnings if finding.check == "warning" else r.errors).append(finding)
     r.weights = weight_summary(model)
@@ -90,49 +92,24 @@ def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
 
 
 class _Graph:
-    """Lookups the checks share: producers, consumers, constants, inferred types and shapes."""
+    """The shape-inferred graph in onnx_ir, which the checks share: its values know their producer,
+    uses, element type and (for initializers and Constant outputs) their value; ``nodes`` includes
+    the nodes of subgraphs (If/Loop/Scan bodies)."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.inferred = _infer(model)
-        g = model.graph
-        self.nodes = list(_all_nodes(g))
-        self.producer = {o: n for n in self.nodes for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.nodes:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.initializers = {i.name: i for i in g.initializer}
-        constant_nodes = {n.output[0]: n for n in self.nodes if n.op_type == "Constant"}
-        self.constants = set(self.initializers) | set(constant_nodes)
-        self._constant_nodes = constant_nodes
-        self.types = {v.name: v.type.tensor_type.elem_type
-                      for v in [*self.inferred.graph.input, *self.inferred.graph.output,
-                                *self.inferred.graph.value_info]}
-        self.types.update({i.name: i.data_type for i in g.initializer})
-        self.types.update({name: n.attribute[0].t.data_type for name, n in constant_nodes.items()
-                           if n.attribute and n.attribute[0].name == "value"})
-
-    def value(self, name: str) -> np.ndarray | None:
-        """The value of a constant input, or None when it is computed at run time."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self._constant_nodes.get(name)
-        if node is not None and node.attribute and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
-
-    def type_name(self, name: str) -> str | None:
-        t = self.types.get(name)
-        return onnx.TensorProto.DataType.Name(t) if t else None
+        self.ir = ir.from_proto(_infer(model))
+        self.nodes = list(ir.traversal.RecursiveGraphIterator(self.ir.graph))
 
 
-def _all_nodes(graph: onnx.GraphProto):
-    """Nodes of the graph and of every subgraph (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_nodes(sub)
+def _is_constant(value: ir.Value) -> bool:
+    """An initializer or a Constant node's output: what TensorRT takes as a build-time constant."""
+    producer = value.producer()
+    return value.is_initializer() or (producer is not None and producer.op_type == "Constant")
+
+
+def _type_name(value: ir.Value) -> str | None:
+    t = value.dtype if value.dtype is not None else constant_type(value)
+    return onnx.TensorProto.DataType.Name(t) if t else None
 
 
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -150,37 +127,38 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return shape_inference.infer_shapes(light, data_prop=True)
 
 
-def _label(node: onnx.NodeProto) -> str:
-    return f"{node.op_type} '{node.name or node.output[0]}'"
+def _label(node: ir.Node) -> str:
+    return f"{node.op_type} '{node.name or node.outputs[0].name}'"
 
 
-def static_shape_findings(inferred: onnx.ModelProto) -> list[Finding]:
+def _dynamic_dim(value: ir.Value) -> tuple[int, str] | None:
+    """The first dimension of ``value`` that is not a fixed positive number, and what it is instead."""
+    for i, d in enumerate(value.shape):
+        if isinstance(d, int) and d > 0:
+            continue
+        return i, (d.value if isinstance(d, ir.SymbolicDim) else None) or "unknown"
+    return None
+
+
+def static_shape_findings(model: ir.Model) -> list[Finding]:
     """Every dimension fixed: graph inputs/outputs and every intermediate tensor after inference."""
-    g = inferred.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    g = model.graph
+    tensors = [v for node in g for v in node.outputs]
     out, seen = [], set()
-    for kind, values in (("input", g.input), ("output", g.output), ("tensor", g.value_info)):
+    for kind, values in (("input", g.inputs), ("output", g.outputs), ("tensor", tensors)):
         for v in values:
-            if v.name in seen or not v.type.HasField("tensor_type"):
+            if v.name in seen or not isinstance(v.type, ir.TensorType) or v.shape is None:
                 continue
             seen.add(v.name)
-            t = v.type.tensor_type
-            if not t.HasField("shape"):
+            dynamic = _dynamic_dim(v)
+            if dynamic is None:
                 continue
-            for i, d in enumerate(t.shape.dim):
-                if d.HasField("dim_value") and d.dim_value > 0:
-                    continue
-                what = f"dimension {i} of {kind} '{v.name}' is {d.dim_param or 'unknown'} (dynamic)"
-                if v.name in producer:
-                    where = _label(producer[v.name])
-                else:
-                    where = ", ".join(_label(n) for n in consumers.get(v.name, [])[:2]) or f"{kind} '{v.name}'"
-                out.append(Finding("static-shapes", where, what + "; export with fixed shapes"))
-                break
+            what = f"dimension {dynamic[0]} of {kind} '{v.name}' is {dynamic[1]} (dynamic)"
+            if v.producer() is not None:
+                where = _label(v.producer())
+            else:
+                where = ", ".join(_label(u.node) for u in v.uses()[:2]) or f"{kind} '{v.name}'"
+            out.append(Finding("static-shapes", where, what + "; export with fixed shapes"))
     return out
 
 
@@ -205,49 +183,54 @@ def operator_findings(model: onnx.ModelProto, t: Target, graph: _Graph | None = 
                                                    "ONNX parser"))
             continue
         for idx, name in constant_inputs.get(node.op_type, []):
-            if len(node.input) > idx and node.input[idx] and node.input[idx] not in graph.constants:
+            value = node.inputs[idx] if len(node.inputs) > idx else None
+            if value is not None and not _is_constant(value):
                 out.append(Finding("operators", where, f"input '{name}' must be a build-time constant "
                                                        "(initializer or Constant) for TensorRT"))
-        out += [Finding("operators", where, m) for m in _attribute_limits(node, graph, t)]
+        out += [Finding("operators", where, m) for m in _attribute_limits(node, t)]
     return out
 
 
-def _attribute_limits(node: onnx.NodeProto, graph: _Graph, t: Target) -> list[str]:
+def _first(value: np.ndarray) -> int:
+    return int(np.asarray(value).reshape(-1)[0])
+
+
+def _attribute_limits(node: ir.Node, t: Target) -> list[str]:
     """Per-operator restrictions from the support tables that a static check can see."""
-    op = node.op_type
+    op, a = node.op_type, node.attributes
     if op == "TopK":
-        out = [] if onnx_inspect.attr(node, "sorted", 1) == 1 else ["TopK 'sorted' must be 1"]
-        k = graph.value(node.input[1]) if len(node.input) > 1 else None
-        if k is not None and int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
-            out.append(f"TopK K={int(np.asarray(k).reshape(-1)[0])} must be less than {TOPK_MAX_K}")
+        out = [] if a.get_int("sorted", 1) == 1 else ["TopK 'sorted' must be 1"]
+        k = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if k is not None and _first(k) >= TOPK_MAX_K:
+            out.append(f"TopK K={_first(k)} must be less than {TOPK_MAX_K}")
         return out
-    if op == "LayerNormalization" and any(node.output[1:]):
+    if op == "LayerNormalization" and any(v.name for v in node.outputs[1:]):
         return ["only LayerNormalization's first output Y is supported"]
-    if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
+    if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].name:
         return ["MaxPool 'Indices' output is unsupported"]
-    if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in onnx_inspect.attr(node, "dilations", []) or []):
+    if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in a.get_ints("dilations", [])):
         return [f"{op} 'dilations' must be empty or all ones"]
-    if op == "Dropout" and len(node.input) > 2 and node.input[2]:
-        training = graph.value(node.input[2])
+    if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        training = constant(node.inputs[2])
         if training is None or bool(np.asarray(training).reshape(-1)[0]):
             return ["Dropout 'training_mode' must be a constant False"]
-    if op == "ScatterND" and onnx_inspect.attr(node, "reduction", b"none") != b"none":
+    if op == "ScatterND" and a.get_string("reduction", "none") != "none":
         return ["ScatterND 'reduction' other than none is unsupported"]
-    if op == "Einsum" and t.major_minor < (10, 12) and b"..." in onnx_inspect.attr(node, "equation", b""):
+    if op == "Einsum" and t.major_minor < (10, 12) and "..." in a.get_string("equation", ""):
         return ["Einsum ellipsis is unsupported before TensorRT 10.12"]
-    if op == "Constant" and any(a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute):
+    if op == "Constant" and any(name in ("sparse_value", "value_string", "value_strings") for name in a):
         return ["Constant 'sparse_value' and string values are unsupported"]
     if op == "Resize":
         out = []
-        if onnx_inspect.attr(node, "mode", b"nearest").decode() not in ("nearest", "linear"):
+        if a.get_string("mode", "nearest") not in ("nearest", "linear"):
             out.append("Resize mode must be nearest or linear")
-        ctm = onnx_inspect.attr(node, "coordinate_transformation_mode", b"half_pixel").decode()
+        ctm = a.get_string("coordinate_transformation_mode", "half_pixel")
         if ctm not in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"):
             out.append(f"Resize coordinate_transformation_mode '{ctm}' is unsupported")
-        if onnx_inspect.attr(node, "antialias", 0):
+        if a.get_int("antialias", 0):
             out.append("Resize antialiasing is unsupported")
         return out
-    if op == "LSTM" and (onnx_inspect.attr(node, "input_forget", 0) or onnx_inspect.attr(node, "layout", 0)):
+    if op == "LSTM" and (a.get_int("input_forget", 0) or a.get_int("layout", 0)):
         return ["LSTM 'input_forget' and 'layout' must be 0"]
     return []
 
@@ -262,8 +245,8 @@ def type_findings(graph: _Graph, t: Target) -> list[Finding]:
         refused.add("BFLOAT16")
     seen = set()
     for node in graph.nodes:
-        for name in node.output:
-            kind = graph.type_name(name)
+        for value in node.outputs:
+            kind = _type_name(value)
             if kind in refused:
                 out.append(Finding("weights", _label(node), f"{kind} tensors are unsupported by TensorRT {t.tensorrt}"))
             elif kind in narrowed and kind not in seen:
@@ -317,6 +300,6 @@ def sparsity_layers(model: onnx.ModelProto) -> list[dict]:
     for node, w in onnx_inspect.matmul_weights(model):
         k = w.shape[0]
         dense = k % 4 != 0 or onnx_inspect.nm_violations(w, 2, 4) > 0
-        out.append({"node": node.name or node.output[0], "module": onnx_inspect.torch_scope(node),
+        out.append({"node": node.name or node.outputs[0].name, "module": onnx_inspect.torch_scope(node),
                     "shape_kn": list(w.shape), "zeros": round(float((w == 0).mean()), 4), "2:4": not dense})
     return out

@@ -12,23 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
-from export import onnx as onnx_export
 from core.errors import StageFailed
+from export import onnx as onnx_export
 
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    return consts | {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                     if n.op_type == "Constant" and n.attribute[0].name == "value"}
+from .graph import constant
 
 
 def topk_constants(model: onnx.ModelProto) -> list[int | None]:
     """The K of every TopK node, in graph order; None where K is computed at run time."""
-    consts = _constants(model)
-    return [int(consts[n.input[1]].reshape(-1)[0]) if n.input[1] in consts else None
-            for n in model.graph.node if n.op_type == "TopK"]
+    ks = [constant(n.inputs[1]) for n in ir.from_proto(model).graph if n.op_type == "TopK"]
+    return [None if k is None else int(k.reshape(-1)[0]) for k in ks]
 
 
 def check_export(tokens, model: onnx.ModelProto, path: Path, module, inputs: list[tuple], opset: int,

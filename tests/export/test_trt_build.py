@@ -58,6 +58,42 @@ def test_engine_key():
     assert trt_build.engine_key("11.4.0.106", "12.0") == "trt11.4.0.106-sm120"
 
 
+def _spec(**over) -> dict:
+    spec = {"target": "jetson-orin-jp6", "tensorrt": "10.3.0", "compute_capability": "8.7", "strongly_typed": True,
+            "precision_flags": [], "sparsity": True, "workspace_mib": 512, "builder_optimization_level": 4,
+            "onnx": {"path": "../my model.onnx", "sha256": "ab" * 32},
+            "golden": {"inputs": "golden/inputs.json", "outputs": "golden/onnxrt_outputs.json", "atol": 0.001,
+                       "rtol": 0.05}}
+    return {**spec, **over}
+
+
+@pytest.mark.parametrize("over, flags, cc", [
+    ({}, "--stronglyTyped --sparsity=enable --memPoolSize=workspace:512 --builderOptimizationLevel=4 --skipInference",
+     "8.7"),
+    ({"tensorrt": "8.5.2", "strongly_typed": False, "precision_flags": ["--fp16", "--int8"], "sparsity": False,
+      "compute_capability": None},
+     "--fp16 --int8 --memPoolSize=workspace:512 --skipInference", "any"),
+])
+def test_build_script_renders_the_spec(tmp_path, over, flags, cc):
+    spec = _spec(**over)
+    script = trt_build.build_script(spec)
+    lines = script.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash" and "@{" not in script
+    assert f"# from build_spec.json; target jetson-orin-jp6, TensorRT {spec['tensorrt']}, compute capability {cc})." \
+        in lines
+    assert {"ONNX='../my model.onnx'", f"ONNX_SHA256={'ab' * 32}", f"FLAGS=({flags})"} <= set(lines)
+    assert f'case "$trt" in {spec["tensorrt"]}*) ;; *) echo "warning: build_spec.json targets TensorRT ' \
+           f'{spec["tensorrt"]}, this is $trt" >&2;; esac' in lines
+    assert f'[ "{cc}" = any ] || [ "$cc" = "{cc}" ] || echo "warning: build_spec.json targets compute capability ' \
+           f'{cc}, this is $cc" >&2' in lines
+    assert '"$TRTEXEC" --onnx="$ONNX" "${FLAGS[@]}" --saveEngine="$stage/model.plan" ' \
+           '--timingCacheFile="$stage/timing.cache" \\' in lines
+    assert "    --load-outputs golden/onnxrt_outputs.json --atol 0.001 --rtol 0.05 \\" in lines
+    path = tmp_path / "build_engine.sh"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+
+
 def test_build_spec_in_the_run_folder(deploy_run):
     spec = json.loads((deploy_run / "build" / "build_spec.json").read_text())
     m = json.loads((deploy_run / "manifest.json").read_text())

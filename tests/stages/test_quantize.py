@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from export import inspect as onnx_inspect
-from export import qdq
 from core.errors import RecipeError
 from core.files import sha256_path
+from export import inspect as onnx_inspect
+from export import qdq
 from pipeline.recipe import parse_recipe
 from pipeline.runner import plan, run
 
@@ -81,9 +81,9 @@ def test_int8_keeps_2_of_4_zeros(bert_int8):
     for name, w in weights.items():
         assert onnx_inspect.nm_violations(w, 2, 4) == 0 and (w == 0).mean() >= 0.5, name
     node = onnx_inspect.linear_nodes(model)["encoder.layer.0.attention.self.query"]
-    dq = next(n for n in model.graph.node if n.output[0] == node.input[1])
-    q = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq.input[0]))
-    assert dq.input[0] in inits and q.dtype == np.int8 and (q == 0).mean() >= 0.5
+    dq = node.inputs[1].producer()
+    q = dq.inputs[0].const_value.numpy()
+    assert dq.inputs[0].name in inits and q.dtype == np.int8 and (q == 0).mean() >= 0.5
 
 
 def test_smoothquant_int8_fp16_on_llama(llama_dir, tmp_path):
@@ -133,10 +133,16 @@ def test_smoothquant_int8_on_vision_towers(vit_dir, clip_dir, images_dir, tmp_pa
     ([{"type": "calibrate"}, {"type": "export"}, {"type": "quantize", "format": "fp16"},
       {"type": "quantize", "format": "int4"}], "stages[3]", "keep one 'quantize' stage"),
     ([{"type": "export"}, {"type": "quantize", "format": "int8"}], "stages[1]", "needs calibration data"),
-    ([{"type": "export"}, {"type": "quantize", "format": "fp16", "group_size": 64}], "stages[1]",
-     "only apply to format 'int4'"),
-    ([{"type": "export"}, {"type": "quantize", "format": "fp16", "ignore": ["x"]}], "stages[1]",
-     "converts the whole graph"),
+    ([{"type": "export"}, {"type": "quantize", "format": "fp16", "group_size": 64}], "stages[1].group_size",
+     "unknown key; allowed keys: "),
+    ([{"type": "export"}, {"type": "quantize", "format": "fp16", "ignore": ["x"]}], "stages[1].ignore",
+     "unknown key; allowed keys: "),
+    ([{"type": "export"}, {"type": "quantize", "format": "int4", "float16": True}], "stages[1].float16",
+     "unknown key; allowed keys: "),
+    ([{"type": "export"}, {"type": "quantize", "format": "int8", "percentile": 99.0}], "stages[1]",
+     "percentile only applies to calibrate_method 'percentile'"),
+    ([{"type": "export"}, {"type": "quantize", "format": "int2"}], "stages[1].format",
+     "'int2' is not allowed; allowed: fp16, int4, int8"),
     ([{"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 8}], "stages[1].group_size",
      "greater than or equal to 16"),
     ([{"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 128}], "stages[1].group_size",
@@ -156,3 +162,11 @@ def test_smoothquant_refuses_post_norm_bert(bert_dir):
     with pytest.raises(RecipeError) as e:
         plan(parse_recipe(text_recipe(bert_dir, "feature-extraction", [{"type": "calibrate"}, {"type": "smoothquant"}])))
     assert e.value.field == "stages[1].type" and "post-norm" in e.value.message
+
+
+def test_a_stray_field_lists_the_formats_own_keys(llama_dir):
+    stages = [{"type": "export"}, {"type": "quantize", "format": "fp16", "group_size": 64}]
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text_recipe(llama_dir, "causal-lm", stages))
+    allowed = set(e.value.message.removeprefix("unknown key; allowed keys: ").split(", "))
+    assert allowed == {"type", "name", "format", "rtol"}
