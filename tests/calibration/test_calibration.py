@@ -13,7 +13,7 @@ from models.adapters import adapter_for
 from calibration.spec import CalibrationSpec
 from models.spec import ModelSpec
 from models.tasks import gradient_loss
-from stages.prune_weights import PruneWeightsArgs, Wanda
+from methods.weights.wanda import Wanda
 
 
 def _load(folder, task):
@@ -73,8 +73,7 @@ def test_sequential_engine_matches_reference(llama_dir, batch_size):
     adapter = adapter_for("llama", "causal-lm")
     spec = CalibrationSpec(num_samples=6, seq_len=12, batch_size=batch_size)
     batches = calibration_batches("causal-lm", tok, spec)
-    args = PruneWeightsArgs(type="prune_weights", method="wanda", sparsity=0.5)
-    method = Wanda(args, None)
+    method = Wanda(Wanda.Args(method="wanda", sparsity=0.5))
 
     def prune(block, stats):
         for name in stats:
