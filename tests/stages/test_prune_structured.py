@@ -159,6 +159,8 @@ def test_structured_recipe_errors(bert_dir, change, field, words):
     with pytest.raises(RecipeError) as e:
         plan(parse_recipe(recipe))
     assert e.value.field == field and words in e.value.message, str(e.value)
+    if field.endswith(".method"):
+        assert sorted(e.value.message.split("allowed: ")[1].split(", ")) == ["flap", "magnitude-sp", "wanda-sp"]
 
 
 def test_flap_needs_a_fresh_calibration(bert_dir):

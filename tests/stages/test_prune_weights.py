@@ -54,6 +54,8 @@ def test_recipe_errors_name_the_field(bert_dir, kw, field, words):
     with pytest.raises(RecipeError) as e:
         parse_recipe(recipe)
     assert e.value.field == field and words in e.value.message, str(e.value)
+    if field.endswith(".method"):
+        assert sorted(e.value.message.split("allowed: ")[1].split(", ")) == ["gblm", "magnitude", "wanda"]
 
 
 def _key(gradients_key: str, **kw) -> str:
