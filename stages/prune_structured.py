@@ -73,7 +73,7 @@ class PruneStructured(Stage):
 
     @torch.no_grad()
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
-        args, score = self.args, SCORES[self.args.method](self.args)
+        score = SCORES[self.args.method](self.args)
         t0 = time.perf_counter()
         blocks = self._blocks(ctx.model, ctx.adapter, "stages")
         before = self._prunable(ctx.model, blocks)

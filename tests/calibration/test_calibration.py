@@ -9,11 +9,11 @@ from calibration.batches import Batch, Batches, calibration_batches
 from calibration.cache import StatsCache, cache_key, state_digest
 from calibration.collectors import GradientHooks, InputStats, Stats
 from calibration.layerwise import LayerwiseEngine
+from methods.weights.wanda import Wanda
 from models.adapters import adapter_for
 from calibration.spec import CalibrationSpec
 from models.spec import ModelSpec
 from models.tasks import gradient_loss
-from methods.weights.wanda import Wanda
 
 
 def _load(folder, task):

@@ -15,11 +15,11 @@ import torch
 from calibration.batches import calibration_batches
 from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
+from calibration.spec import CalibrationSpec
+from core.errors import RecipeError, StageFailed
 from export import onnx as onnx_export
 from models.adapters import adapter_for, head_channels
-from core.errors import RecipeError, StageFailed
 from models.loading import load_checkpoint
-from calibration.spec import CalibrationSpec
 from pipeline.recipe import _validate, parse_recipe
 from pipeline.runner import plan, run
 from stages.prune_structured import PruneStructured

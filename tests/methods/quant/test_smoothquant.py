@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters import adapter_for
 from methods.quant.smoothquant import CLAMP, fold, outlier_ratio, smoothing_scales
+from models.adapters import adapter_for
 
 
 def test_scales_match_hand_computation():
