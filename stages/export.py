@@ -12,8 +12,7 @@ from export import onnx as onnx_export
 from export import token_graph
 from export.gate import gate
 
-from .base import (Stage, StageArgs, StageResult, Table, export_inputs, parity_table, tensorrt_headline,
-                   tensorrt_table)
+from .base import Stage, StageArgs, StageResult, Table, export_inputs, parity_table, tensorrt_headline, tensorrt_table
 from .context import OnnxArtifact, RunContext
 
 

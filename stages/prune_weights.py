@@ -1,173 +1,53 @@
-"""Weight pruning: magnitude, Wanda and GBLM scores; unstructured or N:M masks.
+"""Weight pruning: a criterion of methods/weights scores every weight; unstructured or N:M masks.
 
-Faithful to docs/methods/weight-pruning.md §3-§6 (propagation §2.2, N:M §6.1):
-- magnitude: |W|, one threshold per whole matrix (unstructured) or per M-group (N:M);
-- wanda: |W_ij| * sqrt(s_j), s_j = ||X_j||^2 / N, compared within each output row;
-- gblm: |W_ij| * sqrt(s_j) + |W_ij| * G_ij with G = scale * ||g_ij||_p over calibration samples
-  (gradients of the model as calibrated, i.e. dense; activations sequential, as the paper does).
-
-"N:M" follows NVIDIA's convention: at most N non-zeros in every M consecutive weights along the
-input dimension (2:4 = 50%, what Ampere/Orin sparse tensor cores run).
+The criterion declares what its score reads (activation statistics, gradients) and which of its
+arguments the sequential statistics depend on; this stage turns that into calibration needs and a
+cache key, collects the statistics (sequentially, as Wanda's protocol, or from the calibrate stage
+with dense propagation; docs/methods/weight-pruning.md §2.2) and zeroes the masked weights.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from calibration.cache import cache_key, state_digest
 from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
 from core.errors import RecipeError
-from export.gate import LayerSparsity
+from core.registry import stage_args
 from core.targets import select
+from export.gate import LayerSparsity
+from methods.weights import CRITERIA, Criterion
 from tasks import TASKS
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
 
-_PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
-
-class PruneWeightsArgs(StageArgs):
+class PruneWeightsBase(StageArgs):
     type: Literal["prune_weights"]
-    method: Literal["magnitude", "wanda", "gblm"]
-    sparsity: float | None = Field(default=None, gt=0, lt=1)
-    pattern: str = "unstructured"
-    targets: list[str] = ["re:.*"]
-    ignore: list[str] = []
-    propagation: Literal["sequential", "dense"] = "sequential"
-    gradient_norm: Literal["l2", "l1"] | None = None
-    gradient_scale: float | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _check(self):
-        m = _PATTERN.match(self.pattern)
-        if not m:
-            raise ValueError(f"pattern {self.pattern!r} is not allowed: use 'unstructured' or 'N:M' such as '2:4'")
-        if m.group(2):
-            n, mm = int(m.group(2)), int(m.group(3))
-            if not 0 < n < mm:
-                raise ValueError(f"pattern {self.pattern!r}: N:M keeps N of every M weights, so 0 < N < M is required")
-            if self.sparsity is not None and abs(self.sparsity - (1 - n / mm)) > 1e-9:
-                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} "
-                                 f"(which means sparsity {1 - n / mm:g}); drop 'sparsity'")
-        elif self.sparsity is None:
-            raise ValueError("unstructured pruning needs 'sparsity' (the fraction removed, 0 < s < 1)")
-        if self.method != "gblm" and (self.gradient_norm or self.gradient_scale):
-            raise ValueError("gradient_norm and gradient_scale only apply to method 'gblm'")
-        return self
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        m = _PATTERN.match(self.pattern)
-        return (int(m.group(2)), int(m.group(3))) if m.group(2) else None
-
-    @property
-    def target_sparsity(self) -> float:
-        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
-
-
-# ---------------------------------------------------------------------------------------------
-# Masks: which entries to zero, given a score (low score = pruned). Stable sorts, so ties break
-# by position exactly as the reference implementations do.
-
-
-def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the floor(C_in * s) lowest scores of every output row (Wanda's comparison group)."""
-    k = int(score.shape[1] * sparsity)
-    idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
-
-
-def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the floor(numel * s) lowest scores of the whole matrix (the magnitude baseline)."""
-    k = int(score.numel() * sparsity)
-    idx = torch.sort(score.flatten(), stable=True).indices[:k]
-    return torch.zeros(score.numel(), dtype=torch.bool).scatter_(0, idx, True).view_as(score)
-
-
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """In every group of M consecutive input columns of each row, prune the M - N lowest scores."""
-    rows, cols = score.shape
-    groups = score.reshape(rows, cols // m, m)
-    idx = torch.sort(groups, dim=2, stable=True).indices[..., : m - n]
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True).reshape(rows, cols)
-
-
-# ---------------------------------------------------------------------------------------------
-# Methods: one class each, a score from the weight and the statistics.
-
-
-class Method(ABC):
-    needs_activations: ClassVar[bool] = True
-    matrix_group: ClassVar[bool] = False  # unstructured comparison over the whole matrix
-
-    def __init__(self, args: PruneWeightsArgs, gradients: dict | None):
-        self.args, self.gradients = args, gradients
-
-    @abstractmethod
-    def score(self, name: str, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
-        """Importance of every weight (same shape as ``weight``); the lowest are pruned."""
-
-    def mask(self, name: str, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
-        score = self.score(name, weight.float(), stats)
-        if self.args.nm:
-            return nm_mask(score, *self.args.nm)
-        return (matrix_mask if self.matrix_group else row_mask)(score, self.args.sparsity)
-
-
-class Magnitude(Method):
-    needs_activations = False
-    matrix_group = True
-
-    def score(self, name, weight, stats):
-        return weight.abs()
-
-
-class Wanda(Method):
-    def score(self, name, weight, stats):
-        return weight.abs() * stats.sq_norm.sqrt().unsqueeze(0)
-
-
-class GBLM(Wanda):
-    def score(self, name, weight, stats):
-        g = self.gradients[name]
-        scale = self.args.gradient_scale or 100.0
-        if (self.args.gradient_norm or "l2") == "l2":
-            grad = scale * g["grad_sum_sq"].sqrt()
-        else:
-            grad = scale * g["grad_sum_abs"]
-        return super().score(name, weight, stats) + weight.abs() * grad
-
-
-METHODS: dict[str, type[Method]] = {"magnitude": Magnitude, "wanda": Wanda, "gblm": GBLM}
 
 
 class PruneWeights(Stage):
     type = "prune_weights"
-    Args = PruneWeightsArgs
+    Args = stage_args(CRITERIA, PruneWeightsBase)
     changes_model = True
 
     @classmethod
     def needs_calibration(cls, args):
-        if args.method == "gblm" or (args.method == "wanda" and args.propagation == "dense"):
+        criterion = CRITERIA[args.method]
+        if criterion.dense_statistics(args):
             return "dense-statistics"
-        return "data" if args.method == "wanda" else False
+        return "data" if criterion.activations else False
 
     @classmethod
     def statistics(cls, args):
-        kinds = {"gradients"} if args.method == "gblm" else set()
-        if args.method != "magnitude" and args.propagation == "dense":
-            kinds.add("sq_norm")
-        return kinds
+        return CRITERIA[args.method].dense_statistics(args)
 
     @classmethod
     def describe(cls, args):
@@ -175,7 +55,7 @@ class PruneWeights(Stage):
 
     def validate(self, recipe, model, adapter, field):
         chosen = self._targets(model, adapter, field)
-        if self.args.method == "gblm":
+        if CRITERIA[self.args.method].needs_gradients:
             TASKS[recipe.model.task].check_gradients(f"{field}.method")
         if self.args.nm:
             m = self.args.nm[1]
@@ -191,34 +71,30 @@ class PruneWeights(Stage):
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         args = self.args
         chosen = self._targets(ctx.model, ctx.adapter, "stages")
-        method = METHODS[args.method](args, ctx.statistics.gradients)
+        criterion = CRITERIA[args.method](args, ctx.statistics.gradients)
         t0 = time.perf_counter()
-        info: dict = {"statistics": "none (magnitude)"}
 
         def prune(names, stats: dict | None):
             for name in names:
                 module = ctx.model.get_submodule(name)
                 with torch.no_grad():
-                    mask = method.mask(name, module.weight.data, Stats(stats[name]) if stats else None)
+                    mask = criterion.mask(name, module.weight.data, Stats(stats[name]) if stats else None)
                     module.weight.data[mask] = 0
 
-        if not method.needs_activations:
+        if not criterion.activations:
+            info: dict = {"statistics": f"none ({args.method})"}
             prune(chosen, None)
         elif args.propagation == "dense":
             info = {"statistics": "dense, from the calibrate stage"}
             prune(chosen, ctx.statistics.dense)
         else:
-            info = self._sequential(ctx, chosen, prune)
+            info = self._sequential(ctx, chosen, criterion, prune)
         seconds = time.perf_counter() - t0
         return self._report(ctx, chosen, seconds, info)
 
-    def _sequential(self, ctx: RunContext, chosen: dict[str, nn.Module], prune) -> dict:
+    def _sequential(self, ctx: RunContext, chosen: dict[str, nn.Module], criterion: Criterion, prune) -> dict:
         """Wanda's protocol: statistics of block l see blocks < l already pruned; cached on disk."""
-        args, spec = self.args, ctx.recipe.calibration
-        key = cache_key(kind="sequential", model=state_digest(ctx.model), data=ctx.calibration.sha256,
-                        dtype=spec.dtype, method=args.method, pattern=args.pattern, sparsity=args.target_sparsity,
-                        targets=sorted(chosen), gradients=ctx.statistics.gradients_key if args.method == "gblm" else None,
-                        gradient_norm=args.gradient_norm, gradient_scale=args.gradient_scale)
+        key = self._sequential_key(ctx, chosen, criterion)
         cached = ctx.cache.load(key)
         if cached is not None:
             prune(chosen, cached)
@@ -228,10 +104,21 @@ class PruneWeights(Stage):
             hit = {n: chosen[n] for n in block.linears if n in chosen}
             if hit:
                 by_block[block.index] = hit
+        spec = ctx.recipe.calibration
         engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events)
-        stats = engine.run(by_block, {"sq_norm"}, "sequential", on_block=lambda block, s: prune(s, s))
+        stats = engine.run(by_block, set(criterion.activations), "sequential", on_block=lambda block, s: prune(s, s))
         ctx.cache.save(key, stats)
         return {"statistics": "sequential", "cache": "miss", "compute_dtype": spec.dtype}
+
+    def _sequential_key(self, ctx: RunContext, chosen: dict[str, nn.Module], criterion: Criterion) -> str:
+        """Everything the sequential statistics depend on: the dense model and data, and every
+        setting of the pruning that shaped upstream activations, the criterion's own ones included."""
+        args = self.args
+        return cache_key(kind="sequential", model=state_digest(ctx.model), data=ctx.calibration.sha256,
+                         dtype=ctx.recipe.calibration.dtype, method=args.method, pattern=args.pattern,
+                         sparsity=args.target_sparsity, targets=sorted(chosen),
+                         gradients=ctx.statistics.gradients_key if criterion.needs_gradients else None,
+                         criterion=criterion.cache_fields())
 
     def _report(self, ctx: RunContext, chosen: dict[str, nn.Module], seconds: float, info: dict) -> StageResult:
         rows, zeros, total = [], 0, 0

@@ -32,16 +32,7 @@ from export.graph import opset
 from export.inspect import linear_nodes
 from export.trt_targets import TARGETS
 
-from .base import (
-    Stage,
-    StageArgs,
-    StageResult,
-    Table,
-    export_inputs,
-    parity_table,
-    tensorrt_headline,
-    tensorrt_table,
-)
+from .base import Stage, StageArgs, StageResult, Table, export_inputs, parity_table, tensorrt_headline, tensorrt_table
 from .context import OnnxArtifact, RunContext
 
 

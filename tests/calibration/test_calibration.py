@@ -9,10 +9,10 @@ from calibration.batches import Batch, Batches
 from calibration.cache import StatsCache, cache_key, state_digest
 from calibration.collectors import GradientHooks, InputStats, Stats
 from calibration.layerwise import LayerwiseEngine
-from models.adapters import adapter_for
 from calibration.spec import CalibrationSpec
+from methods.weights.wanda import Wanda
+from models.adapters import adapter_for
 from models.spec import ModelSpec
-from stages.prune_weights import PruneWeightsArgs, Wanda
 from tasks import TASKS
 
 
@@ -73,8 +73,7 @@ def test_sequential_engine_matches_reference(llama_dir, batch_size):
     adapter = adapter_for("llama", "causal-lm")
     spec = CalibrationSpec(num_samples=6, seq_len=12, batch_size=batch_size)
     batches = TASKS["causal-lm"].calibration_batches(tok, spec)
-    args = PruneWeightsArgs(type="prune_weights", method="wanda", sparsity=0.5)
-    method = Wanda(args, None)
+    method = Wanda(Wanda.Args(method="wanda", sparsity=0.5))
 
     def prune(block, stats):
         for name in stats:

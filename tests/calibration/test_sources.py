@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from calibration.sources import LEE, LEE_FILES, lee_benchmark, load_images, load_text, paragraphs, read_lee
-from core.errors import RecipeError
 from calibration.spec import CalibrationSpec
+from core.errors import RecipeError
 from evaluation.spec import EvaluationSpec
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import RecipeError
 from models import loading as models
 from models.adapters import adapter_for
-from core.errors import RecipeError
 from models.spec import ModelSpec
 from pipeline.runner import run
 from tasks import TASKS

@@ -14,62 +14,43 @@ import torch
 
 from calibration.collectors import InputStats, Stats
 from calibration.layerwise import LayerwiseEngine
+from calibration.spec import CalibrationSpec
+from core.errors import RecipeError, StageFailed
 from export import onnx as onnx_export
 from models.adapters import adapter_for, head_channels
-from core.errors import RecipeError, StageFailed
-from tasks import TASKS, load_checkpoint
-from calibration.spec import CalibrationSpec
-from pipeline.recipe import parse_recipe
+from pipeline.recipe import _validate, parse_recipe
 from pipeline.runner import plan, run
-from stages.prune_structured import (PruneStructured, PruneStructuredArgs, Unit, align_counts, channel_metric,
-                                     keep_top_by_weight, standardize)
+from stages.prune_structured import PruneStructured
+from tasks import TASKS, load_checkpoint
 
 from ..conftest import text_recipe, write_recipe
 
 
 def _args(**kw):
-    return PruneStructuredArgs(type="prune_structured", **{"ratio": 0.5, **kw})
+    return _validate(PruneStructured.Args, {"type": "prune_structured", "method": "flap", "ratio": 0.5, **kw}, "s")
 
 
-def test_channel_metrics_by_hand():
-    w = torch.tensor([[1.0, -2.0, 0.0], [3.0, 1.0, -1.0]])  # [out, in]
-    x = torch.tensor([[[1.0, 0.0, 2.0], [3.0, 2.0, 2.0]]])  # one sequence, two tokens
-    s = InputStats({"mean_var", "sq_norm"})
-    s.update(x, None)
-    stats = Stats(s.tensors())
-    var = torch.tensor([2.0, 2.0, 0.0])  # unbiased over the two tokens
-    torch.testing.assert_close(channel_metric(_args(metric="ifv"), w, stats), var)
-    torch.testing.assert_close(channel_metric(_args(), w, stats), var * torch.tensor([10.0, 5.0, 1.0]))
-    wifn = (w.abs() * torch.tensor([10.0, 4.0, 8.0]).sqrt()).mean(0)  # s_j = sum x^2 / 1 sequence
-    torch.testing.assert_close(channel_metric(_args(metric="wifn"), w, stats), wifn)
-    torch.testing.assert_close(channel_metric(_args(method="wanda-sp"), w, stats), wifn)
-    torch.testing.assert_close(channel_metric(_args(method="magnitude-sp"), w, None),
-                               torch.tensor([10.0, 5.0, 1.0]).sqrt())
+@pytest.mark.parametrize("kw, needs, kinds", [
+    ({}, "dense-statistics", {"mean_var"}),
+    ({"metric": "wifn", "bias_compensation": False}, "dense-statistics", {"sq_norm"}),
+    ({"method": "wanda-sp"}, "data", set()),  # UL: per-layer decisions on the model pruned so far
+    ({"method": "wanda-sp", "structure": "AL-AM"}, "dense-statistics", {"sq_norm"}),
+    ({"method": "wanda-sp", "bias_compensation": True, "structure": "AL-MM"}, "dense-statistics",
+     {"sq_norm", "mean_var"}),
+    ({"method": "magnitude-sp"}, False, set()),
+    ({"method": "magnitude-sp", "bias_compensation": True}, "dense-statistics", {"mean_var"}),
+])
+def test_calibration_needs_come_from_the_score(kw, needs, kinds):
+    args = _args(**kw)
+    assert PruneStructured.needs_calibration(args) == needs and PruneStructured.statistics(args) == kinds
 
 
-def test_standardize_and_defaults():
-    z = standardize(torch.tensor([1.0, 2.0, 3.0, 6.0]))
-    assert abs(float(z.mean())) < 1e-6 and abs(float(z.std()) - 1) < 1e-6
+def test_defaults_per_method_and_description():
     flap, sp = _args(), _args(method="wanda-sp")
     assert (flap.metric, flap.structure, flap.bias_compensation, flap.square_attention) == ("wifv", "AL-AM", True, True)
-    assert (sp.metric, sp.structure, sp.bias_compensation, sp.square_attention) == (None, "UL-UM", False, False)
-    assert sp.sequential and not _args(method="wanda-sp", structure="AL-AM").sequential
-
-
-def test_keep_top_by_weight_respects_floors_and_target():
-    units = [Unit(0, "attn", heads=(0,), params=10, score=5.0), Unit(0, "mlp", channel=0, params=1, score=9.0),
-             Unit(0, "mlp", channel=1, params=1, score=-1.0, forced=True)] + \
-            [Unit(0, "mlp", channel=i, params=1, score=float(i)) for i in range(2, 8)]
-    kept = keep_top_by_weight(units, 14)
-    # forced channel 1 first (1), then by score: ch0 (9) -> 2, head (5) -> 12, ch7, ch6 -> 14
-    assert kept == {2, 1, 0, 8, 7} and sum(units[i].params for i in kept) == 14
-
-
-def test_align_counts():
-    assert align_counts([70.6, 70.4], 8, [8, 8], [128, 128], keep_total=True) == [72, 72]
-    assert align_counts([100.6, 40.4], 8, [8, 8], [128, 128], keep_total=True) == [104, 40]
-    assert align_counts([3.0, 130.0], 8, [8, 8], [128, 128], keep_total=False) == [8, 128]
-    assert align_counts([60.0], 64, [64], [1536], keep_total=False) == [64]
+    assert (sp.structure, sp.bias_compensation, sp.square_attention) == ("UL-UM", False, False)
+    assert "metric" not in sp.model_dump() and list(flap.model_dump())[:4] == ["type", "name", "method", "ratio"]
+    assert PruneStructured.describe(_args(ratio=0.25)) == "flap AL-AM ratio 0.25"
 
 
 def _fixture_model(kind, bert_dir, llama_dir):
@@ -166,7 +147,8 @@ def test_resume_restores_a_sliced_model(bert_dir, tmp_path):
 @pytest.mark.parametrize("change, field, words", [
     ({"gqa": "per-group"}, "stages[1].gqa", "needs grouped-query attention"),
     ({"align": 3}, "stages[1]", "align 3 is not allowed"),
-    ({"method": "wanda-sp", "metric": "wifv"}, "stages[1]", "'metric' only applies"),
+    ({"method": "wanda-sp", "metric": "wifv"}, "stages[1].metric", "unknown key"),
+    ({"method": "sparsegpt"}, "stages[1].method", "'sparsegpt' is not allowed; allowed: "),
     ({"remove_heads": 2}, "stages[1]", "only applies to structures UL-MM and AL-MM"),
     ({"align": 128}, "stages[1].align", "exceeds an MLP width"),
     ({"ratio": 1.0}, "stages[1].ratio", "out of range"),
@@ -176,6 +158,8 @@ def test_structured_recipe_errors(bert_dir, change, field, words):
     with pytest.raises(RecipeError) as e:
         plan(parse_recipe(recipe))
     assert e.value.field == field and words in e.value.message, str(e.value)
+    if field.endswith(".method"):
+        assert sorted(e.value.message.split("allowed: ")[1].split(", ")) == ["flap", "magnitude-sp", "wanda-sp"]
 
 
 def test_flap_needs_a_fresh_calibration(bert_dir):

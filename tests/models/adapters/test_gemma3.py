@@ -9,8 +9,8 @@ import torch
 import transformers as tf
 from transformers import AutoModelForCausalLM
 
+from methods.quant.smoothquant import fold, smoothing_scales
 from models.adapters import adapter_for
-from stages.smoothquant import fold, smoothing_scales
 
 from ...conftest import small_decoder
 from .common import HEAD_DIM, HIDDEN, assert_slice_equals_zeroing, check_run, logits, prune_and_export

@@ -1,0 +1,1 @@
+"""Quantization math that changes weights before export (docs/methods/quantization.md)."""
