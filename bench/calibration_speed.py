@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import torch
-
 from common import SMOLLM2, run_recipe, stage, table, write_json
 
 
@@ -51,7 +50,7 @@ def reference_wanda(model, windows: list[torch.Tensor], sparsity: float) -> floa
         scaler = {n: torch.zeros(m.in_features) for n, m in subset.items()}
         count = {n: 0 for n in subset}
 
-        def add_batch(name):
+        def add_batch(name, scaler=scaler, count=count):
             def hook(module, args):
                 inp = args[0].reshape(-1, args[0].shape[-1]).t().float()
                 scaler[name] *= count[name] / (count[name] + 1)

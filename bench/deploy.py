@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import onnx
-
 from common import MINILM, RESULTS, SMOLLM2, run_recipe, table, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from export import local_registry as registry_server  # noqa: E402
 from export import registry, tensorrt  # noqa: E402
 from export.trt_targets import TARGETS  # noqa: E402
-from export import local_registry as registry_server  # noqa: E402
 
 RECIPES = {
     "minilm-2:4": {"name": "deploy-minilm", "model": {"source": MINILM, "task": "feature-extraction"},

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import MINILM, RESULTS, SMOLLM2, run_recipe, stage, table, write_json
 
 FFN_DOWN = r"re:.*layer\.\d+\.output\.dense$"  # MiniLM's post-GELU inputs: kept float (see README)
@@ -88,8 +87,8 @@ def minilm(samples: int) -> dict:
 
     from calibration.batches import encode_texts
     from calibration.sources import lee_benchmark
-    from models.loading import resolve_source
     from evaluation.spec import EvaluationSpec
+    from models.loading import resolve_source
     from models.spec import ModelSpec
     from tasks import TASKS
     from tasks.metrics import cosine_rows, pearson, spearman
@@ -175,7 +174,8 @@ def smollm2(samples: int) -> dict:
         m = run_recipe(smollm2_recipe(tag, stages, samples), tag)
         ev = m["evaluation"]
         if not rows:
-            rows.append(["fp32", "-", f"{ev['dense']['perplexity']:.3f}", "1.000", f"{ev['size']['dense']['onnx_bytes'] / 1e6:.0f}", "-"])
+            dense_mb = ev["size"]["dense"]["onnx_bytes"] / 1e6
+            rows.append(["fp32", "-", f"{ev['dense']['perplexity']:.3f}", "1.000", f"{dense_mb:.0f}", "-"])
         q = stage(m, "quantize")["metrics"]
         rows.append([label, q["opset"], f"{ev['compressed']['perplexity']:.3f}",
                      f"{ev['comparison']['perplexity_ratio']:.3f}", f"{ev['size']['compressed']['onnx_bytes'] / 1e6:.0f}",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import MINILM, SMOLLM2, run_recipe, stage, table, write_json
 
 # (method, structure, bias compensation): FLAP's default (AL-AM) and uniform structure, each baseline

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import fashion_mnist as fm
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 import transformers

@@ -15,6 +15,7 @@ whole calibration set, batched. Two propagation modes:
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,7 +135,7 @@ class LayerwiseEngine:
         for i, (hidden, args, kwargs, mask) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs,
                                                              inputs.masks)):
             if hooks:
-                out = hooks.run(lambda: _forward(compute, hidden, args, kwargs), mask)
+                out = hooks.run(functools.partial(_forward, compute, hidden, args, kwargs), mask)
             else:
                 out = _forward(compute, hidden, args, kwargs)
             if keep_outputs:

@@ -14,8 +14,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import RecipeError
 from calibration.spec import DataSpec
+from core.errors import RecipeError
 
 DATA = Path(__file__).parent / "data"
 BUILTIN = {"calibration": "austen_northangerabbey.txt.gz", "evaluation": "austen_prideprejudice.txt.gz"}

@@ -91,8 +91,9 @@ def _describe_dq(dq: ir.Node) -> dict:
     axis = dq.attributes.get_int("axis", 1)
     granularity = ("per-tensor" if scale is None or scale.size == 1 else
                    f"block {block} on axis {axis}" if block else f"per-channel axis {axis}")
+    zp_max = int(np.abs(zp.astype(np.int64)).max()) if zp is not None and zp.size else 0
     return {"tensor": dq.inputs[0].name, "dtype": _TYPES.get(_quantized_type(dq), "unknown"),
-            "granularity": granularity, "zero_point_max_abs": int(np.abs(zp.astype(np.int64)).max()) if zp is not None and zp.size else 0}
+            "granularity": granularity, "zero_point_max_abs": zp_max}
 
 
 def _check_dq(dq: ir.Node) -> list[str]:

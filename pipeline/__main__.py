@@ -12,9 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from export.registry import RegistryError
-
 from core.errors import PipelineError, RecipeError
+from export.registry import RegistryError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,10 +23,7 @@ FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceL
 
 
 def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = FP32_OPS) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import (
-        DEFAULT_OP_BLOCK_LIST,
-        convert_float_to_float16,
-    )
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     blocked = {*DEFAULT_OP_BLOCK_LIST, *keep_fp32}
     out = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(blocked))

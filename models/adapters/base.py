@@ -251,7 +251,8 @@ class Adapter:
         found = [(n, m) for n, m in model.named_modules()
                  if isinstance(m, nn.ModuleList) and re.search(self.block_list, n)]
         if len(found) != 1:
-            raise ValueError(f"{self.family} adapter expected one block list matching {self.block_list!r}, found {[n for n, _ in found]}")
+            raise ValueError(f"{self.family} adapter expected one block list matching {self.block_list!r}, "
+                             f"found {[n for n, _ in found]}")
         return found[0]
 
     def head_dim(self, model: nn.Module) -> int:

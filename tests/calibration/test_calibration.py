@@ -50,7 +50,7 @@ def _reference_sequential_wanda(model, samples, sparsity, blocks):
         names = block.linears
         sums = {n: 0.0 for n in names}
         handles = [model.get_submodule(n).register_forward_pre_hook(
-            lambda mod, args, n=n: sums.__setitem__(n, sums[n] + (args[0].double() ** 2).sum((0, 1))))
+            lambda mod, args, n=n, sums=sums: sums.__setitem__(n, sums[n] + (args[0].double() ** 2).sum((0, 1))))
             for n in names]
         with torch.no_grad():
             for ids in samples:

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from core.errors import RecipeError
+from core.files import sha256_path
+from export import local_registry as registry_server
 from export import registry
 from export.registry import RegistryError, parse_ref, pull, push
 from pipeline.__main__ import main
-from core.errors import RecipeError
-from core.files import sha256_path
 from pipeline.recipe import parse_recipe
 
-from export import local_registry as registry_server
 from ..conftest import text_recipe, write_recipe
 
 

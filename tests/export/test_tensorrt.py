@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from core.errors import StageFailed
 from export import onnx as onnx_export
 from export import tensorrt
-from core.errors import StageFailed
 from pipeline.runner import run
 
 from ..conftest import text_recipe, write_recipe

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from export import trt_build
 from core.files import sha256_path
+from export import trt_build
 
 # A stand-in for trtexec with the output lines build_engine.sh reads (as TensorRT 10.3 prints them
 # on an Orin): it records its arguments, notes whether a timing cache was handed in, writes the

@@ -36,7 +36,7 @@ def test_default_recipe_end_to_end(tmp_path):
     assert ev["lee_protocol"]["documents"] == 50 and ev["lee_protocol"]["pairs"] == 1225
     assert m["model"]["params_before"] == 22_713_216 and m["model"]["params_after"] < 22_713_216
     flap = m["stages"][1]["metrics"]
-    assert abs(flap["achieved_ratio"] - 0.2) < 0.02 and all(l["mlp_channels"] % 64 == 0 for l in flap["layers"])
+    assert abs(flap["achieved_ratio"] - 0.2) < 0.02 and all(layer["mlp_channels"] % 64 == 0 for layer in flap["layers"])
     trt = m["onnx"]["tensorrt"]  # ready for JetPack 6's TensorRT 10.3, with sparse tactics for the 36 pruned Linears
     assert trt["target"] == "jetson-orin-jp6" and trt["tensorrt"] == "10.3.0" and trt["ok"] and not trt["errors"]
     assert trt["sparse_2_4_layers"] == 36

@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 
-from export import inspect as onnx_inspect
-from export import onnx as onnx_export
 from core.errors import RecipeError, StageFailed
 from core.files import sha256_path
+from export import inspect as onnx_inspect
+from export import onnx as onnx_export
+from models.spec import ModelSpec
 from pipeline.runner import run
 from tasks import TASKS, TaskModel, load_checkpoint
-from models.spec import ModelSpec
 
 from ..conftest import text_recipe, write_recipe
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.collectors import InputStats, Stats
+from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
 from calibration.spec import CalibrationSpec
 from core.errors import RecipeError, StageFailed

@@ -17,7 +17,8 @@ from pipeline.runner import plan, run
 
 from ..conftest import text_recipe, write_recipe
 
-MAGNITUDE_24 = {"type": "prune_weights", "method": "magnitude", "pattern": "2:4"}  # no statistics: leaves the cache to other tests
+# no statistics: leaves the cache to other tests
+MAGNITUDE_24 = {"type": "prune_weights", "method": "magnitude", "pattern": "2:4"}
 FFN_DOWN = r"re:.*layer\.\d+\.output\.dense$"
 
 

@@ -162,7 +162,8 @@ def test_other_recipe_errors(vit_dir, clip_dir, bert_dir, images_dir):
     def tp(**kw):
         return {"type": "token_prune", "method": "cls_attention", "layer": 0, "keep": 4, **kw}
 
-    vit = lambda *stages: image_recipe(vit_dir, images_dir, "image-classification", list(stages))
+    def vit(*stages):
+        return image_recipe(vit_dir, images_dir, "image-classification", list(stages))
     bad(vit(tp(keep=None)), "keep is required", "stages[0].keep")
     bad(vit(tp(layer=2)), "layer 2 does not exist", "stages[0].layer")
     bad(vit(tp(prompt="a cat")), "unknown key", "stages[0].prompt")
@@ -189,7 +190,8 @@ def test_method_picks_the_selectors_fields(vit_dir, images_dir):
     def tp(**kw):
         return {"type": "token_prune", "layer": 0, **kw}
 
-    vit = lambda *stages: image_recipe(vit_dir, images_dir, "image-classification", list(stages))
+    def vit(*stages):
+        return image_recipe(vit_dir, images_dir, "image-classification", list(stages))
     bad(vit(tp(method="tome", keep=4)), f"'tome' is not allowed; allowed: {', '.join(SELECTORS.names())}$",
         "stages[0].method")
     bad(vit(tp(keep=4)), "required key is missing", "stages[0].method")

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from calibration.batches import Batch
-from tasks.metrics import (cosine_comparison, cosine_rows, lee_correlation, outputs, pearson, perplexity, ranks,
-                           spearman)
+from tasks.metrics import cosine_comparison, cosine_rows, lee_correlation, outputs, pearson, perplexity, ranks, spearman
 
 
 def test_uniform_logits_have_the_vocabulary_size_as_perplexity():

@@ -87,7 +87,8 @@ def test_int8_round_trip_error_bounds(int8_tiny):
 
 def test_residual_readers_get_the_float_tensor_back(int8_tiny):
     _, _, feeds, raw, fixed, rewired = int8_tiny
-    side = lambda m: next(n for n in m.graph.node if n.name == "side")
+    def side(m):
+        return next(n for n in m.graph.node if n.name == "side")
     assert side(raw).input[0] != "x"  # ORT rewires every reader of x to the dequantized tensor
     problems = qdq.inspect_qdq(raw).problems
     assert any("feeds Sigmoid side" in p for p in problems), problems
