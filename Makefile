@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (Python 3.10+, no GPU needed):
 #   make demo   compress the embedded default recipe into runs/default/
-#   make test   run the test suite
+#   make test   lint (ruff), type-check the lower packages (mypy), run the test suite
 # Both create .venv and install what they need. TORCH picks the torch build: the default
 # pins the CPU wheel this project is tested with; e.g. TORCH="torch --index-url
 # https://download.pytorch.org/whl/cpu" elsewhere, or a CUDA build on a GPU machine.
@@ -54,6 +54,8 @@ demo: $(STAMP) lee
 	$(BIN)/python -m pipeline run recipes/default.yaml --force
 
 test: $(STAMP) lee
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy core models calibration tasks
 	$(BIN)/python -m pytest
 
 # Every benchmark (hours on 2 cores); tables on stdout, JSON in bench/results/.
