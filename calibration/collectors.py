@@ -24,7 +24,7 @@ def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str])
     seqs = x.shape[0]
     x = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
     x = x.float()  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 activations overflow
-    part = {"tokens": x.shape[0], "sequences": seqs}
+    part: dict[str, int | torch.Tensor] = {"tokens": x.shape[0], "sequences": seqs}
     if kinds & {"sq_norm", "mean_var"}:
         part["sum_sq"] = (x * x).sum(0, dtype=torch.float64)
     if "mean_var" in kinds:
@@ -153,7 +153,7 @@ class GradientHooks:
     gradient, per sample in the batch, so any batch size gives the same result as batch 1.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Linear]):
         self.sum_sq = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
         self.sum_abs = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
         self.samples = 0

@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from calibration.spec import DataSpec
+from calibration.spec import DatasetSpec, DataSpec
 from core.errors import RecipeError
 
 DATA = Path(__file__).parent / "data"
@@ -43,16 +43,17 @@ def load_text(spec: DataSpec, role: str, field: str) -> TextData:
         name = BUILTIN[role]
         return TextData(gzip.decompress((DATA / name).read_bytes()).decode("utf-8"), f"builtin:{name.removesuffix('.gz')}")
     if spec.source == "files":
-        files = text_files(spec.path, field)
+        path = spec.required_path(field)
+        files = text_files(path, field)
         return TextData("\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files),
-                        f"files:{spec.path} ({len(files)} file{'s' if len(files) > 1 else ''})")
+                        f"files:{path} ({len(files)} file{'s' if len(files) > 1 else ''})")
     if spec.source == "datasets":
-        rows = _dataset(spec, field)
-        column = spec.dataset.column
+        d = spec.required_dataset(field)
+        rows = _dataset(d, field)
+        column = d.column
         if column not in rows.column_names:
             raise RecipeError(f"column {column!r} not in the dataset; columns: {', '.join(rows.column_names)}",
                               field=f"{field}.dataset.column")
-        d = spec.dataset
         return TextData("\n\n".join(str(t) for t in rows[column] if t),
                         f"datasets:{d.name}/{d.config or '-'}[{d.split}].{column}")
     raise RecipeError(f"source {spec.source!r} holds images; this task needs text (builtin, files or datasets)",
@@ -64,16 +65,17 @@ def load_images(spec: DataSpec, field: str) -> ImageData:
     from PIL import Image
 
     if spec.source == "images":
-        root = Path(spec.path)
-        files = image_files(spec.path, field)
+        path = spec.required_path(field)
+        root = Path(path)
+        files = image_files(path, field)
         subdirs = sorted({f.parent.relative_to(root).parts[0] for f in files if f.parent != root})
         labelled = bool(subdirs) and all(f.parent != root for f in files)
         labels = [subdirs.index(f.parent.relative_to(root).parts[0]) for f in files] if labelled else None
         images = [Image.open(f).convert("RGB") for f in files]
-        return ImageData(images, labels, subdirs if labelled else None, f"images:{spec.path} ({len(files)} files)")
+        return ImageData(images, labels, subdirs if labelled else None, f"images:{path} ({len(files)} files)")
     if spec.source == "datasets":
-        rows = _dataset(spec, field)
-        d = spec.dataset
+        d = spec.required_dataset(field)
+        rows = _dataset(d, field)
         column = d.column if d.column in rows.column_names else "image"
         if column not in rows.column_names:
             raise RecipeError(f"no image column {d.column!r}; columns: {', '.join(rows.column_names)}",
@@ -108,13 +110,12 @@ def image_files(path: str, field: str) -> list[Path]:
     return files
 
 
-def _dataset(spec: DataSpec, field: str):
+def _dataset(d: DatasetSpec, field: str):
     try:
         import datasets
     except ImportError:
         raise RecipeError("source 'datasets' needs the datasets package: pip install 'edgeprune[datasets]'",
                           field=f"{field}.source") from None
-    d = spec.dataset
     try:
         return datasets.load_dataset(d.name, d.config, split=d.split, data_files=d.data_files)
     except Exception as e:

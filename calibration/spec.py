@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from core.errors import RecipeError
 from core.spec import Section
 
 
@@ -40,6 +41,18 @@ class DataSpec(Section):
         if self.source in ("builtin", "datasets") and self.path:
             raise ValueError(f"'path' is only used with source 'files' or 'images', not '{self.source}'")
         return self
+
+    def required_path(self, field: str) -> str:
+        """``path`` of a 'files' or 'images' source (the validator requires it; the type cannot say so)."""
+        if self.path is None:
+            raise RecipeError(f"source '{self.source}' needs 'path' (a file or a folder)", field=f"{field}.path")
+        return self.path
+
+    def required_dataset(self, field: str) -> DatasetSpec:
+        """``dataset`` of a 'datasets' source (the validator requires it; the type cannot say so)."""
+        if self.dataset is None:
+            raise RecipeError("source 'datasets' needs 'dataset: {name, config, split, column}'", field=f"{field}.dataset")
+        return self.dataset
 
 
 class CalibrationSpec(DataSpec):

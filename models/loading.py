@@ -18,7 +18,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -40,10 +40,13 @@ def cache_dir() -> Path:
 class TaskLoading(Protocol):
     """What loading asks the task (tasks/ implements it; models/ sits below tasks/ and never imports it)."""
 
-    name: str
-    modality: str  # "text" or "images": which tower of a two-tower (CLIP) checkpoint
+    @property
+    def name(self) -> str: ...
+    @property
+    def modality(self) -> str: ...  # "text" or "images": which tower of a two-tower (CLIP) checkpoint
 
-    def auto_class(self, model_type: str) -> type: ...
+    # type[Any]: an Auto class or a model class; they build from a config differently (from_config, _from_config)
+    def auto_class(self, model_type: str) -> type[Any]: ...
     def preprocessor(self, where: str | Path, **kw) -> object: ...
 
 
@@ -60,6 +63,13 @@ class Source:
         """One digest over every weight file (name and content hash)."""
         lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(self.files.items()))
         return hashlib.sha256(lines.encode()).hexdigest()
+
+    @property
+    def local(self) -> Path:
+        """The folder or .gguf file of a local source (a hub source has none)."""
+        if self.path is None:
+            raise ValueError(f"{self.kind} source {self.ref!r} has no local path")
+        return self.path
 
 
 def resolve_source(spec: ModelSpec) -> Source:
@@ -135,9 +145,9 @@ def model_config(spec: ModelSpec, source: Source, task: TaskLoading):
     if source.kind == "gguf":
         converted = _converted_path(source)
         config = (AutoConfig.from_pretrained(converted) if (converted / CHECKPOINT_META).is_file()
-                  else AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name))
+                  else AutoConfig.from_pretrained(source.local.parent, gguf_file=source.local.name))
     elif source.kind == "folder":
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
+        config = AutoConfig.from_pretrained(source.local, trust_remote_code=spec.trust_remote_code)
     else:
         config = AutoConfig.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if config.model_type == "clip":  # the tower's config does not carry the shared projection width
@@ -157,10 +167,12 @@ def meta_model(spec: ModelSpec, source: Source, task: TaskLoading) -> nn.Module:
 
 def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.Module, object]:
     """The fp32 model in eval mode and its tokenizer or image processor."""
+    where: str | Path
+    kw: dict[str, Any]
     if source.kind == "gguf":
         where, kw = _converted_gguf(source), {}
     elif source.kind == "folder":
-        where, kw = source.path, {}
+        where, kw = source.local, {}
     else:
         where, kw = spec.source, {"revision": spec.revision}
     cls = task.auto_class(source.model_type)
@@ -191,7 +203,7 @@ def _converted_gguf(source: Source) -> Path:
     target = _converted_path(source)
     if (target / CHECKPOINT_META).is_file():
         return target
-    folder, name = source.path.parent, source.path.name
+    folder, name = source.local.parent, source.local.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -216,20 +228,20 @@ def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> 
     recorded in the config as ``edgeprune_structure``; `load_checkpoint` rebuilds them. Without
     them the folder is a plain transformers checkpoint.
     """
-    from .adapters import adapter_for
+    from .adapters import adapter_for, pretrained
 
     folder.mkdir(parents=True, exist_ok=True)
-    adapter = adapter_for(model.config.model_type, task)
-    config = model.config
+    hf = pretrained(model)
+    config = hf.config
+    adapter = adapter_for(config.model_type, task)
     if hasattr(config, "edgeprune_structure"):
         del config.edgeprune_structure
     shapes = [adapter.shape(model, b) for b in adapter.blocks(model)]
-    cls = type(model)
     with torch.device("meta"):
-        stock = cls._from_config(config)
+        stock = type(hf)._from_config(config)
     if shapes != [adapter.shape(stock, b) for b in adapter.blocks(stock)]:
         config.edgeprune_structure = [s.as_dict() for s in shapes]
-    model.save_pretrained(folder, safe_serialization=True)
+    hf.save_pretrained(folder, safe_serialization=True)
     if preprocessor is not None:
         preprocessor.save_pretrained(folder)
     (folder / CHECKPOINT_META).write_text(json.dumps({"task": task, "model_type": config.model_type}, indent=2))

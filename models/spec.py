@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
 from core.spec import Section
 
 # The task names, here because models/ sits below tasks/ (whose registry must list the same: a test checks).
-TASKS = ("causal-lm", "feature-extraction", "image-classification", "image-feature-extraction")
-TaskName = Literal[TASKS]  # Literal[("a", "b")] is Literal["a", "b"]
+TaskName = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
+TASKS: tuple[TaskName, ...] = get_args(TaskName)
 
 
 class ModelSpec(Section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,9 @@ class Task(ABC):
         if given is not None and given != self.modality:
             raise RecipeError(f"task {self.name!r} needs {self.modality}: {self.source_hint}", field=f"{field}.source")
         if spec.source == "files":
-            text_files(spec.path, field)
+            text_files(spec.required_path(field), field)
         elif spec.source == "images":
-            image_files(spec.path, field)
+            image_files(spec.required_path(field), field)
 
     def check_evaluation(self, spec) -> None:
         """Before any work: what the evaluate stage will read (``spec``: the EvaluationSpec)."""
@@ -68,7 +68,7 @@ class Task(ABC):
         """Raise a RecipeError when the task has no loss to take gradients of (GBLM)."""
 
     @abstractmethod
-    def auto_class(self, model_type: str) -> type:
+    def auto_class(self, model_type: str) -> type[Any]:
         """The transformers class that loads a ``model_type`` checkpoint for this task."""
 
     @abstractmethod

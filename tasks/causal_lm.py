@@ -7,6 +7,8 @@ next-token cross-entropy and the quality metric the perplexity ratio to the dens
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ class CausalLM(TextTask):
     input_names = ("input_ids",)
     output_names = ("logits",)
 
-    def auto_class(self, model_type: str) -> type:
+    def auto_class(self, model_type: str) -> type[Any]:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM

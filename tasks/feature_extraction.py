@@ -8,6 +8,8 @@ is the cosine to the dense embeddings and the Lee et al. (2005) document-similar
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ class FeatureExtraction(TextTask):
     embeds = True
     gradients_in_train_mode = True  # SimCSE's two views differ only by dropout
 
-    def auto_class(self, model_type: str) -> type:
+    def auto_class(self, model_type: str) -> type[Any]:
         import transformers as tf
 
         return tf.CLIPTextModelWithProjection if model_type.startswith("clip") else tf.AutoModel

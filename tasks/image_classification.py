@@ -7,6 +7,8 @@ every held-out image is labelled.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,7 @@ class ImageClassification(ImageTask):
     name = "image-classification"
     output_names = ("logits",)
 
-    def auto_class(self, model_type: str) -> type:
+    def auto_class(self, model_type: str) -> type[Any]:
         from transformers import AutoModelForImageClassification
 
         return AutoModelForImageClassification

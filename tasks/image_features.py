@@ -7,6 +7,8 @@ loss, so gradient statistics (GBLM) are refused; quality is the cosine to the de
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ class ImageFeatures(ImageTask):
     output_names = ("embedding", "last_hidden_state")
     embeds = True
 
-    def auto_class(self, model_type: str) -> type:
+    def auto_class(self, model_type: str) -> type[Any]:
         import transformers as tf
 
         return tf.CLIPVisionModelWithProjection if model_type.startswith("clip") else tf.AutoModel

@@ -54,7 +54,13 @@ class TaskModel(nn.Module):
     def example(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Positional inputs for a data batch; inputs data does not carry come from the token pruner."""
         batch = next(iter(inputs.values())).shape[0]
-        return tuple(inputs[n] if n in inputs else self.tokens.default(n, batch) for n in self.input_names)
+        return tuple(inputs[n] if n in inputs else self._default(n, batch) for n in self.input_names)
+
+    def _default(self, name: str, batch: int) -> torch.Tensor:
+        """An input data does not carry (TRIM's text embedding): only a token pruner has one."""
+        if self.tokens is None:
+            raise KeyError(f"the batch has no input {name!r} and no token pruner supplies it")
+        return self.tokens.default(name, batch)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kw = dict(zip(self.input_names, inputs))

@@ -3,7 +3,7 @@
 from core.errors import RecipeError
 from core.registry import import_members
 
-from .base import FAMILIES, Adapter, Block, BlockShape, Projection, head_channels
+from .base import FAMILIES, Adapter, Block, BlockShape, Projection, head_channels, linear, pretrained
 
 import_members(__name__)  # each family module registers its adapter: adding a family is one new file
 ADAPTERS: tuple[Adapter, ...] = tuple(FAMILIES)
@@ -28,5 +28,5 @@ def adapter_for(model_type: str, task: str) -> Adapter:
         field="model.source")
 
 
-__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "Projection", "adapter_for", "head_channels",
-           "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "Block", "BlockShape", "Projection", "adapter_for", "head_channels", "linear",
+           "pretrained", "supported_model_types"]

@@ -15,11 +15,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def linear(model: nn.Module, name: str) -> nn.Linear:
+    """The Linear at ``name``: what adapters address by name (`get_submodule` promises only a Module)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{name} is a {type(module).__name__}, not the Linear its adapter expects")
+    return module
+
+
+def pretrained(model: nn.Module) -> PreTrainedModel:
+    """``model`` as the transformers model it is: what its config and hub methods are read from."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"a transformers PreTrainedModel is needed, got {type(model).__name__}")
+    return model
 
 
 @dataclass(frozen=True)
@@ -66,11 +86,11 @@ class Projection(str):
 
     def apply(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """This projection's output for ``x`` (the whole Linear when it is not fused)."""
-        linear = model.get_submodule(self)
+        layer = linear(model, self)
         if self.rows is None:
-            return linear(x)
+            return layer(x)
         rows = slice(*self.rows)
-        return F.linear(x, linear.weight[rows], linear.bias[rows] if linear.bias is not None else None)
+        return F.linear(x, layer.weight[rows], layer.bias[rows] if layer.bias is not None else None)
 
 
 def _stack(model: nn.Module, names: list[str], widths: list[int]) -> list[Projection]:
@@ -83,9 +103,9 @@ def _stack(model: nn.Module, names: list[str], widths: list[int]) -> list[Projec
         start[name] = a + width
         out.append(Projection(name, (a, a + width) if names.count(name) > 1 else None))
     for name, used in start.items():
-        if names.count(name) > 1 and used != model.get_submodule(name).out_features:
+        if names.count(name) > 1 and used != linear(model, name).out_features:
             raise ValueError(f"fused {name}: parts of widths {widths} do not fill its "
-                             f"{model.get_submodule(name).out_features} outputs")
+                             f"{linear(model, name).out_features} outputs")
     return out
 
 
@@ -160,7 +180,7 @@ def _slice_linear(model: nn.Module, name: str, rows: torch.Tensor | None = None,
 
     ``add_bias`` is added to the (sliced) bias, creating the bias if the layer had none.
     """
-    old = model.get_submodule(name)
+    old = linear(model, name)
     w = old.weight.data
     b = old.bias.data if old.bias is not None else None
     if rows is not None:
@@ -186,6 +206,13 @@ def _slice_rows(model: nn.Module, kept: list[tuple[Projection, torch.Tensor]]) -
         rows.setdefault(str(proj), []).append(local + proj.start)
     for name, parts in rows.items():
         _slice_linear(model, name, rows=parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+def _set_sizes(module: nn.Module, **sizes: int) -> None:
+    """Update the size attributes a sliced layer keeps (which ones it has varies by family)."""
+    for attr, value in sizes.items():
+        if hasattr(module, attr):
+            setattr(module, attr, value)
 
 
 def head_channels(heads, head_dim: int) -> torch.Tensor:
@@ -216,7 +243,8 @@ class LayerConfig:
 def own_config(module: nn.Module, **sizes) -> None:
     """Give ``module`` a `LayerConfig` with ``sizes`` (replacing any earlier one's)."""
     shared = getattr(module.config, "_shared", module.config)
-    module.config = LayerConfig(shared, **sizes)
+    # torch types Module attribute assignment as Tensor | Module; nn.Module.__setattr__ takes any value
+    module.config = LayerConfig(shared, **sizes)  # type: ignore[assignment]
 
 
 FAMILIES: list[Adapter] = []  # filled by @register as models/adapters/ imports its modules
@@ -256,7 +284,7 @@ class Adapter:
         return found[0]
 
     def head_dim(self, model: nn.Module) -> int:
-        cfg = model.config
+        cfg = pretrained(model).config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     def towers(self, model: nn.Module) -> dict[str, list[Block]]:
@@ -282,9 +310,9 @@ class Adapter:
         q, k, v, o = (f"{prefix}.{p}" for p in self.attn)
         mlp_in = [f"{prefix}.{p}" for p in self.mlp_in]
         mlp_out = f"{prefix}.{self.mlp_out}"
-        heads = model.get_submodule(o).in_features // hd
-        inter = model.get_submodule(mlp_out).in_features
-        kv_rows = model.get_submodule(k).out_features - (heads * hd if q == k else 0)
+        heads = linear(model, o).in_features // hd
+        inter = linear(model, mlp_out).in_features
+        kv_rows = linear(model, k).out_features - (heads * hd if q == k else 0)
         kv_heads = kv_rows // ((1 + (v == k)) * hd)
         q, k, v = _stack(model, [q, k, v], [heads * hd, kv_heads * hd, kv_heads * hd])
         return Block(
@@ -296,8 +324,8 @@ class Adapter:
 
     def shape(self, model: nn.Module, block: Block) -> BlockShape:
         return BlockShape(block.num_heads, block.num_kv_heads, block.intermediate_size,
-                          model.get_submodule(block.o).bias is not None,
-                          model.get_submodule(block.mlp_out).bias is not None)
+                          linear(model, block.o).bias is not None,
+                          linear(model, block.mlp_out).bias is not None)
 
     def slice_block(self, model: nn.Module, block: Block, heads, kv_heads, channels,
                     o_bias: torch.Tensor | None = None, mlp_bias: torch.Tensor | None = None) -> None:
@@ -325,30 +353,24 @@ class Adapter:
         _slice_linear(model, block.o, cols=q_cols, add_bias=o_bias)
         _slice_rows(model, [(p, ch) for p in block.mlp_in])
         _slice_linear(model, block.mlp_out, cols=ch, add_bias=mlp_bias)
-        attention = _parent(model, block.q)[0]
-        for attr, value in (("num_heads", len(heads)), ("num_attention_heads", len(heads)),
-                            ("num_key_value_heads", len(kv_heads)), ("num_key_value_groups", g_new),
-                            ("all_head_size", len(heads) * hd)):
-            if hasattr(attention, attr):
-                setattr(attention, attr, value)
-        mlp = _parent(model, block.mlp_out)[0]
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(channels)
+        _set_sizes(_parent(model, block.q)[0], num_heads=len(heads), num_attention_heads=len(heads),
+                   num_key_value_heads=len(kv_heads), num_key_value_groups=g_new, all_head_size=len(heads) * hd)
+        _set_sizes(_parent(model, block.mlp_out)[0], intermediate_size=len(channels))
 
     def reshape_block(self, model: nn.Module, block: Block, shape: BlockShape) -> None:
         """Give a freshly built block the sizes of a saved one (its weights are loaded next)."""
-        hidden = model.get_submodule(block.o).out_features
+        hidden = linear(model, block.o).out_features
         g = shape.num_heads // shape.num_kv_heads
         g_old = block.num_heads // block.num_kv_heads
         heads = [k * g_old + j for k in range(shape.num_kv_heads) for j in range(g)]
-        o_bias = torch.zeros(hidden) if shape.o_bias and model.get_submodule(block.o).bias is None else None
-        mlp_bias = torch.zeros(hidden) if shape.mlp_out_bias and model.get_submodule(block.mlp_out).bias is None else None
+        o_bias = torch.zeros(hidden) if shape.o_bias and linear(model, block.o).bias is None else None
+        mlp_bias = torch.zeros(hidden) if shape.mlp_out_bias and linear(model, block.mlp_out).bias is None else None
         self.slice_block(model, block, heads, range(shape.num_kv_heads), range(shape.intermediate_size),
                          o_bias, mlp_bias)
 
     def input_embedding(self, model: nn.Module) -> nn.Module:
         """The module whose output feeds block 0 (its output is made to require grad for gradients)."""
-        return model.get_input_embeddings()
+        return pretrained(model).get_input_embeddings()
 
     def vision_tokens(self, model: nn.Module) -> VisionTokens | None:
         """The token layout of a vision encoder (None for text models): what token pruning selects from."""

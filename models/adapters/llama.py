@@ -1,5 +1,7 @@
 """Llama-family decoders."""
 
+from typing import ClassVar
+
 from .base import Adapter, register
 
 
@@ -8,7 +10,7 @@ class LlamaAdapter(Adapter):
     """Llama-family decoders with grouped-query attention (Llama, Qwen2, Mistral; SmolLM2 is Llama)."""
 
     family = "llama"
-    model_types = ("llama", "qwen2", "mistral")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "qwen2", "mistral")  # typed: subclasses list fewer
     tasks = ("causal-lm",)
     block_list = r"(^|\.)layers$"
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
