@@ -83,7 +83,7 @@ class Calibrate(Stage):
         limit = self._gradient_samples(ctx)
         m = ctx.recipe.model
         key = cache_key(kind="gradients", model=digest, data=ctx.calibration.sha256, samples=limit, task=m.task,
-                        pooling=m.pooling, normalize=m.normalize)
+                        pooling=m.pooling, normalize=m.normalize, dropout_seed=ctx.recipe.calibration.seed)
         ctx.statistics.gradients_key = key
         grads = ctx.cache.load(key)
         if grads is not None:
@@ -96,15 +96,20 @@ class Calibrate(Stage):
 
 
 @contextlib.contextmanager
-def _grad_mode(model: torch.nn.Module, train: bool):
-    """Gradients flow to activations only: weights stay frozen, block 0's input requires grad."""
+def _grad_mode(model: torch.nn.Module, train: bool, seed: int):
+    """Gradients flow to activations only: weights stay frozen, block 0's input requires grad.
+
+    Dropout (train mode) draws from a generator seeded with ``seed`` and the global one is restored
+    after, so the same recipe gives the same gradients whatever ran before in the process.
+    """
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
     model.train(train)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             yield
     finally:
         for p, f in flags.items():
@@ -122,7 +127,7 @@ def collect_gradients(ctx: RunContext, modules: dict, limit: int) -> dict:
     task = ctx.events.task(f"gradients over {limit} samples", total=limit)
     try:
         # SimCSE needs dropout on to make two views; the other losses are deterministic (eval mode).
-        with _grad_mode(ctx.model, train=ctx.task.gradients_in_train_mode):
+        with _grad_mode(ctx.model, train=ctx.task.gradients_in_train_mode, seed=ctx.recipe.calibration.seed):
             for batch in ctx.calibration:
                 if seen >= limit:
                     break
