@@ -235,11 +235,13 @@ def _check_stage_order(recipe: Recipe) -> None:
             if changing:
                 raise RecipeError(f"'{changing[0]}' comes after {args.type}: put {args.type} after every stage that "
                                   "changes the model (it only changes the deployed graph)", field=where)
-        if stage_cls.replaces_outputs(args) and any(REGISTRY[later.type].compares_with_dense
-                                                    for later in recipe.stages[i + 1:]):
-            raise RecipeError("evaluate compares task outputs with the dense model, and an encoder ended at its "
-                              "feature layer has no dense counterpart: remove evaluate or set output: false",
-                              field=f"{where}.output")
+        replaced = stage_cls.replaces_outputs(args)
+        comparing = [later.type for later in recipe.stages[i + 1:] if REGISTRY[later.type].compares_with_dense]
+        if replaced and comparing:
+            key = replaced.split()[0]
+            raise RecipeError(f"'{comparing[0]}' compares task outputs with the dense model, and {args.type}'s "
+                              f"{replaced} has no dense counterpart: remove '{comparing[0]}' or change '{key}'",
+                              field=f"{where}.{key}")
         if stage_cls.rewrites_onnx:
             if exported_at is None:
                 raise RecipeError(f"stage '{args.type}' rewrites the exported graph: put '- type: export' before it",

@@ -61,9 +61,10 @@ class Stage(ABC):
         return cls.type
 
     @classmethod
-    def replaces_outputs(cls, args) -> bool:
-        """Whether the deployed graph's outputs stop being the task's (so nothing dense compares with them)."""
-        return False
+    def replaces_outputs(cls, args) -> str | None:
+        """The argument through which the deployed graph's outputs stop being the task's (so nothing
+        dense compares with them), with why; None when they stay the task's."""
+        return None
 
     def validate(self, recipe, model, adapter, field: str) -> None:
         """Checks against the model's structure (a meta-device copy) before any work starts."""

@@ -69,7 +69,7 @@ class TokenPrune(Stage):
 
     @classmethod
     def replaces_outputs(cls, args):
-        return args.output
+        return "output (an encoder ended at its feature layer)" if args.output else None
 
     @classmethod
     def needs_calibration(cls, args):
