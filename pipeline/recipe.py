@@ -261,8 +261,8 @@ def _check_grid(recipe: Recipe, i: int) -> None:
         return
     fmt, group = wanted
     grid = f"{fmt}" + (f" group {group}" if group else "")
-    later = [(j, REGISTRY[s.type].weight_grid(s)) for j, s in enumerate(recipe.stages) if j > i]
-    applied = [(j, g) for j, g in later if g is not None]
+    applied = [(j, g) for j, s in enumerate(recipe.stages[i + 1:], i + 1)
+               if (g := REGISTRY[s.type].weight_grid(s)) is not None]
     if not applied:
         raise RecipeError(f"stage '{args.type}' tunes the weights for {grid}: add '- {{type: quantize, format: {fmt}"
                           + (f", group_size: {group}" if group else "") + "}' after export", field=f"stages[{i}]")
