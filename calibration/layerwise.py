@@ -82,6 +82,11 @@ def _forward(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) 
     return out[0] if isinstance(out, tuple) else out
 
 
+def block_outputs(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """``block``'s output for every captured batch (inputs unchanged)."""
+    return [_forward(block, h, a, k) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
 class LayerwiseEngine:
     """Runs blocks over captured inputs; ``dtype`` is the compute dtype (statistics stay fp64)."""
 
@@ -123,6 +128,23 @@ class LayerwiseEngine:
         if task:
             task.done()
         return result
+
+    @torch.no_grad()
+    def run_blocks(self, on_block: Callable[[Block, BlockInputs], None]) -> None:
+        """Every block in turn: ``on_block(block, inputs)`` sees the block's inputs over the whole
+        calibration set (and may change the block), then the changed block's outputs become the next
+        block's inputs."""
+        blocks = self.adapter.blocks(self.model)
+        inputs = capture_inputs(self.model, self.adapter, self.batches, self.dtype)
+        task = self.progress.task(f"calibrating {len(blocks)} blocks (sequential)", total=len(blocks)) if self.progress else None
+        for block in blocks:
+            on_block(block, inputs)
+            if block.index < len(blocks) - 1:
+                self._pass(block, inputs, {}, set(), keep_outputs=True)
+            if task:
+                task.advance()
+        if task:
+            task.done()
 
     def _pass(self, block: Block, inputs: BlockInputs, modules: dict[str, nn.Module], kinds: set[str],
               keep_outputs: bool) -> dict[str, dict[str, torch.Tensor]]:

@@ -242,6 +242,7 @@ def _check_stage_order(recipe: Recipe) -> None:
             raise RecipeError(f"'{comparing[0]}' compares task outputs with the dense model, and {args.type}'s "
                               f"{replaced} has no dense counterpart: remove '{comparing[0]}' or change '{key}'",
                               field=f"{where}.{key}")
+        _check_grid(recipe, i)
         if stage_cls.rewrites_onnx:
             if exported_at is None:
                 raise RecipeError(f"stage '{args.type}' rewrites the exported graph: put '- type: export' before it",
@@ -250,3 +251,27 @@ def _check_stage_order(recipe: Recipe) -> None:
                 raise RecipeError(f"stages[{rewritten_at}] already set the graph's precision: keep one "
                                   f"'{args.type}' stage", field=where)
             rewritten_at = i
+
+
+def _check_grid(recipe: Recipe, i: int) -> None:
+    """A stage that tuned the weights for a grid (AWQ) needs a later stage rounding to that grid."""
+    from stages import REGISTRY
+
+    args = recipe.stages[i]
+    wanted = REGISTRY[args.type].tuned_for_grid(args)
+    if wanted is None:
+        return
+    fmt, group = wanted
+    grid = f"{fmt}" + (f" group {group}" if group else "")
+    applied = [(j, g) for j, s in enumerate(recipe.stages[i + 1:], i + 1)
+               if (g := REGISTRY[s.type].weight_grid(s)) is not None]
+    if not applied:
+        raise RecipeError(f"stage '{args.type}' tunes the weights for {grid}: add '- {{type: quantize, format: {fmt}"
+                          + (f", group_size: {group}" if group else "") + "}' after export", field=f"stages[{i}]")
+    j, (got_fmt, got_group) = applied[0]
+    if got_fmt != fmt:
+        raise RecipeError(f"stage '{args.type}' at stages[{i}] tunes the weights for {grid}, not {got_fmt}",
+                          field=f"stages[{j}].format")
+    if got_group != group:
+        raise RecipeError(f"stages[{j}] quantizes in groups of {got_group}, the weights were tuned for groups of "
+                          f"{group}: use the same group_size in both", field=f"stages[{i}].group_size")

@@ -1,5 +1,6 @@
 """Stage registry: recipe ``type`` -> stage class (each declares its typed ``Args``)."""
 
+from .awq import Awq
 from .base import Stage, StageArgs, StageResult, Table
 from .calibrate import Calibrate
 from .evaluate import Evaluate
@@ -11,6 +12,6 @@ from .smoothquant import SmoothQuant
 from .token_prune import TokenPrune
 
 REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, TokenPrune,
-                                                                  SmoothQuant, Export, Quantize, Evaluate)}
+                                                                  SmoothQuant, Awq, Export, Quantize, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

@@ -61,6 +61,17 @@ class Stage(ABC):
         return cls.type
 
     @classmethod
+    def weight_grid(cls, args) -> tuple[str, int | None] | None:
+        """The grid this stage rounds the deployed weights to: (format, group size or None)."""
+        return None
+
+    @classmethod
+    def tuned_for_grid(cls, args) -> tuple[str, int | None] | None:
+        """The grid this stage tuned the weights for (AWQ): the next stage with a ``weight_grid``
+        must round to exactly it."""
+        return None
+
+    @classmethod
     def replaces_outputs(cls, args) -> str | None:
         """The argument through which the deployed graph's outputs stop being the task's (so nothing
         dense compares with them), with why; None when they stay the task's."""

@@ -58,6 +58,10 @@ class Quantize(Stage):
     def describe(cls, args):
         return FORMATS[args.format](args).describe()
 
+    @classmethod
+    def weight_grid(cls, args):
+        return args.format, getattr(args, "group_size", None)
+
     def validate(self, recipe, model, adapter, field):
         needed, target = self.format.opset, TARGETS[recipe.export.tensorrt.target]
         if needed > target.max_opset:

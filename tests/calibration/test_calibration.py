@@ -8,7 +8,7 @@ import torch
 from calibration.batches import Batch, Batches
 from calibration.cache import StatsCache, cache_key, state_digest
 from calibration.collectors import GradientHooks, InputStats, Stats
-from calibration.layerwise import LayerwiseEngine
+from calibration.layerwise import LayerwiseEngine, block_outputs
 from calibration.spec import CalibrationSpec
 from methods.weights.wanda import Wanda
 from models.adapters import adapter_for
@@ -189,3 +189,22 @@ def test_batches_are_fixed_shape_and_seeded(llama_dir, bert_dir):
     enc = TASKS["feature-extraction"].calibration_batches(AutoTokenizer.from_pretrained(bert_dir), spec)
     assert all(x.inputs["attention_mask"].shape[1] == 32 for x in enc)
     assert isinstance(enc, Batches) and isinstance(enc.batches[0], Batch)
+
+
+def test_run_blocks_feeds_each_block_the_changed_outputs_of_the_one_before(llama_dir):
+    model, tok = _load(llama_dir, "causal-lm")
+    adapter = adapter_for("llama", "causal-lm")
+    batches = TASKS["causal-lm"].calibration_batches(tok, CalibrationSpec(num_samples=4, seq_len=8, batch_size=2))
+    seen = {}
+
+    def silence(block, inputs):  # o and down at zero: the block passes its input through unchanged
+        seen[block.index] = [h.clone() for h in inputs.hidden]
+        assert not torch.equal(block_outputs(block.module, inputs)[0], inputs.hidden[0])
+        model.get_submodule(block.o).weight.data.zero_()
+        model.get_submodule(block.mlp_out).weight.data.zero_()
+
+    LayerwiseEngine(model, adapter, batches).run_blocks(silence)
+    assert sorted(seen) == [0, 1] and len(seen[0]) == 2
+    ids = batches.batches[0].inputs["input_ids"]
+    assert torch.equal(seen[0][0], model.get_input_embeddings()(ids))
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
