@@ -1,4 +1,4 @@
-"""SparseGPT: one-shot pruning with OBS weight updates (arXiv 2301.00774; docs/methods/weight-pruning.md §7).
+"""SparseGPT: one-shot pruning with OBS weight updates (arXiv 2301.00774; docs/methods/weight-pruning.md §10).
 
 Recipe: ``{type: prune_weights, method: sparsegpt, pattern: "2:4"}`` (or ``sparsity: 0.5``;
 ``blocksize: 128`` and ``dampening: 0.01`` are the paper's defaults).
@@ -20,7 +20,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
     """U, upper triangular with U^T U = (H + lambda I)^-1, lambda = dampening * mean(diag H) (fp64).
 
     Row i of U is the OBS update of the columns > i when column i is fixed, given columns < i are
-    already fixed: the whole sequential solve in one Cholesky factor (docs/methods/weight-pruning.md §7.2).
+    already fixed: the whole sequential solve in one Cholesky factor (docs/methods/weight-pruning.md §10.2).
     """
     h = hessian.double().clone()
     idx = torch.arange(h.shape[0])
@@ -68,7 +68,11 @@ class SparseGPT(Criterion):
         hessian, dead = self._hessian(weight, stats)
         w = weight.float().clone()
         w[:, dead] = 0
-        factor = inverse_hessian_factor(hessian, self.args.dampening).float()
+        try:
+            factor = inverse_hessian_factor(hessian, self.args.dampening).float()
+        except torch.linalg.LinAlgError as e:  # never fall back to an identity (= magnitude pruning)
+            raise ValueError(f"{name}: the damped Hessian is not positive definite ({e}); "
+                             f"raise 'dampening' (now {self.args.dampening})") from e
         mask = torch.zeros_like(w, dtype=torch.bool)
         for start in range(0, w.shape[1], self.args.blocksize):
             end = min(start + self.args.blocksize, w.shape[1])

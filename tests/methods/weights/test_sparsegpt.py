@@ -128,6 +128,9 @@ def test_score_is_the_obs_saliency_and_the_contract_rejects_bad_shapes():
     torch.testing.assert_close(score[:, 0], (w[:, 0] ** 2 / hinv[0, 0]).float())  # column 0: plain OBS
     with pytest.raises(ValueError, match=r"Hessian \(8, 8\) does not match weight \(3, 4\)"):
         _sparsegpt(sparsity=0.5).prune("l", torch.randn(3, 4), stats)
+    broken = Stats({**stats.t, "xtx": -stats.t["xtx"]})  # negative definite: no Cholesky factor
+    with pytest.raises(ValueError, match="l: the damped Hessian is not positive definite"):
+        _sparsegpt(sparsity=0.5).prune("l", w, broken)
 
 
 def test_arguments():
