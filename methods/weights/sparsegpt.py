@@ -23,10 +23,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
     already fixed: the whole sequential solve in one Cholesky factor (docs/methods/weight-pruning.md §10.2).
     """
     h = hessian.double().clone()
-    idx = torch.arange(h.shape[0])
-    h[idx, idx] += dampening * h.diagonal().mean()
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    h.diagonal().add_(dampening * h.diagonal().mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    inverse = torch.cholesky_solve(eye, torch.linalg.cholesky(h))  # cholesky_inverse: 5-10x slower on CPU
     return torch.linalg.cholesky(inverse, upper=True)
+
+
+def fp32_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """The factor in fp32 for the column loop, entries below fp32's normal range set to 0: far
+    from the diagonal they decay into denormals, which make every CPU update 5x slower."""
+    u = inverse_hessian_factor(hessian, dampening)
+    return u.masked_fill(u.abs() < torch.finfo(torch.float32).tiny, 0).float()
 
 
 def saliency(weight: torch.Tensor, factor_diag: torch.Tensor) -> torch.Tensor:
@@ -61,7 +68,7 @@ class SparseGPT(Criterion):
 
     def score(self, name, weight, stats):
         """The saliency the first column block is masked by, before any update."""
-        factor = inverse_hessian_factor(self._hessian(weight, stats)[0], self.args.dampening).float()
+        factor = fp32_factor(self._hessian(weight, stats)[0], self.args.dampening)
         return saliency(weight.float(), factor.diagonal())
 
     def prune(self, name, weight, stats):
@@ -69,14 +76,16 @@ class SparseGPT(Criterion):
         w = weight.float().clone()
         w[:, dead] = 0
         try:
-            factor = inverse_hessian_factor(hessian, self.args.dampening).float()
+            factor = fp32_factor(hessian, self.args.dampening)
         except torch.linalg.LinAlgError as e:  # never fall back to an identity (= magnitude pruning)
             raise ValueError(f"{name}: the damped Hessian is not positive definite ({e}); "
                              f"raise 'dampening' (now {self.args.dampening})") from e
         mask = torch.zeros_like(w, dtype=torch.bool)
         for start in range(0, w.shape[1], self.args.blocksize):
             end = min(start + self.args.blocksize, w.shape[1])
-            errors = self._prune_block(w[:, start:end], mask[:, start:end], factor[start:end, start:end])
+            block = w[:, start:end].clone()  # contiguous: the column loop runs on it
+            errors = self._prune_block(block, mask[:, start:end], factor[start:end, start:end].contiguous())
+            w[:, start:end] = block
             w[:, end:] -= errors @ factor[start:end, end:]  # the block's errors, spread to later columns
         mask |= dead.unsqueeze(0)
         return w.to(weight.dtype).masked_fill(mask, 0), mask
@@ -92,7 +101,7 @@ class SparseGPT(Criterion):
         return hessian, dead
 
     def _prune_block(self, w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """Prune ``w`` (a view of one column block) in place, filling ``mask``; returns the scaled errors."""
+        """Prune ``w`` (one column block) in place, filling ``mask`` (a view); returns the scaled errors."""
         d = factor.diagonal()
         nm = self.args.nm
         if not nm:
@@ -101,7 +110,6 @@ class SparseGPT(Criterion):
         for i in range(w.shape[1]):
             if nm and i % nm[1] == 0:
                 mask[:, i:i + nm[1]] = nm_mask(saliency(w[:, i:i + nm[1]], d[i:i + nm[1]]), *nm)
-            q = w[:, i].masked_fill(mask[:, i], 0)
-            errors[:, i] = (w[:, i] - q) / d[i]
-            w[:, i:] -= errors[:, i:i + 1] @ factor[i:i + 1, i:]  # column i becomes q; later ones compensate
+            errors[:, i] = w[:, i] * mask[:, i] / d[i]  # (w - q) / d, q = w with the masked rows zeroed
+            w[:, i:].addr_(errors[:, i], factor[i, i:], alpha=-1)  # column i becomes q; later ones compensate
         return errors
