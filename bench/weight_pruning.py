@@ -1,4 +1,4 @@
-"""Weight pruning quality on real weights: magnitude / wanda / gblm at 50% unstructured and 2:4.
+"""Weight pruning quality on real weights: magnitude / wanda / gblm / sparsegpt at 50% unstructured and 2:4.
 
 MiniLM-L6 (all-MiniLM-L6-v2): full pipeline (calibrate -> prune -> export -> evaluate in ONNX
 Runtime); fidelity = cosine of pooled embeddings to the dense ones on held-out paragraphs, plus
@@ -6,10 +6,11 @@ the Lee similarity benchmark. SmolLM2-135M (GGUF, dequantized to fp32): calibrat
 evaluate in PyTorch; perplexity on held-out text. Calibration: built-in Northanger Abbey;
 evaluation: built-in Pride and Prejudice (different novels, never the same file).
 
-    python bench/weight_pruning.py [--models minilm smollm2] [--gradient-samples 128] [--gblm-norm l2]
+    python bench/weight_pruning.py [--models minilm smollm2] [--methods wanda sparsegpt] [--gblm-norm l2]
 
-Results of each model land in bench/results/weight_pruning.json under its own key, so the models
-can be run separately; GBLM's gradient norm (l2, the paper's believed default, or l1) is recorded.
+Results of each model land in bench/results/weight_pruning.json under its own key, merged by
+(method, pattern), so models and methods can be run separately; GBLM's gradient norm (l2, the
+paper's believed default, or l1) is recorded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 from common import MINILM, RESULTS, SMOLLM2, run_recipe, stage, table, write_json
 
 CONFIGS = [("magnitude", "unstructured"), ("wanda", "unstructured"), ("gblm", "unstructured"),
-           ("magnitude", "2:4"), ("wanda", "2:4"), ("gblm", "2:4")]
+           ("sparsegpt", "unstructured"), ("magnitude", "2:4"), ("wanda", "2:4"), ("gblm", "2:4"), ("sparsegpt", "2:4")]
 
 
 def prune_stage(method: str, pattern: str, targets: list[str], gblm_norm: str = "l2") -> dict:
@@ -57,13 +58,19 @@ def smollm2_tag(method: str, pattern: str, gblm_norm: str) -> str:
     return f"smollm2-{method}{suffix}-{pattern.replace(':', 'of')}"
 
 
+def merge(previous: list[dict], runs: list[dict]) -> list[dict]:
+    """Earlier rows of methods not run now stay; in CONFIGS order."""
+    by_config = {(r["method"], r["pattern"]): r for r in previous} | {(r["method"], r["pattern"]): r for r in runs}
+    return [by_config[c] for c in CONFIGS if c in by_config]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"])
     ap.add_argument("--gradient-samples", type=int, default=128,
                     help="calibration windows whose gradients GBLM uses on SmolLM2 (full backward on the CPU)")
     ap.add_argument("--gblm-norm", choices=["l2", "l1"], default="l2", help="GBLM's norm of the per-sample gradients")
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "gblm"])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "gblm", "sparsegpt"])
     args = ap.parse_args()
     configs = [(m, p) for m, p in CONFIGS if m in args.methods]
     previous = RESULTS / "weight_pruning.json"
@@ -84,7 +91,7 @@ def main() -> None:
         print("\nMiniLM-L6 (all-MiniLM-L6-v2), held-out Pride and Prejudice paragraphs + Lee benchmark (ONNX Runtime)")
         print(table(["method", "pattern", "sparsity", "mean cos", "min cos", "Lee pearson", "prune s", "wall s",
                      "peak MB"], rows))
-        results["minilm"] = runs
+        results["minilm"] = merge(results.get("minilm", []), runs)
     if "smollm2" in args.models:
         rows, runs = [], []
         for method, pattern in configs:
@@ -102,7 +109,7 @@ def main() -> None:
               "windows of Pride and Prejudice (calibration: 128 x 512 from Northanger Abbey)")
         print(table(["method", "pattern", "sparsity", "perplexity", "calibrate s", "prune s", "wall s", "peak MB"], rows))
         key = "smollm2" if args.gblm_norm == "l2" else f"smollm2 (gblm {args.gblm_norm})"
-        results[key] = runs
+        results[key] = merge(results.get(key, []), runs)
     print(f"\nwrote {write_json('weight_pruning', results)}")
 
 

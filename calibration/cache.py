@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 FORMAT = 2  # bump when the statistics themselves change
@@ -44,16 +45,29 @@ class StatsCache:
         path = self._path(key)
         if not path.is_file():
             return None
+        with safe_open(path, framework="pt") as f:
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = f.metadata() or {}
+        flat.update({k: flat[v] for k, v in aliases.items()})  # Linears sharing an input share its sums
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for flat, t in load_file(path).items():
-            module, field = flat.rsplit("|", 1)
+        for key, t in flat.items():
+            module, field = key.rsplit("|", 1)
             out.setdefault(module, {})[field] = t
         return out
 
     def save(self, key: str, stats: dict[str, dict[str, torch.Tensor]]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{m}|{f}": t.contiguous() for m, fields in stats.items() for f, t in fields.items()}
+        flat: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}  # a tensor shared by several Linears (q/k/v) is written once
+        seen: dict[int, str] = {}
+        for m, fields in stats.items():
+            for f, t in fields.items():
+                key = f"{m}|{f}"
+                if id(t) in seen:
+                    aliases[key] = seen[id(t)]
+                else:
+                    seen[id(t)], flat[key] = key, t.contiguous()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(flat, tmp)
+        save_file(flat, tmp, metadata=aliases or None)
         tmp.replace(path)

@@ -7,6 +7,8 @@ Kinds (what a stage can ask the calibrate stage for):
 - ``sq_norm``  S1: sum over tokens of x_j^2 per input channel (Wanda, GBLM, Wanda-sp, FLAP WIFN)
 - ``mean_var`` S2: per-channel mean and unbiased variance (FLAP IFV/WIFV, bias compensation)
 - ``abs_max``  per-channel max |x_j| (SmoothQuant)
+- ``hessian``  sum over tokens of x x^T, [C_in, C_in] (SparseGPT; the layer-wise Hessian is 2 X^T X).
+  C_in^2 fp64 values per input: Linears fed the same tensor (q/k/v, gate/up) share one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-KINDS = ("sq_norm", "mean_var", "abs_max")
+KINDS = ("sq_norm", "mean_var", "abs_max", "hessian")
 
 
 def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str]) -> dict:
@@ -31,6 +33,9 @@ def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str])
         part["sum"] = x.sum(0, dtype=torch.float64)
     if "abs_max" in kinds:
         part["abs_max"] = x.abs().amax(0).double()
+    if "hessian" in kinds:
+        xd = x.double()
+        part["xtx"] = xd.T @ xd
     return part
 
 
@@ -50,7 +55,7 @@ class InputStats:
     def add(self, part: dict) -> None:
         self.tokens += part["tokens"]
         self.sequences += part["sequences"]
-        for key in ("sum_sq", "sum"):
+        for key in ("sum_sq", "sum", "xtx"):
             if key in part:
                 self.sums[key] = self.sums[key] + part[key] if key in self.sums else part[key].clone()
         if "abs_max" in part:
@@ -96,6 +101,12 @@ class Stats:
     def abs_max(self) -> torch.Tensor:
         return self.t["abs_max"].float()
 
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / tokens (fp64): the Hessian of the layer's squared output error in its weights,
+        averaged over tokens so its scale does not grow with the calibration set."""
+        return 2 * self.t["xtx"] / max(self.tokens, 1)
+
 
 class _StopForward(Exception):
     """Raised by a hook once the last statistic of a layer is in: the rest of the forward is waste."""
@@ -114,6 +125,7 @@ class InputHooks:
         self.stats = {name: InputStats(kinds) for name in modules}
         self.mask: torch.Tensor | None = None
         self._last: tuple | None = None  # q/k/v (and gate/up) see the same tensor: summarise it once
+        self._shared: dict[str, str] = {}  # name -> the module whose input it shares (found on the first batch)
         self.stop_after_last = stop_after_last
         self._order: list[str] = []
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
@@ -121,10 +133,19 @@ class InputHooks:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            if self._last is None or self._last[0] is not x:  # identity, and the reference keeps it alive
-                self._last = (x, summarize(x, self.mask, self.kinds))
-            self.stats[name].add(self._last[1])
-            if len(self._order) < len(self.stats):
+            first = len(self._order) < len(self.stats)
+            # identity of the input, and the reference to it keeps it alive
+            leader = self._last[1] if self._last is not None and self._last[0] is x else None
+            if first and leader is not None:  # one set of running sums per input (a Hessian is C_in^2)
+                self._shared[name] = leader
+                self.stats[name] = self.stats[leader]
+            elif self._shared.get(name) != leader:
+                raise RuntimeError(f"{name}: input shared with {self._shared.get(name)} on the first batch, "
+                                   f"with {leader} now")
+            elif leader is None:
+                self._last = (x, name, summarize(x, self.mask, self.kinds))
+                self.stats[name].add(self._last[2])
+            if first:
                 self._order.append(name)
             elif self.stop_after_last and name == self._order[-1]:
                 raise _StopForward

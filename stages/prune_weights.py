@@ -1,9 +1,10 @@
-"""Weight pruning: a criterion of methods/weights scores every weight; unstructured or N:M masks.
+"""Weight pruning: a criterion of methods/weights prunes every weight matrix; unstructured or N:M masks.
 
 The criterion declares what its score reads (activation statistics, gradients) and which of its
 arguments the sequential statistics depend on; this stage turns that into calibration needs and a
 cache key, collects the statistics (sequentially, as Wanda's protocol, or from the calibrate stage
-with dense propagation; docs/methods/weight-pruning.md §2.2) and zeroes the masked weights.
+with dense propagation; docs/methods/weight-pruning.md §2.2) and writes the pruned weights back
+(the masked ones zeroed; SparseGPT also updates the kept ones).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class PruneWeights(Stage):
             for name in names:
                 module = ctx.model.get_submodule(name)
                 with torch.no_grad():
-                    mask = criterion.mask(name, module.weight.data, Stats(stats[name]) if stats else None)
-                    module.weight.data[mask] = 0
+                    weight, _ = criterion.prune(name, module.weight.data, Stats(stats[name]) if stats else None)
+                    module.weight.data.copy_(weight)
 
         if not criterion.activations:
             info: dict = {"statistics": f"none ({args.method})"}

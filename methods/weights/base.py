@@ -92,7 +92,10 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 class Criterion(ABC):
-    """One importance score per weight, and the data it reads.
+    """One importance score per weight, and the data it reads; `prune` is what the stage calls.
+
+    Most criteria only score: `prune` zeroes the masked weights and keeps the rest. A criterion that
+    also moves the kept weights (SparseGPT's error compensation) overrides `prune`.
 
     The declarations decide what the stage asks of calibration, so a new criterion never edits the
     stage: ``activations`` (input-statistic kinds of calibration/collectors.py; empty = weights
@@ -131,3 +134,8 @@ class Criterion(ABC):
         if self.args.nm:
             return nm_mask(score, *self.args.nm)
         return (matrix_mask if self.matrix_group else row_mask)(score, self.args.sparsity)
+
+    def prune(self, name: str, weight: torch.Tensor, stats: Stats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new weight, mask): the weight with its masked entries zeroed, in the weight's dtype."""
+        mask = self.mask(name, weight, stats)
+        return weight.masked_fill(mask, 0), mask

@@ -7,7 +7,7 @@ import torch
 
 from calibration.batches import Batch, Batches
 from calibration.cache import StatsCache, cache_key, state_digest
-from calibration.collectors import GradientHooks, InputStats, Stats
+from calibration.collectors import GradientHooks, InputHooks, InputStats, Stats
 from calibration.layerwise import LayerwiseEngine, block_outputs
 from calibration.spec import CalibrationSpec
 from methods.weights.wanda import Wanda
@@ -42,6 +42,39 @@ def test_squares_do_not_overflow_half_precision_inputs():
     s = InputStats({"sq_norm"})
     s.update(torch.full((1, 4, 2), 3000.0, dtype=torch.float16), None)
     assert torch.isfinite(Stats(s.tensors()).sq_norm).all() and Stats(s.tensors()).sq_norm[0] == 4 * 9e6
+
+
+def test_hessian_is_the_sum_of_outer_products_over_real_tokens():
+    x = torch.randn(2, 5, 3, dtype=torch.float16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    s = InputStats({"hessian"})
+    s.update(x[:1], mask[:1])
+    s.update(x[1:], mask[1:])
+    real = x[mask].double()
+    stats = Stats(s.tensors())
+    torch.testing.assert_close(s.tensors()["xtx"], real.T @ real)
+    torch.testing.assert_close(stats.hessian, 2 * real.T @ real / 8)
+    assert stats.hessian.dtype == torch.float64 and "sum_sq" not in s.tensors()
+
+
+def test_linears_fed_one_input_share_one_set_of_sums(tmp_path):
+    """q/k/v see the same tensor: one Hessian in memory and on disk, the same numbers as separate sums."""
+    layers = torch.nn.ModuleDict({"q": torch.nn.Linear(3, 2), "k": torch.nn.Linear(3, 2), "o": torch.nn.Linear(2, 2)})
+    hooks = InputHooks(dict(layers.items()), {"hessian", "sq_norm"})
+    xs = [torch.randn(2, 4, 3) for _ in range(3)]
+    for x in xs:
+        hooks.run(lambda x=x: layers["o"](layers["q"](x) + layers["k"](x)), None)
+    stats = hooks.remove()
+    flat = torch.cat(xs).reshape(-1, 3).double()
+    assert stats["q"]["xtx"] is stats["k"]["xtx"] and stats["o"]["xtx"] is not stats["q"]["xtx"]
+    torch.testing.assert_close(stats["k"]["xtx"], flat.T @ flat)
+    assert int(stats["k"]["tokens"]) == 24 and int(stats["o"]["tokens"]) == 24
+
+    cache = StatsCache(tmp_path)
+    cache.save("k" * 64, stats)
+    loaded = cache.load("k" * 64)
+    assert loaded["q"]["xtx"] is loaded["k"]["xtx"]
+    assert all(torch.equal(loaded[n][f], t) for n, fields in stats.items() for f, t in fields.items())
 
 
 def _reference_sequential_wanda(model, samples, sparsity, blocks):

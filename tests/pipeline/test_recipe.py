@@ -42,7 +42,7 @@ def test_default_recipe_is_valid():
     (lambda r: r["stages"][1].update(pattern="4:2", sparsity=None), "stages[1]", "0 < N < M"),
     (lambda r: r["stages"][1].update(pattern="2:4", sparsity=0.3), "stages[1]", "contradicts pattern"),
     (lambda r: r["stages"][1].update(pattern="dense"), "stages[1]", "'unstructured' or 'N:M'"),
-    (lambda r: r["stages"][1].update(method="sparsegpt"), "stages[1].method", "'sparsegpt' is not allowed; allowed: "),
+    (lambda r: r["stages"][1].update(method="obs"), "stages[1].method", "'obs' is not allowed; allowed: "),
     (lambda r: r["calibration"].update(seq_len=0), "calibration.seq_len", "greater than or equal to 2"),
     (lambda r: r["calibration"].update(source="files"), "calibration", "needs 'path'"),
     (lambda r: r["stages"].append({"type": "distill"}), "stages[4].type", "unknown stage type 'distill'; allowed: calibrate"),

@@ -27,6 +27,9 @@ def _args(**kw):
     ({"method": "wanda", "sparsity": 0.5, "propagation": "dense"}, "dense-statistics", {"sq_norm"},
      "wanda unstructured 0.5"),
     ({"method": "gblm", "pattern": "4:8"}, "dense-statistics", {"gradients"}, "gblm 4:8"),
+    ({"method": "sparsegpt", "pattern": "2:4"}, "data", set(), "sparsegpt 2:4"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "propagation": "dense"}, "dense-statistics", {"hessian"},
+     "sparsegpt unstructured 0.5"),
 ])
 def test_calibration_needs_come_from_the_criterion(kw, needs, kinds, text):
     args = _args(**kw)
@@ -44,7 +47,8 @@ def test_recipe_keys_are_the_criterions_own():
 @pytest.mark.parametrize("kw, field, words", [
     ({"method": "wanda", "sparsity": 0.5, "gradient_norm": "l1"}, "stages[1].gradient_norm", "unknown key"),
     ({"method": "magnitude", "sparsity": 0.5, "gradient_scale": 3}, "stages[1].gradient_scale", "unknown key"),
-    ({"method": "sparsegpt", "sparsity": 0.5}, "stages[1].method", "'sparsegpt' is not allowed; allowed: "),
+    ({"method": "obs", "sparsity": 0.5}, "stages[1].method", "'obs' is not allowed; allowed: "),
+    ({"method": "sparsegpt", "pattern": "2:4", "blocksize": 6}, "stages[1]", "blocksize 6 must be a multiple"),
     ({"method": "gblm", "sparsity": 0.5, "gradient_norm": "l3"}, "stages[1].gradient_norm", "'l3' is not allowed"),
     ({"method": "wanda", "pattern": "2:4", "sparsity": 0.3}, "stages[1]", "contradicts pattern 2:4"),
     ({"method": "wanda", "sparsity": 1.5}, "stages[1].sparsity", "out of range"),
@@ -55,7 +59,7 @@ def test_recipe_errors_name_the_field(bert_dir, kw, field, words):
         parse_recipe(recipe)
     assert e.value.field == field and words in e.value.message, str(e.value)
     if field.endswith(".method"):
-        assert sorted(e.value.message.split("allowed: ")[1].split(", ")) == ["gblm", "magnitude", "wanda"]
+        assert sorted(e.value.message.split("allowed: ")[1].split(", ")) == ["gblm", "magnitude", "sparsegpt", "wanda"]
 
 
 def _key(gradients_key: str, **kw) -> str:
@@ -76,3 +80,6 @@ def test_sequential_cache_key_follows_the_criterions_own_arguments():
     assert len({l2, _key("g1", method="gblm", gradient_norm="l1"), _key("g1", method="gblm", gradient_scale=10),
                 _key("g2", method="gblm"), _key("g1", method="wanda")}) == 5
     assert _key("g1", method="wanda") == _key("g2", method="wanda")  # Wanda reads no gradients
+    sparsegpt = {_key("g1", method="sparsegpt"), _key("g1", method="sparsegpt", dampening=0.1),
+                 _key("g1", method="sparsegpt", blocksize=64), _key("g2", method="sparsegpt")}
+    assert len(sparsegpt) == 3  # its updates reach downstream activations; it reads no gradients

@@ -68,16 +68,27 @@ def test_args_refuse_bad_patterns(kw, words):
 def test_criteria_are_registered_by_name():
     from methods.weights.gblm import GBLM
     from methods.weights.magnitude import Magnitude
+    from methods.weights.sparsegpt import SparseGPT
     from methods.weights.wanda import Wanda
 
-    assert sorted(CRITERIA.names()) == ["gblm", "magnitude", "wanda"]
-    assert (CRITERIA["magnitude"], CRITERIA["wanda"], CRITERIA["gblm"]) == (Magnitude, Wanda, GBLM)
+    assert sorted(CRITERIA.names()) == ["gblm", "magnitude", "sparsegpt", "wanda"]
+    assert (CRITERIA["magnitude"], CRITERIA["wanda"], CRITERIA["gblm"], CRITERIA["sparsegpt"]) == (
+        Magnitude, Wanda, GBLM, SparseGPT)
+
+
+def test_default_prune_zeroes_the_mask_and_keeps_the_rest():
+    w = torch.tensor([[1.0, -3.0, 0.5, 2.0], [4.0, 0.1, -0.2, 3.0]], dtype=torch.float16)
+    magnitude = CRITERIA["magnitude"](_args(method="magnitude", pattern="2:4"))
+    new, mask = magnitude.prune("l", w, None)
+    assert mask.tolist() == [[True, False, True, False], [False, True, True, False]]
+    assert new.dtype == torch.float16 and new.tolist() == [[0.0, -3.0, 0.0, 2.0], [4.0, 0.0, 0.0, 3.0]]
 
 
 @pytest.mark.parametrize("method, propagation, dense", [
     ("magnitude", "sequential", set()), ("magnitude", "dense", set()),
     ("wanda", "sequential", set()), ("wanda", "dense", {"sq_norm"}),
     ("gblm", "sequential", {"gradients"}), ("gblm", "dense", {"gradients", "sq_norm"}),
+    ("sparsegpt", "sequential", set()), ("sparsegpt", "dense", {"hessian"}),
 ])
 def test_dense_statistics_follow_the_declarations(method, propagation, dense):
     assert CRITERIA[method].dense_statistics(_args(method=method, sparsity=0.5, propagation=propagation)) == dense
