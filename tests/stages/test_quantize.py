@@ -143,7 +143,7 @@ def test_smoothquant_int8_on_vision_towers(vit_dir, clip_dir, images_dir, tmp_pa
     ([{"type": "export"}, {"type": "quantize", "format": "int8", "percentile": 99.0}], "stages[1]",
      "percentile only applies to calibrate_method 'percentile'"),
     ([{"type": "export"}, {"type": "quantize", "format": "int2"}], "stages[1].format",
-     "'int2' is not allowed; allowed: fp16, int4, int8"),
+     "'int2' is not allowed; allowed: fp16, int4, int8, w8a16"),
     ([{"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 8}], "stages[1].group_size",
      "greater than or equal to 16"),
     ([{"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 128}], "stages[1].group_size",
