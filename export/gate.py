@@ -92,8 +92,8 @@ def gate(model: onnx.ModelProto, staged: Path, final: Path, module: torch.nn.Mod
 
     ``field``, ``rtol_field`` and ``target_field`` name the recipe fields a failure points at.
     ``info`` is the graph's manifest record (inputs/outputs) for build_spec.json; the TensorRT
-    readiness report is saved as ``folder/tensorrt.json`` either way. ``rtol`` None: the logits
-    parity is measured but not gated (``quantized`` with a task that has its own bounds).
+    readiness report is saved as ``folder/tensorrt.json`` either way. ``quantized``: a task with
+    ``quantized_bounds`` is gated on them; ``rtol`` None: the logits parity is measured, not gated.
     """
     names = module.input_names
     task = module.task

@@ -124,8 +124,9 @@ class Quantize(Stage):
         the float graph for --resume."""
         where, onnx_path = f"stages[{ctx.stage_index}]", ctx.onnx.path
         # Raw logits are the wrong gate for quantized causal LMs: the task's own bounds replace them unless
-        # the recipe sets rtol explicitly (docs/methods/deployment.md §3).
-        rtol = self.args.rtol if ctx.task.quantized_bounds else self.format.tolerance
+        # the recipe sets rtol, which asks for the logits check at that tolerance (docs/methods/deployment.md §3).
+        fidelity = bool(ctx.task.quantized_bounds) and self.args.rtol is None
+        rtol = None if fidelity else self.format.tolerance
         out.ir_version = onnx_export.IR_VERSION
         staged = work / onnx_path.name
         onnx_export.save(out, staged, external=onnx_export.file_bytes(onnx_path) > onnx_export.EXTERNAL_DATA_BYTES)
@@ -134,7 +135,7 @@ class Quantize(Stage):
         info = ctx.onnx.info
         report = gate(out, staged, onnx_path, module, export_inputs(ctx), rtol, ctx.sparsity,
                       ctx.recipe.export.tensorrt, folder, info, field=where, rtol_field=f"{where}.rtol", target_field=where,
-                      log=lambda m: ctx.events.log(escape(m)), quantized=True)
+                      log=lambda m: ctx.events.log(escape(m)), quantized=fidelity)
         details.update({"checker": report.qdq.as_dict(), "parity": {**report.parity.as_dict(), "rtol": rtol},
                         "sparsity_check": report.sparsity})
         if report.fidelity is not None:
