@@ -68,7 +68,7 @@ class W8A16(Format):
     """INT8 weights per output channel, FP16 activations; no calibration."""
 
     name = "w8a16"
-    default_rtol = 0.05  # the fp16 format's tolerance: int8 weight rounding adds less than fp16 does to logits
+    default_rtol = 0.1  # fp16's 0.05 plus room for the weight rounding (MiniLM: 0.043 measured)
 
     class Args(LayerArgs):
         format: Literal["w8a16"]

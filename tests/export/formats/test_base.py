@@ -13,7 +13,7 @@ def test_members_are_found_by_name_with_their_declarations():
     table = {name: (cls.default_rtol, cls.calibration, bool(cls.ort_disabled_optimizers), issubclass(cls.Args, LayerArgs))
              for name, cls in FORMATS.members().items()}
     assert table == {"fp16": (0.05, False, False, False), "int8": (0.25, True, True, True),
-                     "int4": (0.5, False, False, True), "w8a16": (0.05, False, False, True)}
+                     "int4": (0.5, False, False, True), "w8a16": (0.1, False, False, True)}
     for name, cls in FORMATS.members().items():
         assert issubclass(cls, Format) and issubclass(cls.Args, FormatArgs) and cls.__doc__ and cls.name == name
 

@@ -105,7 +105,7 @@ def test_tensorrt_readiness_per_target(tmp_path):
 
 def test_args_declarations_and_details(tmp_path):
     fmt = w8a16.W8A16(w8a16.W8A16.Args(format="w8a16"))
-    assert fmt.tolerance == 0.05 and not fmt.calibration and fmt.opset == 19 and fmt.ort_disabled_optimizers == ()
+    assert fmt.tolerance == 0.1 and not fmt.calibration and fmt.opset == 19 and fmt.ort_disabled_optimizers == ()
     assert fmt.describe() == "w8a16: int8 weight-only per channel, fp16 activations"
     with pytest.raises(ValidationError, match="group_size"):
         w8a16.W8A16.Args(format="w8a16", group_size=64)
@@ -121,6 +121,6 @@ def test_a_tiny_encoder_run_keeps_parity_and_its_evaluation(bert_dir, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     q = m["onnx"]["quantization"]
     assert q["format"] == "w8a16" and q["layers"] == 12 and q["checker"]["schemes"] == {"w8 weight-only": 12}
-    assert q["parity"]["max_rel_err"] <= 0.05 and m["onnx"]["tensorrt"]["ok"]
+    assert q["parity"]["max_rel_err"] <= 0.1 and m["onnx"]["tensorrt"]["ok"]
     assert m["evaluation"]["comparison"]["mean_cosine"] > 0.99
     assert m["evaluation"]["size"]["compressed"]["onnx_bytes"] < m["evaluation"]["size"]["dense"]["onnx_bytes"] * 0.55
