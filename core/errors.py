@@ -27,3 +27,10 @@ class StageFailed(PipelineError):
     """A stage ran but its result is not acceptable (e.g. ONNX parity over tolerance)."""
 
     exit_code = 1
+
+
+class GateRejected(PipelineError):
+    """The run completed but its artifact misses the recipe's quality gate (``evaluation.accept``):
+    the run folder is written and marked rejected, and it is not published."""
+
+    exit_code = 1

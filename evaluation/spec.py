@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from calibration.spec import DataSpec
 from core.spec import Section
@@ -14,9 +14,27 @@ class LatencySpec(Section):
     iterations: int = Field(default=20, ge=1, le=100_000)
 
 
+class AcceptSpec(Section):
+    """The quality gate (``evaluation.accept``): bounds on the evaluate stage's comparison with dense.
+    Each field is valid only for tasks that have its metric (tasks/: ``accept_metrics``)."""
+
+    max_perplexity_ratio: float | None = Field(default=None, ge=1, le=1000)  # causal-lm
+    min_token_agreement: float | None = Field(default=None, ge=0, le=1)  # causal-lm: top-1 next token kept
+    min_mean_cosine: float | None = Field(default=None, ge=-1, le=1)  # embedding tasks
+    min_min_cosine: float | None = Field(default=None, ge=-1, le=1)  # embedding tasks: the worst sample
+    min_top1_retained: float | None = Field(default=None, ge=0, le=1)  # image-classification: top-1 agreement
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("set at least one bound, e.g. min_mean_cosine: 0.97 or max_perplexity_ratio: 1.15")
+        return self
+
+
 class EvaluationSpec(DataSpec):
     """Held-out data and settings; shapes come from ``export`` so the artifact itself is measured."""
 
     num_samples: int = Field(default=32, ge=1, le=100_000)
     lee: bool = True
     latency: LatencySpec = LatencySpec()
+    accept: AcceptSpec | None = None  # without it the run still ends with a verdict line, without pass/fail

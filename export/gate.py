@@ -1,6 +1,8 @@
 """The one gate every graph passes after it changes (export, then each precision rewrite).
 
-In order, on a staged file: ONNX Runtime parity with the PyTorch task model, pruned zeros (and
+In order, on a staged file: ONNX Runtime parity with the PyTorch task model (for a quantized graph
+of a task with ``quantized_bounds``, such as causal LMs, the task's fidelity metrics against the
+float model instead of raw logits: docs/methods/deployment.md §3), pruned zeros (and
 N:M groups along K) still in the initializers, the Q/DQ layout TensorRT fuses, TensorRT readiness
 for the recipe's target. Only when all pass is the staged file moved into place, and ``build/``
 (spec with the graph's sha256, build_engine.sh, golden data) is written for the file that ships.
@@ -19,6 +21,7 @@ import onnx
 import torch
 
 from core.errors import StageFailed
+from tasks import Task
 
 from . import inspect as onnx_inspect
 from . import onnx as onnx_export
@@ -40,6 +43,20 @@ class GateReport:
     sparsity: dict
     qdq: qdq.QdqReport
     tensorrt: dict  # readiness, build material and engine (manifest "tensorrt")
+    fidelity: dict | None = None  # the task's metrics gating a quantized graph, with their bounds
+
+
+def check_fidelity(task: Task, rows: list, field: str) -> dict:
+    """The task's quantized-graph metrics (per batch: inputs, float outputs, quantized outputs) within
+    its ``quantized_bounds``; raises StageFailed naming every metric out of bounds."""
+    metrics = task.quantized_fidelity(rows)
+    missed = [f"{k} {metrics[k]:g} {'>' if kind == 'max' else '<'} {bound:g}"
+              for k, (kind, bound) in task.quantized_bounds.items()
+              if (metrics[k] > bound if kind == "max" else metrics[k] < bound)]
+    if missed:
+        raise StageFailed(f"the quantized graph strays from the float model on the parity batches: "
+                          f"{'; '.join(missed)}", field=field)
+    return {**metrics, "bounds": {k: f"{kind} {bound:g}" for k, (kind, bound) in task.quantized_bounds.items()}}
 
 
 def check_sparsity(model: onnx.ModelProto, sparsity: Mapping[str, LayerSparsity], field: str) -> dict:
@@ -67,19 +84,24 @@ def check_sparsity(model: onnx.ModelProto, sparsity: Mapping[str, LayerSparsity]
 
 
 def gate(model: onnx.ModelProto, staged: Path, final: Path, module: torch.nn.Module, inputs: list[tuple],
-         rtol: float, sparsity: Mapping[str, LayerSparsity], spec: TensorRTSpec, folder: Path, info: dict,
-         field: str, rtol_field: str, target_field: str, log: Callable[[str], None]) -> GateReport:
+         rtol: float | None, sparsity: Mapping[str, LayerSparsity], spec: TensorRTSpec, folder: Path, info: dict,
+         field: str, rtol_field: str, target_field: str, log: Callable[[str], None],
+         quantized: bool = False) -> GateReport:
     """Check ``model`` (saved at ``staged``), then place it at ``final`` and write ``build/`` beside it.
 
     ``field``, ``rtol_field`` and ``target_field`` name the recipe fields a failure points at.
     ``info`` is the graph's manifest record (inputs/outputs) for build_spec.json; the TensorRT
-    readiness report is saved as ``folder/tensorrt.json`` either way.
+    readiness report is saved as ``folder/tensorrt.json`` either way. ``quantized``: a task with
+    ``quantized_bounds`` is gated on them; ``rtol`` None: the logits parity is measured, not gated.
     """
     names = module.input_names
-    par = onnx_export.parity(staged, module, names, inputs)
-    if par.max_rel_err > rtol:
+    task = module.task
+    rows: list | None = [] if quantized and task.quantized_bounds else None
+    par = onnx_export.parity(staged, module, names, inputs, keep=rows)
+    if rtol is not None and par.max_rel_err > rtol:
         raise StageFailed(f"ONNX Runtime output differs from the PyTorch model: max relative error "
                           f"{par.max_rel_err:.3g} > {rtol:g} (max abs {par.max_abs_err:.3g})", field=rtol_field)
+    fidelity = check_fidelity(task, rows, field) if rows is not None else None
     kept = check_sparsity(model, sparsity, field)
     layout = qdq.inspect_qdq(model)
     (folder / "qdq.json").write_text(json.dumps({"nodes": layout.nodes, "problems": layout.problems}, indent=1))
@@ -99,7 +121,7 @@ def gate(model: onnx.ModelProto, staged: Path, final: Path, module: torch.nn.Mod
         staged.replace(final)
     example = {n: t.numpy() for n, t in zip(names, inputs[0])}
     trt = _material(readiness, final, info, spec, example, log)
-    return GateReport(par, kept, layout, trt)
+    return GateReport(par, kept, layout, trt, fidelity)
 
 
 def _material(readiness: tensorrt.Readiness, path: Path, info: dict, spec: TensorRTSpec, example: dict,

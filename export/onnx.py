@@ -135,11 +135,13 @@ class Parity:
         return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err, "samples": self.samples}
 
 
-def parity(path: Path, module: torch.nn.Module, input_names, batches: list[tuple[torch.Tensor, ...]]) -> Parity:
+def parity(path: Path, module: torch.nn.Module, input_names, batches: list[tuple[torch.Tensor, ...]],
+           keep: list | None = None) -> Parity:
     """Run the same inputs through PyTorch and ONNX Runtime and compare every output.
 
     The relative error is scaled by each output's largest magnitude: element-wise relative error
-    is meaningless where the reference is near zero.
+    is meaningless where the reference is near zero. ``keep``, when given, receives (inputs by
+    name, PyTorch outputs, ONNX Runtime outputs) per batch for task-level metrics.
     """
     sess = session(path)
     max_abs = max_rel = 0.0
@@ -149,6 +151,8 @@ def parity(path: Path, module: torch.nn.Module, input_names, batches: list[tuple
         with torch.no_grad():
             ref = [t.float().numpy() for t in module(*inputs)]
         got = sess.run(None, {name: t.numpy() for name, t in zip(input_names, inputs)})
+        if keep is not None:
+            keep.append((dict(zip(input_names, inputs)), ref, got))
         for r, g in zip(ref, got):
             err = float(np.abs(r - g.astype(np.float32)).max())
             max_abs = max(max_abs, err)

@@ -1,7 +1,8 @@
 """python -m pipeline run|validate|inspect|push|pull
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
-whose result is unacceptable exits with 1. Neither prints a traceback (PIPELINE_DEBUG=1 does).
+whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
+exits with 1. Neither prints a traceback (PIPELINE_DEBUG=1 does).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from core.errors import PipelineError, RecipeError
+from core.errors import GateRejected, PipelineError, RecipeError
 from export.registry import RegistryError
 
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
-        if args.command == "run" and not isinstance(e, (RecipeError, RegistryError)):
+        if args.command == "run" and not isinstance(e, (RecipeError, RegistryError, GateRejected)):
             print("the partial run was kept; fix the cause and rerun with --resume", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

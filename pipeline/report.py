@@ -14,7 +14,8 @@ def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
     return "\n".join(lines)
 
 
-def summary(manifest: dict) -> str:
+def summary(manifest: dict, with_verdict: bool = True) -> str:
+    """The run at a glance; it ends with the verdict line when the run was evaluated."""
     m = manifest["model"]
     lines = [f"# Run `{manifest['name']}`", "",
              f"- model: `{m['source']}` ({m['architecture']}, task {m['task']}), sha256 `{m['sha256'][:16]}…`",
@@ -41,7 +42,14 @@ def summary(manifest: dict) -> str:
     if ev:
         lines += ["", f"Evaluation ({ev['backend']}, {ev['data']['origin']}):", ""]
         lines.append(md_table(["metric", "dense", "compressed"], _eval_rows(ev)))
+    if with_verdict:
+        lines += _verdict(manifest)
     return "\n".join(lines) + "\n"
+
+
+def _verdict(manifest: dict) -> list[str]:
+    judged = manifest.get("verdict")
+    return ["", f"**{judged['line']}**"] if judged else []
 
 
 def _headline(stage: dict) -> str:
@@ -76,9 +84,12 @@ def _eval_rows(ev: dict) -> list[list]:
 
 
 def render(manifest: dict, tables: dict[str, list]) -> str:
-    """Full report: the summary, then every stage's own tables."""
-    parts = [summary(manifest)]
+    """Full report: the summary, every stage's own tables, and the verdict last."""
+    parts = [summary(manifest, with_verdict=False)]
     for s in manifest["stages"]:
         for t in tables.get(s["name"], []):
             parts.append(f"\n## {s['name']}: {t.title}\n\n{md_table(t.headers, t.rows)}\n")
+    verdict = _verdict(manifest)
+    if verdict:
+        parts.append("\n## Verdict\n" + "\n".join(verdict) + "\n")
     return "".join(parts)

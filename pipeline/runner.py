@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from calibration.cache import StatsCache
-from core.errors import PipelineError, RecipeError
+from core.errors import GateRejected, PipelineError, RecipeError
 from core.events import Events
 from core.files import dump, now, write_atomic
+from evaluation.verdict import verdict
 from models import loading as models
 from models.adapters import Adapter, adapter_for
 from stages import REGISTRY, Stage, StageResult, Table
@@ -50,6 +51,9 @@ def plan(recipe: Recipe) -> Plan:
         task.check_data(recipe.calibration, "calibration")
     if "evaluate" in types:
         task.check_evaluation(recipe.evaluation)
+    elif recipe.evaluation.accept is not None:
+        raise RecipeError("the quality gate reads the evaluate stage's numbers; add '- type: evaluate' last",
+                          field="evaluation.accept")
     meta = models.meta_model(recipe.model, source, task)
     stages = [REGISTRY[a.type](a) for a in recipe.stages]
     for i, stage in enumerate(stages):
@@ -141,6 +145,15 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
         events.close()
     final = folder.finalize()
     events.console.print(f"wrote {final}/ ({len(manifest['artifacts'])} files)", highlight=False)
+    judged = manifest["verdict"]
+    if judged is not None:
+        events.console.print(judged["line"], highlight=False, markup=False)
+    if judged is not None and judged["accepted"] is False:
+        missed = "; ".join(f"{c['metric']} {c['value']:g} against {c['field']} {c['bound']:g}"
+                           for c in judged["checks"] if not c["ok"])
+        raise GateRejected(f"the artifact misses the quality gate ({missed}); {final}/ is marked rejected in "
+                           "manifest.json" + (" and was not published" if recipe.publish else ""),
+                           field="evaluation.accept")
     if recipe.publish:
         _publish(final, recipe.publish.ref, events)
     return final
@@ -200,5 +213,6 @@ def _manifest(ctx: RunContext, records: list[dict], params_before: int) -> dict:
         "stages": records,
         "onnx": ctx.onnx.record() if ctx.onnx is not None else None,
         "evaluation": ctx.evaluation or None,
+        "verdict": verdict(ctx.evaluation, recipe.evaluation.accept, ctx.task) if ctx.evaluation else None,
         "environment": environment(),
     }

@@ -55,3 +55,6 @@ class Evaluate(Stage):
             result["latency"] = latency(dense, comp, batches, spec.latency)
         ctx.evaluation = result
         return StageResult(result)  # report.md renders the evaluation from the manifest
+
+    def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
+        ctx.evaluation = result.metrics  # the verdict reads it

@@ -6,7 +6,8 @@ it in the recipe). For every format the stage does the same: ``targets``/``ignor
 Linears by torch name, mapped to ONNX nodes through the exporter's name scopes; the recipe's
 TensorRT target must parse the opset the format needs; calibration samples are fed when the format
 asks; the result passes the one gate (export/gate.py: parity with the float PyTorch model at the
-format's tolerance, pruned zeros kept, the Q/DQ layout TensorRT fuses, readiness). SmoothQuant is
+format's tolerance, or for causal LMs perplexity ratio and top-1 token agreement with it; pruned
+zeros kept, the Q/DQ layout TensorRT fuses, readiness). SmoothQuant is
 its own stage, before export.
 """
 
@@ -125,7 +126,11 @@ class Quantize(Stage):
                          details: dict) -> StageResult:
         """The gate on a staged copy; model.onnx is replaced only if it passes, so a failed stage leaves
         the float graph for --resume."""
-        where, onnx_path, rtol = f"stages[{ctx.stage_index}]", ctx.onnx.path, self.format.tolerance
+        where, onnx_path = f"stages[{ctx.stage_index}]", ctx.onnx.path
+        # Raw logits are the wrong gate for quantized causal LMs: the task's own bounds replace them unless
+        # the recipe sets rtol, which asks for the logits check at that tolerance (docs/methods/deployment.md §3).
+        fidelity = bool(ctx.task.quantized_bounds) and self.args.rtol is None
+        rtol = None if fidelity else self.format.tolerance
         out.ir_version = onnx_export.IR_VERSION
         staged = work / onnx_path.name
         onnx_export.save(out, staged, external=onnx_export.file_bytes(onnx_path) > onnx_export.EXTERNAL_DATA_BYTES)
@@ -134,9 +139,11 @@ class Quantize(Stage):
         info = ctx.onnx.info
         report = gate(out, staged, onnx_path, module, export_inputs(ctx), rtol, ctx.sparsity,
                       ctx.recipe.export.tensorrt, folder, info, field=where, rtol_field=f"{where}.rtol", target_field=where,
-                      log=lambda m: ctx.events.log(escape(m)))
+                      log=lambda m: ctx.events.log(escape(m)), quantized=fidelity)
         details.update({"checker": report.qdq.as_dict(), "parity": {**report.parity.as_dict(), "rtol": rtol},
                         "sparsity_check": report.sparsity})
+        if report.fidelity is not None:
+            details["fidelity"] = report.fidelity
         info.update({"opset": opset(out), "nodes": len(out.graph.node), "ops": sorted({n.op_type for n in out.graph.node}),
                      "bytes": onnx_export.file_bytes(onnx_path), "quantization": details, "tensorrt": report.tensorrt})
         if self.format.ort_disabled_optimizers:
@@ -148,12 +155,17 @@ class Quantize(Stage):
         metrics = {"format": self.args.format, "opset": info["opset"], "bytes": info["bytes"],
                    "quantized_ops": len(report.qdq.nodes), "parity": details["parity"],
                    "sparsity_check": report.sparsity, "tensorrt": tensorrt_headline(report.tensorrt)}
-        return StageResult(metrics, [
-            Table("Precision", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
-                                                  for k, v in details.items() if k not in ("checker", "parity")]),
-            Table("Quantized ops (Q/DQ placement)", ["module", "op", "scheme", "inputs"], rows),
-            parity_table("Parity with the float PyTorch model (ONNX Runtime, CPU)", details["parity"]),
-            tensorrt_table(report.tensorrt)])
+        tables = [Table("Precision", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                                                        for k, v in details.items()
+                                                        if k not in ("checker", "parity", "fidelity")]),
+                  Table("Quantized ops (Q/DQ placement)", ["module", "op", "scheme", "inputs"], rows),
+                  parity_table("Parity with the float PyTorch model (ONNX Runtime, CPU)", details["parity"])]
+        if report.fidelity is not None:
+            metrics["fidelity"] = {k: v for k, v in report.fidelity.items() if k != "bounds"}
+            tables.append(Table("Fidelity to the float PyTorch model (parity batches)", ["metric", "value", "bound"],
+                                [[k, v, report.fidelity["bounds"].get(k, "")] for k, v in report.fidelity.items()
+                                 if k != "bounds"]))
+        return StageResult(metrics, [*tables, tensorrt_table(report.tensorrt)])
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.onnx = OnnxArtifact.load(ctx.onnx.path, folder / "onnx.json")

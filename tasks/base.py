@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +47,11 @@ class Task(ABC):
     embeds: ClassVar[bool] = False  # outputs (embedding, last_hidden_state): the encoder's features, no head
     gradients_in_train_mode: ClassVar[bool] = False  # dropout on while the gradient loss runs
     source_hint: ClassVar[str]  # which sources give this modality (error messages)
+    # evaluation.accept fields this task can be gated on -> the key of quality()'s "comparison" each bounds
+    # (a "max_" field is an upper bound, a "min_" field a lower one)
+    accept_metrics: ClassVar[dict[str, str]] = {}
+    # bounds replacing the logits parity check for quantized graphs: metric of quantized_fidelity -> (max|min, value)
+    quantized_bounds: ClassVar[dict[str, tuple[Literal["max", "min"], float]]] = {}
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -63,6 +69,12 @@ class Task(ABC):
     def check_evaluation(self, spec) -> None:
         """Before any work: what the evaluate stage will read (``spec``: the EvaluationSpec)."""
         self.check_data(spec, "evaluation")
+        given = spec.accept.model_dump(exclude_none=True) if spec.accept is not None else {}
+        for name in given:
+            if name not in self.accept_metrics:
+                able = ", ".join(self.accept_metrics) or "none"
+                raise RecipeError(f"task {self.name!r} has no metric for {name} (its gate fields: {able})",
+                                  field=f"evaluation.accept.{name}")
 
     def check_gradients(self, field: str) -> None:
         """Raise a RecipeError when the task has no loss to take gradients of (GBLM)."""
@@ -97,6 +109,12 @@ class Task(ABC):
     @abstractmethod
     def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
         """The compressed model against the dense one: {"dense": ..., "compressed": ..., "comparison": ...}."""
+
+    def quantized_fidelity(self, rows: list[tuple[dict[str, torch.Tensor], list[np.ndarray], list[np.ndarray]]]) \
+            -> dict | None:
+        """For a quantized graph, per batch (inputs, float outputs, quantized outputs): the metrics
+        ``quantized_bounds`` gate instead of the logits parity; None keeps the parity check."""
+        return None
 
 
 class TextTask(Task):

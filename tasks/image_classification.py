@@ -22,6 +22,7 @@ from .metrics import Run, outputs
 class ImageClassification(ImageTask):
     name = "image-classification"
     output_names = ("logits",)
+    accept_metrics = {"min_top1_retained": "top1_agreement"}  # the dense model's top-1 kept
 
     def auto_class(self, model_type: str) -> type[Any]:
         from transformers import AutoModelForImageClassification

@@ -23,6 +23,7 @@ class ImageFeatures(ImageTask):
     name = "image-feature-extraction"
     output_names = ("embedding", "last_hidden_state")
     embeds = True
+    accept_metrics = {"min_mean_cosine": "mean_cosine", "min_min_cosine": "min_cosine"}
 
     def auto_class(self, model_type: str) -> type[Any]:
         import transformers as tf

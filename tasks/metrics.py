@@ -19,15 +19,34 @@ from calibration.batches import Batch
 Run = Callable[[dict[str, torch.Tensor]], list[np.ndarray]]
 
 
+def next_token_nll(logits: np.ndarray, ids: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of logits [B, T, V] for ids [B, T] (the last position predicts nothing)."""
+    lg = torch.from_numpy(logits).float()[:, :-1]
+    return float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+
+
 def perplexity(run: Run, batches: Iterable[Batch]) -> float:
     """exp of the mean next-token cross-entropy over every predicted token of the windows."""
     nll, count = 0.0, 0
     for b in batches:
         ids = b.inputs["input_ids"]
-        logits = torch.from_numpy(run({"input_ids": ids})[0]).float()[:, :-1]
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        nll += next_token_nll(run({"input_ids": ids})[0], ids)
         count += ids[:, 1:].numel()
     return float(np.exp(nll / count))
+
+
+def next_token_comparison(rows: Iterable[tuple[torch.Tensor, np.ndarray, np.ndarray]]) -> dict:
+    """Per batch (input_ids, reference logits, compared logits): both perplexities over every predicted
+    token, and the fraction of those positions where both pick the same top-1 next token."""
+    nll_ref = nll_cmp = 0.0
+    count = agree = 0
+    for ids, ref, cmp in rows:
+        nll_ref += next_token_nll(ref, ids)
+        nll_cmp += next_token_nll(cmp, ids)
+        count += ids[:, 1:].numel()
+        agree += int((ref[:, :-1].argmax(-1) == cmp[:, :-1].argmax(-1)).sum())
+    return {"reference": float(np.exp(nll_ref / count)), "compared": float(np.exp(nll_cmp / count)),
+            "token_agreement": agree / count}
 
 
 def outputs(run: Run, batches: Iterable[Batch]) -> np.ndarray:

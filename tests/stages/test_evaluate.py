@@ -35,7 +35,7 @@ def test_unexported_decoder_runs_in_pytorch(llama_dir, tmp_path):
     ev = _manifest(run(write_recipe(tmp_path, recipe), output=tmp_path / "out"))["evaluation"]
     assert ev["backend"] == "pytorch" and "latency" not in ev and "flops" not in ev["size"]["dense"]
     assert ev["data"]["windows"] == 4 and ev["data"]["seq_len"] == 16
-    assert ev["comparison"] == {"perplexity_ratio": 1.0} and ev["dense"] == ev["compressed"]
+    assert ev["comparison"] == {"perplexity_ratio": 1.0, "token_agreement": 1.0} and ev["dense"] == ev["compressed"]
 
 
 def test_missing_lee_data_fails_before_any_work(bert_dir, llama_dir, tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ def test_smoothquant_int8_on_vision_towers(vit_dir, clip_dir, images_dir, tmp_pa
     ([{"type": "export"}, {"type": "quantize", "format": "int8", "percentile": 99.0}], "stages[1]",
      "percentile only applies to calibrate_method 'percentile'"),
     ([{"type": "export"}, {"type": "quantize", "format": "int2"}], "stages[1].format",
-     "'int2' is not allowed; allowed: fp16, int4, int8"),
+     "'int2' is not allowed; allowed: fp16, int4, int8, w8a16"),
     ([{"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 8}], "stages[1].group_size",
      "greater than or equal to 16"),
     ([{"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 128}], "stages[1].group_size",
@@ -171,3 +171,18 @@ def test_a_stray_field_lists_the_formats_own_keys(llama_dir):
         parse_recipe(text_recipe(llama_dir, "causal-lm", stages))
     allowed = set(e.value.message.removeprefix("unknown key; allowed keys: ").split(", "))
     assert allowed == {"type", "name", "format", "rtol"}
+
+
+@pytest.mark.parametrize("rtol", [None, 0.9])
+def test_quantized_causal_lm_is_gated_on_its_fidelity_unless_rtol_is_set(llama_dir, tmp_path, rtol):
+    q = {"type": "quantize", "format": "w8a16", **({"rtol": rtol} if rtol else {})}
+    _, m, model = _run(tmp_path, llama_dir, "causal-lm", [{"type": "export"}, q])
+    details = m["onnx"]["quantization"]
+    assert details["parity"]["rtol"] == rtol and qdq.inspect_qdq(model).schemes == {"w8 weight-only": 14}
+    if rtol is None:
+        f = details["fidelity"]
+        assert f["bounds"] == {"perplexity_ratio": "max 3", "token_agreement": "min 0.3"}
+        assert f["perplexity_ratio"] < 1.05 and f["token_agreement"] > 0.9
+        assert m["stages"][1]["metrics"]["fidelity"]["token_agreement"] == f["token_agreement"]
+    else:
+        assert "fidelity" not in details and details["parity"]["max_rel_err"] <= rtol

@@ -60,3 +60,26 @@ def test_embedding_prefers_a_projection_and_normalizes_on_request():
     raw = embedding_outputs(lambda **kw: SimpleNamespace(last_hidden_state=hidden), {},
                             spec.model_copy(update={"normalize": False, "pooling": "cls"}))[0]
     torch.testing.assert_close(raw, hidden[:, 0])
+
+
+@pytest.mark.parametrize("task, field, ok", [
+    ("causal-lm", "max_perplexity_ratio", True), ("causal-lm", "min_token_agreement", True),
+    ("causal-lm", "min_mean_cosine", False), ("feature-extraction", "min_mean_cosine", True),
+    ("feature-extraction", "min_top1_retained", False), ("image-feature-extraction", "min_min_cosine", True),
+    ("image-classification", "min_top1_retained", True), ("image-classification", "max_perplexity_ratio", False),
+])
+def test_each_gate_field_is_valid_only_for_tasks_with_its_metric(task, field, ok, images_dir):
+    data = {"source": "images", "path": str(images_dir)} if TASKS[task].modality == "images" else {}
+    spec = EvaluationSpec(lee=False, accept={field: 0.9 if field.startswith("min_") else 1.1}, **data)
+    if ok:
+        TASKS[task].check_evaluation(spec)
+        return
+    with pytest.raises(RecipeError) as e:
+        TASKS[task].check_evaluation(spec)
+    assert e.value.field == f"evaluation.accept.{field}"
+    assert e.value.message.startswith(f"task {task!r} has no metric for {field} (its gate fields: ")
+
+
+def test_only_causal_lm_replaces_the_logits_parity_for_quantized_graphs():
+    assert {n for n, t in TASKS.items() if t.quantized_bounds} == {"causal-lm"}
+    assert TASKS["feature-extraction"].quantized_fidelity([]) is None

@@ -65,3 +65,16 @@ def test_quality_is_the_perplexity_ratio():
     q = TASK.quality(uniform, sharp, held)
     assert q["dense"]["perplexity"] == pytest.approx(8.0)
     assert q["comparison"]["perplexity_ratio"] == round(q["compressed"]["perplexity"] / 8.0, 4) < 1
+
+
+def test_quality_and_quantized_fidelity_count_top1_next_token_agreement():
+    ids = torch.tensor([[0, 1, 2, 3]])
+    sharp = F.one_hot(torch.tensor([[1, 2, 3, 0]]), 8).float().mul(4).numpy()
+    half = F.one_hot(torch.tensor([[1, 5, 3, 0]]), 8).float().mul(4).numpy()  # the 2nd of 3 predictions differs
+    held = HeldOut(Batches([Batch({"input_ids": ids})], "x"), None, 1, 4, lee=False)
+    q = TASK.quality(lambda b: [sharp], lambda b: [half], held)
+    assert q["comparison"]["token_agreement"] == round(2 / 3, 4)
+    f = TASK.quantized_fidelity([({"input_ids": ids}, [sharp], [half])])
+    assert f["token_agreement"] == round(2 / 3, 4) and f["float_perplexity"] == q["dense"]["perplexity"]
+    assert f["perplexity_ratio"] == q["comparison"]["perplexity_ratio"] > 1
+    assert f["quantized_perplexity"] == q["compressed"]["perplexity"]

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from calibration.batches import Batch
-from tasks.metrics import cosine_comparison, cosine_rows, lee_correlation, outputs, pearson, perplexity, ranks, spearman
+from tasks.metrics import (
+    cosine_comparison,
+    cosine_rows,
+    lee_correlation,
+    next_token_comparison,
+    outputs,
+    pearson,
+    perplexity,
+    ranks,
+    spearman,
+)
 
 
 def test_uniform_logits_have_the_vocabulary_size_as_perplexity():
@@ -60,3 +70,22 @@ def test_lee_correlation_against_a_direct_computation():
     order = lambda v: np.argsort(np.argsort(v))  # noqa: E731 (no ties in random data)
     assert got == {"pearson": round(float(np.corrcoef(sim, ref)[0, 1]), 4),
                    "spearman": round(float(np.corrcoef(order(sim), order(ref))[0, 1]), 4)}
+
+
+def test_next_token_comparison_against_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(0, 6, (2, 5), generator=g), torch.randn(2, 5, 6, generator=g).numpy(),
+             torch.randn(2, 5, 6, generator=g).numpy()) for _ in range(2)]
+    ref_nll = cmp_nll = agree = 0.0
+    for ids, ref, cmp in rows:
+        for b in range(2):
+            for t in range(4):  # the last position predicts nothing
+                ref_nll -= float(torch.log_softmax(torch.from_numpy(ref[b, t]), -1)[ids[b, t + 1]])
+                cmp_nll -= float(torch.log_softmax(torch.from_numpy(cmp[b, t]), -1)[ids[b, t + 1]])
+                agree += int(ref[b, t].argmax() == cmp[b, t].argmax())
+    got = next_token_comparison(rows)
+    assert got["reference"] == pytest.approx(math.exp(ref_nll / 16), rel=1e-5)
+    assert got["compared"] == pytest.approx(math.exp(cmp_nll / 16), rel=1e-5)
+    assert got["token_agreement"] == agree / 16
+    assert got["reference"] == pytest.approx(perplexity(lambda b: [np.concatenate([r[1] for r in rows])],
+                                                        [Batch({"input_ids": torch.cat([r[0] for r in rows])})]))

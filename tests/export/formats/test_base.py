@@ -9,11 +9,11 @@ from export.formats import FORMATS, Format, FormatArgs, LayerArgs
 
 
 def test_members_are_found_by_name_with_their_declarations():
-    assert sorted(FORMATS.names()) == ["fp16", "int4", "int8"]
+    assert sorted(FORMATS.names()) == ["fp16", "int4", "int8", "w8a16"]
     table = {name: (cls.default_rtol, cls.calibration, bool(cls.ort_disabled_optimizers), issubclass(cls.Args, LayerArgs))
              for name, cls in FORMATS.members().items()}
     assert table == {"fp16": (0.05, False, False, False), "int8": (0.25, True, True, True),
-                     "int4": (0.5, False, False, True)}
+                     "int4": (0.5, False, False, True), "w8a16": (0.1, False, False, True)}
     for name, cls in FORMATS.members().items():
         assert issubclass(cls, Format) and issubclass(cls.Args, FormatArgs) and cls.__doc__ and cls.name == name
 
@@ -22,7 +22,8 @@ def test_each_format_owns_its_fields():
     own = {name: set(cls.Args.model_fields) for name, cls in FORMATS.members().items()}
     assert own == {"fp16": {"format", "rtol"},
                    "int8": {"format", "rtol", "targets", "ignore", "calibrate_method", "percentile", "float16"},
-                   "int4": {"format", "rtol", "targets", "ignore", "group_size", "partial_groups"}}
+                   "int4": {"format", "rtol", "targets", "ignore", "group_size", "partial_groups"},
+                   "w8a16": {"format", "rtol", "targets", "ignore"}}
 
 
 @pytest.mark.parametrize("rtol", [0, 10.5])
