@@ -2,6 +2,7 @@
 
 from .base import Stage, StageArgs, StageResult, Table
 from .calibrate import Calibrate
+from .distill import Distill
 from .evaluate import Evaluate
 from .export import Export
 from .prune_structured import PruneStructured
@@ -11,6 +12,6 @@ from .smoothquant import SmoothQuant
 from .token_prune import TokenPrune
 
 REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, TokenPrune,
-                                                                  SmoothQuant, Export, Quantize, Evaluate)}
+                                                                  Distill, SmoothQuant, Export, Quantize, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]
