@@ -45,7 +45,7 @@ def test_default_recipe_is_valid():
     (lambda r: r["stages"][1].update(method="sparsegpt"), "stages[1].method", "'sparsegpt' is not allowed; allowed: "),
     (lambda r: r["calibration"].update(seq_len=0), "calibration.seq_len", "greater than or equal to 2"),
     (lambda r: r["calibration"].update(source="files"), "calibration", "needs 'path'"),
-    (lambda r: r["stages"].append({"type": "distill"}), "stages[4].type", "unknown stage type 'distill'; allowed: calibrate"),
+    (lambda r: r["stages"].append({"type": "train"}), "stages[4].type", "unknown stage type 'train'; allowed: calibrate"),
     (lambda r: r["stages"].pop(0), "stages[0]", "add '- type: calibrate' before it"),
     (lambda r: r["model"].update(task="translation"), "model.task", "'causal-lm'"),
     (lambda r: r.pop("model"), "model", "required"),
