@@ -29,8 +29,8 @@ def _error(recipe: dict, tmp_path) -> RecipeError:
 
 def test_default_recipe_is_valid():
     recipe = load_recipe("recipes/default.yaml")
-    assert [s.type for s in recipe.stages] == ["calibrate", "prune_structured", "prune_weights", "export", "quantize",
-                                               "evaluate"]
+    assert [s.type for s in recipe.stages] == ["calibrate", "prune_structured", "prune_weights", "distill", "export",
+                                               "quantize", "evaluate"]
     assert recipe.stages[2].nm == (2, 4)
     assert plan(recipe).source.model_type == "bert"
 
