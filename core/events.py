@@ -54,10 +54,12 @@ class ProgressTask:
         self.completed = 0
         events.emit("progress", task=description, completed=0, total=total)
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, **fields) -> None:
+        """``fields`` (a training loss, say) are shown after the description and recorded with the event."""
         self.completed += n
-        self.progress.update(self.id, advance=n)
-        self.events.emit("progress", task=self.description, completed=self.completed, total=self.total)
+        shown = " ".join([self.description, *(f"{k} {v}" for k, v in fields.items())])
+        self.progress.update(self.id, advance=n, description=shown)
+        self.events.emit("progress", task=self.description, completed=self.completed, total=self.total, **fields)
 
     def done(self) -> None:
         if self.events._progress is self.progress:  # not closed since (an error ends the run's bars)

@@ -32,6 +32,8 @@ from .manifest import SCHEMA, RunFolder, artifacts, environment
 from .recipe import Recipe, load_recipe
 from .report import render
 
+STARTED = "started"  # in a resumable stage's folder until it completes: the fingerprint it began under
+
 
 @dataclass
 class Plan:
@@ -114,9 +116,14 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
                 events.log(f"[bold]{label}[/]: complete in the partial run, reused")
                 events.emit("stage_reused")
             else:
+                # An interrupted resumable stage (everything before it reused) continues from its own folder.
+                inside = reusable and stage.resumable and _started(sdir) == fingerprint
                 reusable = False
-                shutil.rmtree(sdir, ignore_errors=True)
-                sdir.mkdir(parents=True)
+                if not inside:
+                    shutil.rmtree(sdir, ignore_errors=True)
+                    sdir.mkdir(parents=True)
+                    if stage.resumable:
+                        write_atomic(sdir / STARTED, fingerprint)
                 events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")
                 events.emit("stage_start", type=stage.type, params=stage.args.model_dump(mode="json"))
                 t = time.perf_counter()
@@ -127,6 +134,7 @@ def run(recipe_path: str | Path, output: str | Path | None = None, force: bool =
                 write_atomic(sdir / "result.json", dump({
                     "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
                     "tables": [t.__dict__ for t in result.tables]}))
+                (sdir / STARTED).unlink(missing_ok=True)
                 status = "ran"
                 events.emit("stage_end", seconds=seconds, metrics=result.metrics)
             records.append({"name": label, "type": stage.type, "params": stage.args.model_dump(mode="json"),
@@ -179,6 +187,12 @@ def _statistics_wanted(recipe: Recipe, at: int) -> frozenset[str]:
             break
         kinds |= REGISTRY[args.type].statistics(args)
     return frozenset(kinds)
+
+
+def _started(sdir: Path) -> str | None:
+    """The fingerprint a resumable stage began under, while it has not completed."""
+    path = sdir / STARTED
+    return path.read_text() if path.is_file() else None
 
 
 def _read_record(sdir: Path) -> dict | None:

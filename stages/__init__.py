@@ -3,6 +3,7 @@
 from .awq import Awq
 from .base import Stage, StageArgs, StageResult, Table
 from .calibrate import Calibrate
+from .distill import Distill
 from .evaluate import Evaluate
 from .export import Export
 from .prune_structured import PruneStructured
@@ -12,6 +13,6 @@ from .smoothquant import SmoothQuant
 from .token_prune import TokenPrune
 
 REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, TokenPrune,
-                                                                  SmoothQuant, Awq, Export, Quantize, Evaluate)}
+                                                                  Distill, SmoothQuant, Awq, Export, Quantize, Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]

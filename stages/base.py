@@ -42,6 +42,7 @@ class Stage(ABC):
     settings: ClassVar[tuple[str, ...]] = ()  # recipe sections besides model/calibration its result depends on
     after_model_changes: ClassVar[bool] = False  # must follow every stage that changes the model
     compares_with_dense: ClassVar[bool] = False  # compares task outputs with the dense model's
+    resumable: ClassVar[bool] = False  # --resume keeps its folder when interrupted (it continues from its own files)
 
     def __init__(self, args: StageArgs):
         self.args = args

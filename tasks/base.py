@@ -107,6 +107,12 @@ class Task(ABC):
         """A loss that is a *sum* of per-sample terms, so per-sample gradients are well defined."""
 
     @abstractmethod
+    def distill_loss(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     inputs: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """How far the student's deployed outputs (``forward``) are from the teacher's, as a mean over
+        samples (docs/methods/recovery.md, distillation); ``temperature`` softens logits."""
+
+    @abstractmethod
     def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
         """The compressed model against the dense one: {"dense": ..., "compressed": ..., "comparison": ...}."""
 
@@ -168,3 +174,28 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
         return hidden.mean(1)
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def logits_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions over the last axis, mean over
+    every prediction, times T^2 so the gradient scale does not shrink with T (Hinton et al. 2015)."""
+    t = temperature
+    s = F.log_softmax(student.float().reshape(-1, student.shape[-1]) / t, -1)
+    p = F.log_softmax(teacher.float().reshape(-1, teacher.shape[-1]) / t, -1)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def embedding_distill(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """(1 - cosine) + MSE on the embedding, plus MSE on the last hidden states over real tokens.
+
+    The cosine is what the evaluation measures; the MSE terms also pin the scale, and the hidden
+    states give a signal per token rather than one per sample."""
+    (emb_s, hid_s), (emb_t, hid_t) = student[:2], teacher[:2]
+    emb_s, emb_t, hid_s, hid_t = emb_s.float(), emb_t.float(), hid_s.float(), hid_t.float()
+    loss = (1 - F.cosine_similarity(emb_s, emb_t, dim=-1)).mean() + F.mse_loss(emb_s, emb_t)
+    err = (hid_s - hid_t).pow(2).mean(-1)
+    if mask is None:
+        return loss + err.mean()
+    m = mask.to(err.dtype)
+    return loss + (err * m).sum() / m.sum().clamp_min(1)

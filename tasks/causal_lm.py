@@ -20,7 +20,7 @@ from calibration.batches import Batches, first_windows, random_windows
 from calibration.sources import load_text
 from models.spec import ModelSpec
 
-from .base import HeldOut, TextTask
+from .base import HeldOut, TextTask, logits_kl
 from .metrics import Run, next_token_comparison
 
 
@@ -57,6 +57,10 @@ class CausalLM(TextTask):
         target = inputs["input_ids"][:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         return ce.view(target.shape).mean(1).sum()
+
+    def distill_loss(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     inputs: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        return logits_kl(student[0], teacher[0], temperature)
 
     def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
         cmp = next_token_comparison((b.inputs["input_ids"], dense({"input_ids": b.inputs["input_ids"]})[0],

@@ -19,7 +19,7 @@ from calibration.batches import Batches, encode_texts, held_out_paragraphs, rand
 from calibration.sources import LEE_SOURCE, lee_benchmark, load_text
 from models.spec import ModelSpec
 
-from .base import HeldOut, TextTask, embedding_outputs
+from .base import HeldOut, TextTask, embedding_distill, embedding_outputs
 from .metrics import Run, cosine_comparison, lee_correlation, outputs
 
 SIMCSE_TEMPERATURE = 0.05
@@ -63,6 +63,10 @@ class FeatureExtraction(TextTask):
         a, b = F.normalize(emb, dim=-1).chunk(2)
         sim = a @ b.T / SIMCSE_TEMPERATURE
         return F.cross_entropy(sim, torch.arange(len(a)), reduction="sum")
+
+    def distill_loss(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     inputs: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        return embedding_distill(student, teacher, inputs.get("attention_mask"))
 
     def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
         out = cosine_comparison(outputs(dense, held_out.batches), outputs(compressed, held_out.batches))

@@ -15,7 +15,7 @@ from torch import nn
 
 from models.spec import ModelSpec
 
-from .base import HeldOut, ImageTask
+from .base import HeldOut, ImageTask, logits_kl
 from .metrics import Run, outputs
 
 
@@ -37,6 +37,10 @@ class ImageClassification(ImageTask):
         logits = model(**inputs).logits
         target = labels if labels is not None else logits.detach().argmax(-1)
         return F.cross_entropy(logits, target, reduction="sum")
+
+    def distill_loss(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     inputs: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        return logits_kl(student[0], teacher[0], temperature)
 
     def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
         a, b = outputs(dense, held_out.batches), outputs(compressed, held_out.batches)

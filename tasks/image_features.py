@@ -15,7 +15,7 @@ from torch import nn
 from core.errors import RecipeError
 from models.spec import ModelSpec
 
-from .base import HeldOut, ImageTask, embedding_outputs
+from .base import HeldOut, ImageTask, embedding_distill, embedding_outputs
 from .metrics import Run, cosine_comparison, outputs
 
 
@@ -39,6 +39,10 @@ class ImageFeatures(ImageTask):
     def gradient_loss(self, model: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor],
                       labels: torch.Tensor | None) -> torch.Tensor:
         raise _no_loss("stages")
+
+    def distill_loss(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                     inputs: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        return embedding_distill(student, teacher, None)
 
     def quality(self, dense: Run, compressed: Run, held_out: HeldOut) -> dict:
         return cosine_comparison(outputs(dense, held_out.batches), outputs(compressed, held_out.batches))

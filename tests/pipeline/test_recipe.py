@@ -29,8 +29,8 @@ def _error(recipe: dict, tmp_path) -> RecipeError:
 
 def test_default_recipe_is_valid():
     recipe = load_recipe("recipes/default.yaml")
-    assert [s.type for s in recipe.stages] == ["calibrate", "prune_structured", "prune_weights", "export", "quantize",
-                                               "evaluate"]
+    assert [s.type for s in recipe.stages] == ["calibrate", "prune_structured", "prune_weights", "distill", "export",
+                                               "quantize", "evaluate"]
     assert recipe.stages[2].nm == (2, 4)
     assert plan(recipe).source.model_type == "bert"
 
@@ -45,7 +45,7 @@ def test_default_recipe_is_valid():
     (lambda r: r["stages"][1].update(method="obs"), "stages[1].method", "'obs' is not allowed; allowed: "),
     (lambda r: r["calibration"].update(seq_len=0), "calibration.seq_len", "greater than or equal to 2"),
     (lambda r: r["calibration"].update(source="files"), "calibration", "needs 'path'"),
-    (lambda r: r["stages"].append({"type": "distill"}), "stages[4].type", "unknown stage type 'distill'; allowed: calibrate"),
+    (lambda r: r["stages"].append({"type": "train"}), "stages[4].type", "unknown stage type 'train'; allowed: calibrate"),
     (lambda r: r["stages"].pop(0), "stages[0]", "add '- type: calibrate' before it"),
     (lambda r: r["model"].update(task="translation"), "model.task", "'causal-lm'"),
     (lambda r: r.pop("model"), "model", "required"),

@@ -83,3 +83,28 @@ def test_each_gate_field_is_valid_only_for_tasks_with_its_metric(task, field, ok
 def test_only_causal_lm_replaces_the_logits_parity_for_quantized_graphs():
     assert {n for n, t in TASKS.items() if t.quantized_bounds} == {"causal-lm"}
     assert TASKS["feature-extraction"].quantized_fidelity([]) is None
+
+
+def test_logits_kl_is_the_softened_kl_times_t_squared():
+    from tasks.base import logits_kl
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean() * 4
+    assert torch.allclose(logits_kl(s, t, 2.0), expected, atol=1e-6)
+    assert float(logits_kl(t, t, 2.0)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_embedding_distill_is_cosine_plus_mse_and_ignores_padding():
+    from tasks.base import embedding_distill
+
+    emb, hid = torch.tensor([[1.0, 0.0]]), torch.zeros(1, 3, 2)
+    assert float(embedding_distill((emb, hid), (emb, hid), None)) == 0.0
+    other = torch.tensor([[0.0, 1.0]])
+    assert float(embedding_distill((other, hid), (emb, hid), None)) == pytest.approx(1.0 + 1.0)
+    padded = hid.clone()
+    padded[0, 2] = 5.0  # a padding position: the mask drops it
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(embedding_distill((emb, padded), (emb, hid), mask)) == 0.0
+    assert float(embedding_distill((emb, padded), (emb, hid), None)) == pytest.approx(25.0 / 3)
