@@ -65,19 +65,24 @@ def test_no_pruned_weight_becomes_non_zero_and_shapes_stay(runs):
     assert changed > 0
 
 
-def test_resume_continues_from_the_last_saved_step(bert_dir, tmp_path, monkeypatch, runs):
+def _interrupted_run(bert_dir, tmp_path, monkeypatch, tag: str, at_step: int) -> None:
+    """Run DISTILL and stop it (as a Ctrl-C would) right after step ``at_step``."""
     real = stages.distill.distill
 
     def interrupted(model, params, loss, samples, settings, state, on_step):
         def stop(s):
             on_step(s)
-            if s.step == 6:
+            if s.step == at_step:
                 raise KeyboardInterrupt
         return real(model, params, loss, samples, settings, state, stop)
     monkeypatch.setattr(stages.distill, "distill", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _run(bert_dir, tmp_path, DISTILL, "r")
+        _run(bert_dir, tmp_path, DISTILL, tag)
     monkeypatch.setattr(stages.distill, "distill", real)
+
+
+def test_resume_continues_from_the_last_saved_step(bert_dir, tmp_path, monkeypatch, runs):
+    _interrupted_run(bert_dir, tmp_path, monkeypatch, "r", at_step=6)
     out, m = _run(bert_dir, tmp_path, DISTILL, "r", resume=True)
     assert [s["status"] for s in m["stages"]] == ["resumed", "resumed", "resumed", "ran", "ran"]
     assert m["stages"][3]["metrics"]["resumed_at_step"] == 4  # checkpoints every 4 steps
@@ -90,18 +95,7 @@ def test_resume_continues_from_the_last_saved_step(bert_dir, tmp_path, monkeypat
 
 
 def test_a_changed_recipe_does_not_continue_a_stale_checkpoint(bert_dir, tmp_path, monkeypatch):
-    real = stages.distill.distill
-
-    def interrupted(model, params, loss, samples, settings, state, on_step):
-        def stop(s):
-            on_step(s)
-            if s.step == 5:
-                raise KeyboardInterrupt
-        return real(model, params, loss, samples, settings, state, stop)
-    monkeypatch.setattr(stages.distill, "distill", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _run(bert_dir, tmp_path, DISTILL, "s")
-    monkeypatch.setattr(stages.distill, "distill", real)
+    _interrupted_run(bert_dir, tmp_path, monkeypatch, "s", at_step=5)
     _, m = _run(bert_dir, tmp_path, {**DISTILL, "lr": 5e-4}, "s", resume=True)
     assert m["stages"][3]["status"] == "ran" and m["stages"][3]["metrics"]["resumed_at_step"] == 0
 
