@@ -11,29 +11,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from calibration.collectors import Stats
-
+from ..obs import fp32_factor, usable_hessian
 from .base import CRITERIA, Criterion, WeightArgs, matrix_mask, nm_mask
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """U, upper triangular with U^T U = (H + lambda I)^-1, lambda = dampening * mean(diag H) (fp64).
-
-    Row i of U is the OBS update of the columns > i when column i is fixed, given columns < i are
-    already fixed: the whole sequential solve in one Cholesky factor (docs/methods/weight-pruning.md §10.2).
-    """
-    h = hessian.double().clone()
-    h.diagonal().add_(dampening * h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    inverse = torch.cholesky_solve(eye, torch.linalg.cholesky(h))  # cholesky_inverse: 5-10x slower on CPU
-    return torch.linalg.cholesky(inverse, upper=True)
-
-
-def fp32_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """The factor in fp32 for the column loop, entries below fp32's normal range set to 0: far
-    from the diagonal they decay into denormals, which make every CPU update 5x slower."""
-    u = inverse_hessian_factor(hessian, dampening)
-    return u.masked_fill(u.abs() < torch.finfo(torch.float32).tiny, 0).float()
 
 
 def saliency(weight: torch.Tensor, factor_diag: torch.Tensor) -> torch.Tensor:
@@ -68,18 +47,14 @@ class SparseGPT(Criterion):
 
     def score(self, name, weight, stats):
         """The saliency the first column block is masked by, before any update."""
-        factor = fp32_factor(self._hessian(weight, stats)[0], self.args.dampening)
-        return saliency(weight.float(), factor.diagonal())
+        hessian, _ = usable_hessian(stats.hessian, weight)
+        return saliency(weight.float(), fp32_factor(hessian, self.args.dampening, name).diagonal())
 
     def prune(self, name, weight, stats):
-        hessian, dead = self._hessian(weight, stats)
+        hessian, dead = usable_hessian(stats.hessian, weight)
         w = weight.float().clone()
         w[:, dead] = 0
-        try:
-            factor = fp32_factor(hessian, self.args.dampening)
-        except torch.linalg.LinAlgError as e:  # never fall back to an identity (= magnitude pruning)
-            raise ValueError(f"{name}: the damped Hessian is not positive definite ({e}); "
-                             f"raise 'dampening' (now {self.args.dampening})") from e
+        factor = fp32_factor(hessian, self.args.dampening, name)
         mask = torch.zeros_like(w, dtype=torch.bool)
         for start in range(0, w.shape[1], self.args.blocksize):
             end = min(start + self.args.blocksize, w.shape[1])
@@ -89,16 +64,6 @@ class SparseGPT(Criterion):
             w[:, end:] -= errors @ factor[start:end, end:]  # the block's errors, spread to later columns
         mask |= dead.unsqueeze(0)
         return w.to(weight.dtype).masked_fill(mask, 0), mask
-
-    def _hessian(self, weight: torch.Tensor, stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
-        """H with the never-excited inputs (diag 0) set to 1 so it inverts, and those inputs."""
-        hessian = stats.hessian
-        if hessian.shape != (weight.shape[1],) * 2:
-            raise ValueError(f"Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
-        hessian = hessian.clone()
-        dead = hessian.diagonal() == 0
-        hessian[dead, dead] = 1  # those columns are zeroed anyway
-        return hessian, dead
 
     def _prune_block(self, w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """Prune ``w`` (one column block) in place, filling ``mask`` (a view); returns the scaled errors."""

@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from calibration.collectors import InputStats, Stats
 from export import inspect as onnx_inspect
+from methods.obs import inverse_hessian_factor
 from methods.weights import CRITERIA
-from methods.weights.sparsegpt import SparseGPT, inverse_hessian_factor
+from methods.weights.sparsegpt import SparseGPT
 from pipeline.runner import run
 
 from ...conftest import text_recipe, write_recipe
