@@ -7,7 +7,9 @@ a class registered in `FORMATS` with ``name``, an ``Args`` model whose ``format`
 ``apply``. The quantize stage does the rest for every member: it picks the targeted Linears
 (``targets``/``ignore``, for Args derived from `LayerArgs`), maps them to ONNX nodes, refuses a
 target whose TensorRT parser is below ``opset``, feeds calibration samples when ``calibration``
-is set, and passes the result through the one gate (export/gate.py) at ``tolerance``.
+is set, and passes the result through the one gate (export/gate.py) at ``tolerance``. Formats
+that store integer weights use the scales a weight-tuning stage (gptq) chose where
+``FormatContext.scales`` has them (checked by ``on_grid``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import StageFailed
 from core.events import Events
 from core.registry import Registry
 
@@ -51,6 +54,25 @@ class FormatContext:
     work: Path  # scratch, removed when the stage ends
     events: Events  # progress and log lines
     samples: list[dict[str, np.ndarray]] = field(default_factory=list)  # feeds at the export shapes, if asked for
+    # node name -> [N, groups] weight scales a stage before export chose (gptq): the weights already lie on
+    # that grid, so the format stores them with exactly these scales instead of computing its own
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def on_grid(w: np.ndarray, scale: np.ndarray, low: int, high: int, what: str) -> np.ndarray:
+    """The integers ``w / scale`` (broadcast) of weights a stage put on this grid before export. A
+    ratio further than 1e-3 from an integer in [low, high] means the weights moved after that stage
+    (or the scales belong to another grid): StageFailed, never a silent re-rounding."""
+    if (scale <= 0).any():
+        raise StageFailed(f"{what}: the given weight scales are not all positive")
+    ratio = w / scale
+    q = np.rint(ratio)
+    off = float(np.abs(ratio - q).max(initial=0))
+    if off > 1e-3 or q.min(initial=0) < low or q.max(initial=0) > high:
+        raise StageFailed(f"{what}: the weights are not on the grid of the scales the gptq stage chose (w / scale "
+                          f"is {off:.3g} from an integer, range [{q.min(initial=0):g}, {q.max(initial=0):g}] of "
+                          f"[{low}, {high}]); a stage changed them after gptq")
+    return q
 
 
 @dataclass

@@ -4,7 +4,8 @@ docs/methods/quantization.md §3.1-§3.4: ONNX Runtime ``quantize_static`` with 
 (signed symmetric INT8, per-channel weights on the output-channel axis, Q/DQ only on
 MatMul/Gemm/Conv inputs, float biases, one Q/DQ pair per reader), calibrated here so that entropy
 gets TensorRT's 2048-bin histogram (``quantize_static`` would use 128 bins, where entropy
-degenerates to min-max); then every non-compute reader gets the float tensor back (§3.2).
+degenerates to min-max); then every non-compute reader gets the float tensor back (§3.2). Weights
+a gptq stage (``bits: 8``) put on its per-channel grid get their integers and scales from there.
 ``float16: true`` runs the rest of the graph, ignored layers included, in FP16 (fp16.py).
 No paper: TensorRT's "Explicit Quantization" guide and ONNX Runtime's quantization docs (§8).
 Recipe: ``- {type: quantize, format: int8, calibrate_method: entropy, ignore: ["re:.*output.dense$"]}``.
@@ -22,11 +23,14 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 from pydantic import Field, model_validator
 
+from core.errors import StageFailed
+
 from ..graph import to_proto, upgrade_opset
-from ..qdq import COMPUTE_OPS, restrict_to_compute_inputs
-from .base import FORMATS, Format, FormatContext, LayerArgs, Rewritten
+from ..qdq import COMPUTE_OPS, output_channel_axis, restrict_to_compute_inputs
+from .base import FORMATS, Format, FormatContext, LayerArgs, Rewritten, on_grid
 from .fp16 import to_fp16
 
 FP16_QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 scales
@@ -82,6 +86,43 @@ def calibrate(src: Path, feeds: list[dict[str, np.ndarray]], method: str, percen
             if on_chunk:
                 on_chunk(len(chunk))
         save_tensors_data(calibrator.compute_data(), ranges)
+
+
+def int8_per_channel(w: np.ndarray, axis: int, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 of ``w`` with one scale per index of ``axis`` (the output channel):
+    scale = max|w| / 127 over the other axis, q = clip(round(w / scale), -127, 127); an all-zero
+    channel (pruned) gets scale 1 so every scale is positive, as TensorRT requires. ``scale``: the
+    per-channel scales a stage already rounded the weights with (gptq), used as given.
+    ONNX Runtime's symmetric per-channel weights are this grid too (w8a16.py uses it directly)."""
+    given = scale is not None
+    if scale is None:
+        scale = np.abs(w).max(axis=1 - axis) / 127.0
+        scale[scale == 0] = 1.0
+    elif scale.shape != (w.shape[axis],):
+        raise StageFailed(f"given int8 scales {scale.shape} do not fit {w.shape[axis]} output channels")
+    shaped = scale[None, :] if axis == 1 else scale[:, None]
+    q = on_grid(w, shaped, -127, 127, "int8") if given else np.clip(np.rint(w / shaped), -127, 127)
+    return q.astype(np.int8), scale.astype(np.float32)
+
+
+def given_weight_scales(model: ir.Model, source: onnx.ModelProto, scales: dict[str, np.ndarray]) -> int:
+    """Replace the int8 weights and scales ``quantize_static`` wrote for the nodes in ``scales``
+    (node name -> [N, 1]) by the float weights of ``source`` on those scales: ONNX Runtime takes
+    max|w| / 127 of weights already on a grid whose largest level may be below 127, and would
+    round them a second time. Returns how many weights were replaced."""
+    floats = {i.name: i for i in source.graph.initializer}
+    weight_of = {n.name: n.input[1] for n in source.graph.node if n.name in scales}
+    nodes = {n.name: n for n in model.graph if n.name in scales}
+    for name, given in scales.items():
+        node, axis = nodes[name], output_channel_axis(nodes[name])
+        dq = node.inputs[1].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.attributes.get_int("axis", 1) != axis:
+            raise StageFailed(f"{name}: ONNX Runtime did not quantize its weight per output channel (axis {axis})")
+        q, scale = int8_per_channel(numpy_helper.to_array(floats[weight_of[name]]).astype(np.float32), axis,
+                                    given[:, 0])
+        dq.inputs[0].const_value = ir.tensor(q, name=dq.inputs[0].name)
+        dq.inputs[1].const_value = ir.tensor(scale, name=dq.inputs[1].name)
+    return len(scales)
 
 
 def int8_qdq(src: Path, dst: Path, nodes: list[str], ranges: Path, method: str) -> None:
@@ -140,6 +181,7 @@ class Int8(Format):
         int8_qdq(context.source, context.work / "int8.onnx", list(nodes.values()), ranges, args.calibrate_method)
         graph = ir.from_proto(onnx.load(context.work / "int8.onnx"))  # weights in memory, not in work/
         restored = restrict_to_compute_inputs(graph)
+        given = given_weight_scales(graph, model, {n: context.scales[n] for n in nodes.values() if n in context.scales})
         out = to_proto(graph)
         if args.float16:
             out = to_fp16(upgrade_opset(out, FP16_QDQ_OPSET))
@@ -148,5 +190,6 @@ class Int8(Format):
                        **({"percentile": args.percentile} if args.calibrate_method == "percentile" else {})}
         return Rewritten(out, {"float_readers_restored": restored, "calibration": calibration,
                                "activations": "int8 symmetric per tensor",
-                               "weights": "int8 symmetric per output channel",
+                               "weights": "int8 symmetric per output channel"
+                                          + (f"; scales chosen by gptq for {given} layers" if given else ""),
                                "float_dtype": "float16" if args.float16 else "float32"})

@@ -28,6 +28,7 @@ from torch import nn
 from calibration.layerwise import BlockInputs, block_outputs
 from models.adapters import Adapter, Block, Projection, linear
 
+from .grid import Grid
 from .smoothquant import fold as fold_into_norm
 
 FLOOR = 1e-4
@@ -89,18 +90,9 @@ def scale_groups(adapter: Adapter, model: nn.Module, block: Block) -> tuple[list
 
 
 def fake_int4(w: torch.Tensor, group: int) -> torch.Tensor:
-    """What export/formats/int4.py stores for a Linear weight [N, K], dequantized: per row, groups of
-    ``group`` along K (the last one shorter when ``group`` does not divide K), scale = max|w| / 7
-    (1 for an all-zero group), q = clip(round(w / scale), -8, 7), in float32."""
-    n, k = w.shape
-    blocks = -(-k // group)
-    padded = torch.zeros(n, blocks * group, dtype=torch.float32)
-    padded[:, :k] = w
-    grouped = padded.view(n, blocks, group)
-    scale = grouped.abs().amax(-1, keepdim=True) / 7.0
-    scale[scale == 0] = 1.0
-    q = torch.clamp(torch.round(grouped / scale), -8, 7)
-    return (q * scale).reshape(n, -1)[:, :k]
+    """What export/formats/int4.py stores for a Linear weight [N, K], dequantized, in float32: the
+    int4 grid of methods/quant/grid.py with groups of ``group`` along K."""
+    return Grid(4, group).nearest(w)
 
 
 def _scaled(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

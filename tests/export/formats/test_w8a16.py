@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from core.events import Events
 from export import qdq, tensorrt
-from export.formats import FormatContext, Rewritten, w8a16
+from export.formats import FormatContext, Rewritten, int8, w8a16
 from pipeline.runner import run
 
 from ...conftest import text_recipe, write_recipe
@@ -46,12 +46,12 @@ def test_int8_per_channel_equals_the_reference_and_keeps_zeros():
     w = RNG.normal(size=(24, 5)).astype(np.float32)
     w[:, 3] = 0.0  # a pruned output channel: scale 1, all zeros
     w[7, 1] = 0.0
-    q, scale = w8a16.int8_per_channel(w, axis=1)
+    q, scale = int8.int8_per_channel(w, axis=1)
     ref_q, ref_s = _reference(w, 1)
     np.testing.assert_array_equal(q, ref_q)
     np.testing.assert_allclose(scale, ref_s, rtol=1e-6)
     assert scale[3] == 1.0 and (q[:, 3] == 0).all() and q[7, 1] == 0 and np.abs(q).max() == 127
-    q_nk, s_nk = w8a16.int8_per_channel(w.T, axis=0)  # Gemm transB=1 layout [N, K]
+    q_nk, s_nk = int8.int8_per_channel(w.T, axis=0)  # Gemm transB=1 layout [N, K]
     np.testing.assert_array_equal(q_nk, q.T)
     np.testing.assert_allclose(s_nk, scale)
 

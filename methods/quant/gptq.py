@@ -1,0 +1,84 @@
+"""GPTQ: rounding a Linear's weights to the deployed integer grid with error compensation
+(Frantar et al., arXiv 2210.17323; docs/methods/recovery.md, "GPTQ").
+
+Round-to-nearest treats every weight alone. GPTQ rounds the input columns one at a time and moves
+the columns not rounded yet to absorb each column's rounding error, in the proportions that keep
+the layer's output on the calibration inputs closest (Optimal Brain Surgeon with a fixed order).
+The Hessian, its damping and the upper Cholesky factor ``U`` of its inverse are SparseGPT's
+(methods/obs.py); row ``j`` of ``U`` is the update of the later columns when column ``j`` is fixed.
+Columns are walked in blocks of ``blocksize`` whose errors reach the columns to their right in one
+matrix product (the same result as column by column).
+
+The grid is methods/quant/grid.py's, the one the int4 and int8/w8a16 formats store; the scales
+are returned so the export writes exactly the integers chosen here.
+
+- Scales are fixed up front from the weights as they came in when ``group_size`` is None (one per
+  output row) or with ``act_order`` (columns by decreasing ``diag H``; the deployed groups are
+  contiguous in the original order, so their scales cannot wait for the loop: "static groups").
+  Otherwise a group's scale is taken when the walk reaches its first column, from the weights as
+  updated by then (the reference's rule); ``blocksize`` must then be a multiple of ``group_size``
+  so a group's columns are all up to date at that moment.
+- Weights that are exactly zero on entry (pruned) are rounded to zero, and what earlier columns
+  added to them is passed on to later columns like any rounding error: the mask survives, as in
+  SparseGPT's joint sparsify-and-quantize loop. Inputs the calibration never excited (diag H = 0)
+  are zeroed, as in the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..obs import fp32_factor, usable_hessian
+from .grid import Grid
+
+
+@dataclass(frozen=True)
+class GptqResult:
+    weight: torch.Tensor  # float32 [N, K], every entry exactly q * scale of its group
+    scales: torch.Tensor  # float32 [N, groups]; [N, 1] for one scale per output row
+    loss: float  # output_error of the rounded weight against the one passed in
+
+
+def output_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
+    """1/2 tr((W - Q) H (W - Q)^T) for H = 2 X^T X / tokens (calibration/collectors.py): the mean over
+    calibration tokens of the squared output error ||(W - Q) x||^2."""
+    d = weight.double() - new.double()
+    return float(0.5 * ((d @ hessian.double()) * d).sum())
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
+         dampening: float = 0.01, act_order: bool = False, blocksize: int = 128, name: str = "layer") -> GptqResult:
+    """``weight`` [N, K] rounded to the ``bits`` grid (groups of ``group_size`` along K, or one scale
+    per row) by GPTQ on ``hessian`` [K, K]; ``name`` labels errors."""
+    grid = Grid(bits, group_size)
+    static = act_order or group_size is None
+    if not static and blocksize % group_size:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size} (or set act_order), "
+                         "so a group's scale is taken from weights its block has fully updated")
+    h, dead = usable_hessian(hessian, weight)
+    w = weight.float().clone()
+    w[:, dead] = 0
+    n, k = w.shape
+    scales = grid.scales(w) if static else w.new_zeros(n, grid.groups(k))
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    w, zero = w[:, order], (w == 0)[:, order]
+    group_of = order // grid.width(k)  # group (original columns) of each column in walk order
+    u = fp32_factor(h[order][:, order], dampening, name)
+    q = torch.zeros_like(w)
+    for start in range(0, k, blocksize):
+        end = min(start + blocksize, k)
+        block = w[:, start:end].clone()  # contiguous: the column loop runs on it
+        errors = torch.zeros_like(block)
+        for i, col in enumerate(range(start, end)):
+            if not static and col % group_size == 0:
+                first = block[:, i:i + group_size].masked_fill(zero[:, col:col + group_size], 0)
+                scales[:, group_of[col]] = grid.scales(first)[:, 0]
+            q[:, col] = grid.round(block[:, i], scales[:, group_of[col]]).masked_fill(zero[:, col], 0)
+            errors[:, i] = (block[:, i] - q[:, col]) / u[col, col]
+            block[:, i:].addr_(errors[:, i], u[col, col:end], alpha=-1)  # later columns compensate
+        w[:, end:] -= errors @ u[start:end, end:]  # the block's errors, spread to the columns after it
+    new = q[:, torch.argsort(order)]
+    return GptqResult(new, scales, output_error(weight, new, hessian))

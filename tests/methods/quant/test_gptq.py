@@ -1,0 +1,155 @@
+"""GPTQ against an unblocked OBS reference written from the paper's equations, against plain
+round-to-nearest, and the grids it shares with the export formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.collectors import InputStats, Stats
+from export.formats.int4 import int4_blocks
+from export.formats.int8 import int8_per_channel
+from methods.quant.gptq import gptq, output_error
+from methods.quant.grid import Grid
+
+
+def _inputs(seed: int, channels: int, tokens: int = 256) -> torch.Tensor:
+    """Correlated activations with spread channel scales, [tokens, channels]."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.exp(torch.randn(channels, generator=g))
+    mix = torch.eye(channels) + 0.5 * torch.randn(channels, channels, generator=g) / channels ** 0.5
+    return (torch.randn(tokens, channels, generator=g) * scales) @ mix
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    s = InputStats({"hessian"})
+    s.update(x, None)
+    return Stats(s.tensors()).hessian
+
+
+def _weight(seed: int, n: int, k: int) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def _obs_reference(w: torch.Tensor, h: torch.Tensor, grid: Grid, dampening: float = 0.01,
+                   order: torch.Tensor | None = None, static_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's equations, column by column in fp64: round column i, e = (w_i - q_i) / [H_F^-1]_ii,
+    w_F -= e [H_F^-1]_i,F, where F = the columns not rounded yet and H_F^-1 is the inverse of the
+    damped Hessian restricted to F, recomputed by explicit inversion at every step. Group scales are
+    taken at a group's first column from the updated weights, unless ``static_scales`` are given."""
+    k = w.shape[1]
+    order = torch.arange(k) if order is None else order
+    h = h.double() + dampening * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    w, h = w.double()[:, order].clone(), h[order][:, order]
+    width = grid.width(k)
+    scales = static_scales.double() if static_scales is not None else torch.zeros(w.shape[0], grid.groups(k))
+    low, high = grid.levels
+    q = torch.zeros_like(w)
+    for i in range(k):
+        g = int(order[i]) // width
+        if static_scales is None and i % width == 0:
+            scales[:, g] = (w[:, i:i + width].abs().amax(1) / high).clamp_min(1e-30)
+        q[:, i] = torch.clamp(torch.round(w[:, i] / scales[:, g]), low, high) * scales[:, g]
+        hinv = torch.linalg.inv(h[i:, i:])  # inverse Hessian of the columns not rounded yet
+        e = (w[:, i] - q[:, i]) / hinv[0, 0]
+        w[:, i:] -= torch.outer(e, hinv[0])
+    return q[:, torch.argsort(order)]
+
+
+@pytest.mark.parametrize("bits, group", [(4, 4), (4, 6), (4, None), (8, None)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_diagonal_hessian_gives_round_to_nearest(bits, group, act_order):
+    """With uncorrelated inputs no column can compensate another: GPTQ is plain rounding."""
+    w = _weight(0, 5, 16) * 3
+    h = torch.diag(torch.rand(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1)
+    out = gptq(w, h, bits, group, act_order=act_order, blocksize=12 if group == 6 else 8)
+    grid = Grid(bits, group)
+    assert torch.equal(out.weight, grid.nearest(w)) and torch.equal(out.scales, grid.scales(w))
+
+
+@pytest.mark.parametrize("blocksize", [1, 2, 4, 128])
+@pytest.mark.parametrize("shape, group", [((3, 4), None), ((2, 6), None), ((4, 8), 2), ((3, 12), 4)])
+def test_blocked_cholesky_walk_equals_the_unblocked_obs_reference(shape, group, blocksize):
+    n, k = shape
+    if group and blocksize % group:
+        pytest.skip("groups straddling blocks are refused (next test)")
+    w, h = _weight(2, n, k), _hessian(_inputs(3, k))
+    grid = Grid(4, group)
+    out = gptq(w, h, 4, group, blocksize=blocksize)
+    ref = _obs_reference(w, h, grid, static_scales=grid.scales(w) if group is None else None)
+    torch.testing.assert_close(out.weight.double(), ref, rtol=0, atol=1e-5)
+    assert not torch.equal(out.weight, grid.nearest(w))  # the compensation changed some rounding
+
+
+def test_act_order_walks_by_decreasing_hessian_diagonal_with_contiguous_static_groups():
+    w, x = _weight(4, 4, 12), _inputs(5, 12)
+    h = _hessian(x)
+    grid = Grid(4, 4)
+    out = gptq(w, h, 4, 4, act_order=True, blocksize=5)  # any block size: the groups are fixed up front
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    assert not torch.equal(order, torch.arange(12))
+    ref = _obs_reference(w, h, grid, order=order, static_scales=grid.scales(w))
+    torch.testing.assert_close(out.weight.double(), ref, rtol=0, atol=1e-5)
+    assert torch.equal(out.scales, grid.scales(w))
+
+
+@pytest.mark.parametrize("bits, group, act_order", [(4, 16, False), (4, 16, True), (4, 24, False), (8, None, False),
+                                                    (8, None, True)])
+def test_weights_lie_exactly_on_the_returned_grid_and_the_formats_store_them(bits, group, act_order):
+    """w / scale is an integer in range; the export's numpy grid, given the scales, stores q * scale."""
+    w, h = _weight(6, 8, 40) * 2, _hessian(_inputs(7, 40))
+    out = gptq(w, h, bits, group, act_order=act_order, blocksize=48 if group == 24 else 16)
+    grid = Grid(bits, group)
+    ratio = out.weight / grid.per_column(out.scales, 40)
+    assert (ratio - ratio.round()).abs().max() < 1e-5
+    assert grid.levels[0] <= ratio.round().min() and ratio.round().max() <= grid.levels[1]
+    if bits == 4:
+        q, scale = int4_blocks(out.weight.T.numpy(), group, out.scales.T.numpy())
+        stored = q.astype(np.float32) * np.repeat(scale, group, 0)[:40]
+        assert np.array_equal(stored.T, out.weight.numpy())
+    else:
+        q, scale = int8_per_channel(out.weight.numpy(), 0, out.scales[:, 0].numpy())
+        assert np.array_equal(q.astype(np.float32) * scale[:, None], out.weight.numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("bits, group", [(4, 16), (4, None), (8, None)])
+def test_layer_output_error_below_round_to_nearest(seed, bits, group):
+    x, w = _inputs(10 + seed, 64, tokens=512), _weight(20 + seed, 32, 64)
+    h = _hessian(x)
+    for act_order in (False, True):
+        out = gptq(w, h, bits, group, act_order=act_order, blocksize=32)
+        rtn = Grid(bits, group).nearest(w)
+        gptq_err, rtn_err = (x @ (w - out.weight).T).norm(), (x @ (w - rtn).T).norm()
+        assert gptq_err < 0.9 * rtn_err, (act_order, gptq_err, rtn_err)
+        assert out.loss == pytest.approx(float(gptq_err.double() ** 2 / 512), rel=1e-4)  # mean ||(W - Q) x||^2
+        assert out.loss < output_error(w, rtn, h)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_pruned_zeros_stay_zero_and_dead_inputs_are_zeroed(act_order):
+    x = _inputs(30, 32)
+    x[:, 5] = 0  # an input the calibration never excites
+    w = _weight(31, 16, 32)
+    keep = torch.zeros(16, 8, 4, dtype=torch.bool)
+    keep[:, :, :2] = True  # 2:4: the first two of every four kept
+    w2 = w * keep.view(16, 32)
+    out = gptq(w2, _hessian(x), 4, 8, act_order=act_order, blocksize=16)
+    assert (out.weight[w2 == 0] == 0).all() and (out.weight[:, 5] == 0).all()
+    assert ((out.weight.view(16, 8, 4) != 0).sum(-1) <= 2).all()  # still 2:4
+    moved = out.weight != Grid(4, 8).nearest(w2)
+    assert moved[:, 6:].any()  # the kept weights did compensate
+
+
+def test_errors():
+    w, h = _weight(40, 3, 8), _hessian(_inputs(41, 8))
+    with pytest.raises(ValueError, match="blocksize 12 must be a multiple of group_size 8"):
+        gptq(w, h, 4, 8, blocksize=12)
+    gptq(w, h, 4, 8, blocksize=12, act_order=True)  # static groups: any block size
+    with pytest.raises(ValueError, match="bits 3: the formats store 4 or 8"):
+        gptq(w, h, 3, 8)
+    with pytest.raises(ValueError, match=r"Hessian \(8, 8\) does not match weight \(3, 4\)"):
+        gptq(w[:, :4], h, 4, 4)
+    with pytest.raises(ValueError, match="q_proj: the damped Hessian is not positive definite"):
+        gptq(w, -h, 4, 8, name="q_proj")
