@@ -102,11 +102,12 @@ class LayerwiseEngine:
     @torch.no_grad()
     def run(self, targets: dict[int, dict[str, nn.Module]], kinds: set[str], propagation: str,
             on_block: Callable[[Block, dict[str, dict[str, torch.Tensor]]], None] | None = None,
-            ) -> dict[str, dict[str, torch.Tensor]]:
+            keep: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """Collect ``kinds`` at the inputs of ``targets`` (block index -> {name: module}).
 
         ``on_block(block, stats)`` runs after a block's statistics are complete (e.g. to prune it).
-        Returns the statistics of every target.
+        Returns the statistics of every target; with ``keep=False`` none (``on_block`` consumed
+        them, and a model's worth of Hessians is not held at once).
         """
         blocks = self.adapter.blocks(self.model)
         last = max(targets) if targets else -1
@@ -120,7 +121,8 @@ class LayerwiseEngine:
                 stats = self._pass(block, inputs, wanted, kinds, keep_outputs=not sequential)
                 if on_block is not None:
                     on_block(block, stats)
-                result.update(stats)
+                if keep:
+                    result.update(stats)
             if block.index < last and (sequential or not wanted):  # outputs not yet computed
                 self._pass(block, inputs, {}, kinds, keep_outputs=True)
             if task:

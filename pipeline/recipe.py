@@ -254,24 +254,33 @@ def _check_stage_order(recipe: Recipe) -> None:
 
 
 def _check_grid(recipe: Recipe, i: int) -> None:
-    """A stage that tuned the weights for a grid (AWQ) needs a later stage rounding to that grid."""
+    """A stage that tuned the weights for a grid (AWQ, GPTQ) needs a later stage rounding to that grid;
+    one that left them on the grid (GPTQ) also needs nothing to change the model in between."""
     from stages import REGISTRY
 
     args = recipe.stages[i]
-    wanted = REGISTRY[args.type].tuned_for_grid(args)
+    stage_cls = REGISTRY[args.type]
+    wanted = stage_cls.tuned_for_grid(args)
     if wanted is None:
         return
-    fmt, group = wanted
-    grid = f"{fmt}" + (f" group {group}" if group else "")
+    fmts, group = wanted
+    grid = " or ".join(fmts) + (f" group {group}" if group else "")
     applied = [(j, g) for j, s in enumerate(recipe.stages[i + 1:], i + 1)
                if (g := REGISTRY[s.type].weight_grid(s)) is not None]
     if not applied:
-        raise RecipeError(f"stage '{args.type}' tunes the weights for {grid}: add '- {{type: quantize, format: {fmt}"
-                          + (f", group_size: {group}" if group else "") + "}' after export", field=f"stages[{i}]")
+        raise RecipeError(f"stage '{args.type}' tunes the weights for {grid}: add '- {{type: quantize, format: "
+                          f"{fmts[0]}" + (f", group_size: {group}" if group else "") + "}' after export",
+                          field=f"stages[{i}]")
     j, (got_fmt, got_group) = applied[0]
-    if got_fmt != fmt:
+    if got_fmt not in fmts:
         raise RecipeError(f"stage '{args.type}' at stages[{i}] tunes the weights for {grid}, not {got_fmt}",
                           field=f"stages[{j}].format")
     if got_group != group:
         raise RecipeError(f"stages[{j}] quantizes in groups of {got_group}, the weights were tuned for groups of "
                           f"{group}: use the same group_size in both", field=f"stages[{i}].group_size")
+    moving = [k for k in range(i + 1, j) if REGISTRY[recipe.stages[k].type].changes_model]
+    if stage_cls.keeps_grid and moving:
+        k = moving[0]
+        raise RecipeError(f"stage '{recipe.stages[k].type}' changes the model after stages[{i}] ({args.type}) put "
+                          f"its weights on the {grid} grid, which stages[{j}] stores as they are: move it before "
+                          f"{args.type}", field=f"stages[{k}]")

@@ -60,7 +60,23 @@ def plan(recipe: Recipe) -> Plan:
     stages = [REGISTRY[a.type](a) for a in recipe.stages]
     for i, stage in enumerate(stages):
         stage.validate(recipe, meta, adapter, f"stages[{i}]")
+    _check_grid_layers(stages, meta, adapter)
     return Plan(recipe, source, adapter, stages, _labels(recipe))
+
+
+def _check_grid_layers(stages: list[Stage], model: torch.nn.Module, adapter: Adapter) -> None:
+    """Every Linear a stage left on a weight grid (gptq) must be rounded by the stage that stores that
+    grid (the recipe rules make it the next one with a ``weight_grid``): one kept float would keep
+    weights rounded for nothing."""
+    for i, stage in enumerate(stages):
+        if not stage.keeps_grid:
+            continue
+        j = next(k for k in range(i + 1, len(stages)) if stages[k].weight_grid(stages[k].args) is not None)
+        left = sorted(stage.grid_layers(model, adapter, f"stages[{i}]")
+                      - stages[j].grid_layers(model, adapter, f"stages[{j}]"))
+        if left:
+            raise RecipeError(f"{len(left)} Linears that {stage.type} rounds stay float in stages[{j}] (e.g. {left[0]}): "
+                              f"give both stages the same targets/ignore", field=f"stages[{i}].ignore")
 
 
 def _labels(recipe: Recipe) -> list[str]:

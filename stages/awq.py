@@ -47,7 +47,7 @@ class Awq(Stage):
 
     @classmethod
     def tuned_for_grid(cls, args):
-        return "int4", args.group_size
+        return ("int4",), args.group_size
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         if ctx.calibration is None:

@@ -43,6 +43,9 @@ class Stage(ABC):
     after_model_changes: ClassVar[bool] = False  # must follow every stage that changes the model
     compares_with_dense: ClassVar[bool] = False  # compares task outputs with the dense model's
     resumable: ClassVar[bool] = False  # --resume keeps its folder when interrupted (it continues from its own files)
+    # leaves the weights exactly on the grid of tuned_for_grid (GPTQ): nothing may change the model before the
+    # stage that rounds to it, and that stage must round every Linear of grid_layers
+    keeps_grid: ClassVar[bool] = False
 
     def __init__(self, args: StageArgs):
         self.args = args
@@ -67,10 +70,15 @@ class Stage(ABC):
         return None
 
     @classmethod
-    def tuned_for_grid(cls, args) -> tuple[str, int | None] | None:
-        """The grid this stage tuned the weights for (AWQ): the next stage with a ``weight_grid``
-        must round to exactly it."""
+    def tuned_for_grid(cls, args) -> tuple[tuple[str, ...], int | None] | None:
+        """The grid this stage tuned the weights for (AWQ, GPTQ): the formats that store it and the
+        group size. The next stage with a ``weight_grid`` must round to exactly one of them."""
         return None
+
+    def grid_layers(self, model, adapter, field: str) -> set[str]:
+        """The Linears (torch names) this stage tunes for, or rounds to, a weight grid: for stages
+        that leave the weights on the grid (``keeps_grid``) and for the stage rounding after them."""
+        return set()
 
     @classmethod
     def replaces_outputs(cls, args) -> str | None:

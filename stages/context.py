@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from calibration.batches import Batches
@@ -87,6 +88,8 @@ class RunContext:
     calibration: Batches | None = None
     statistics: Statistics = field(default_factory=Statistics)
     sparsity: dict[str, LayerSparsity] = field(default_factory=dict)  # Linear name -> what pruning left
+    # Linear name -> [N, groups] float32 scales its weights lie on exactly (gptq); the quantize stage stores them
+    weight_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     stage_index: int = 0
     onnx: OnnxArtifact | None = None
     evaluation: dict = field(default_factory=dict)

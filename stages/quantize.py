@@ -7,8 +7,9 @@ Linears by torch name, mapped to ONNX nodes through the exporter's name scopes; 
 TensorRT target must parse the opset the format needs; calibration samples are fed when the format
 asks; the result passes the one gate (export/gate.py: parity with the float PyTorch model at the
 format's tolerance, or for causal LMs perplexity ratio and top-1 token agreement with it; pruned
-zeros kept, the Q/DQ layout TensorRT fuses, readiness). SmoothQuant is
-its own stage, before export.
+zeros kept, the Q/DQ layout TensorRT fuses, readiness). Weights a gptq stage put on the format's
+grid are stored with its scales (``RunContext.weight_scales``). SmoothQuant is its own stage,
+before export.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Quantize(Stage):
             chosen = self._targets(model, adapter, field)
             self.format.check_layers({n: m.in_features for n, m in chosen.items()}, field)
 
+    def grid_layers(self, model, adapter, field):
+        return set(self._targets(model, adapter, field)) if isinstance(self.args, LayerArgs) else set()
+
     @staticmethod
     def _candidates(model, adapter) -> dict:
         return {name: model.get_submodule(name) for b in adapter.blocks(model) for name in b.linears}
@@ -96,8 +100,9 @@ class Quantize(Stage):
             candidates = self._candidates(ctx.model, ctx.adapter)
             nodes = self._nodes(ctx, model)
             details.update({"layers": len(nodes), "kept_float": sorted(set(candidates) - set(nodes))})
+        scales = {node: ctx.weight_scales[n].numpy() for n, node in nodes.items() if n in ctx.weight_scales}
         context = FormatContext(ctx.onnx.path, folder, work, ctx.events,
-                                self._samples(ctx) if self.format.calibration else [])
+                                self._samples(ctx) if self.format.calibration else [], scales)
         rewritten = self.format.apply(model, nodes, context)
         details.update(rewritten.details)
         details["seconds"] = round(time.perf_counter() - t0, 3)

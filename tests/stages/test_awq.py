@@ -24,7 +24,7 @@ INT4_32 = {"type": "quantize", "format": "int4", "group_size": 32, "rtol": 2.0}
 def test_declarations():
     args = AwqArgs(type="awq", group_size=64)
     assert Awq.changes_model and Awq.needs_calibration(args) == "data"
-    assert Awq.tuned_for_grid(args) == ("int4", 64) and Awq.describe(args) == "int4 group 64, 20 alphas"
+    assert Awq.tuned_for_grid(args) == (("int4",), 64) and Awq.describe(args) == "int4 group 64, 20 alphas"
 
 
 @pytest.mark.parametrize("stages, field, words", [
