@@ -125,4 +125,3 @@ class Int4(Format):
         scale = "max|w| / 7 per group of K" + (f"; chosen by gptq for {given} layers" if given else "")
         return Rewritten(out, {"group_size": g, "symmetric": True, "scale": scale,
                                "input_widths": widths, "partial_groups": partial or None})
-
