@@ -84,11 +84,14 @@ def _eval_rows(ev: dict) -> list[list]:
 
 
 def render(manifest: dict, tables: dict[str, list]) -> str:
-    """Full report: the summary, every stage's own tables, and the verdict last."""
+    """Full report: the summary, every stage's own tables and figures (a stage's ``plots`` metric maps
+    titles to image paths relative to the run folder), and the verdict last."""
     parts = [summary(manifest, with_verdict=False)]
     for s in manifest["stages"]:
         for t in tables.get(s["name"], []):
             parts.append(f"\n## {s['name']}: {t.title}\n\n{md_table(t.headers, t.rows)}\n")
+        for title, path in s["metrics"].get("plots", {}).items():
+            parts.append(f"\n## {s['name']}: {title}\n\n![{title}]({path})\n")
     verdict = _verdict(manifest)
     if verdict:
         parts.append("\n## Verdict\n" + "\n".join(verdict) + "\n")

@@ -194,8 +194,15 @@ def embedding_distill(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Te
     (emb_s, hid_s), (emb_t, hid_t) = student[:2], teacher[:2]
     emb_s, emb_t, hid_s, hid_t = emb_s.float(), emb_t.float(), hid_s.float(), hid_t.float()
     loss = (1 - F.cosine_similarity(emb_s, emb_t, dim=-1)).mean() + F.mse_loss(emb_s, emb_t)
-    err = (hid_s - hid_t).pow(2).mean(-1)
+    return loss + token_mse(hid_s, hid_t, mask)
+
+
+def token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Squared error of [batch, tokens, features] states, averaged over features and then over the
+    real tokens only (``mask`` 1; None: every token): padding carries no meaning and would otherwise
+    dominate short texts. The hidden-state term above and intermediate-layer distillation share it."""
+    err = (student - teacher).pow(2).mean(-1)
     if mask is None:
-        return loss + err.mean()
+        return err.mean()
     m = mask.to(err.dtype)
-    return loss + (err * m).sum() / m.sum().clamp_min(1)
+    return (err * m).sum() / m.sum().clamp_min(1)

@@ -1,6 +1,9 @@
 """Knowledge distillation into a compressed model (docs/methods/recovery.md, distillation): the
-training loop, with pruning masks held fixed; the losses belong to the tasks (tasks/)."""
+training loop, with pruning masks held fixed, and intermediate-layer terms; the output losses belong
+to the tasks (tasks/)."""
 
-from .loop import Settings, TrainState, batch_indices, distill, lr_factor, restore_masks, zero_masks
+from .layers import block_outputs, layer_mse
+from .loop import Settings, TrainState, autocast, batch_indices, distill, lr_factor, restore_masks, zero_masks
 
-__all__ = ["Settings", "TrainState", "batch_indices", "distill", "lr_factor", "restore_masks", "zero_masks"]
+__all__ = ["Settings", "TrainState", "autocast", "batch_indices", "block_outputs", "distill", "layer_mse", "lr_factor",
+           "restore_masks", "zero_masks"]

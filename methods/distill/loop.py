@@ -120,7 +120,7 @@ def _step(params: dict[str, nn.Parameter], loss: Loss, samples: dict[str, torch.
     for micro in range(settings.accumulation):
         idx = batch_indices(n, step * settings.accumulation + micro, settings.batch_size, settings.seed)
         batch = {k: v[idx].to(settings.device) for k, v in samples.items()}
-        with _autocast(settings):
+        with autocast(settings):
             value = loss(batch)
         (value / settings.accumulation).backward()
         total += float(value.detach()) / settings.accumulation
@@ -133,7 +133,8 @@ def _step(params: dict[str, nn.Parameter], loss: Loss, samples: dict[str, torch.
     return total
 
 
-def _autocast(settings: Settings):
+def autocast(settings: Settings):
+    """bfloat16 autocast when ``settings.bf16`` (the teacher's cached outputs are computed under it too)."""
     if not settings.bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda" if settings.device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
