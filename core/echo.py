@@ -47,7 +47,7 @@ def looks_secret(text: str) -> bool:
 
 def clip(text: str, limit: int = 200) -> str:
     """At most ``limit`` characters of ``text`` (redacted), on one line."""
-    text = redact(text).replace("\r", " ").replace("\n", " ")
+    text = " ".join(redact(text).splitlines())
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 

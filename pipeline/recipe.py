@@ -123,8 +123,8 @@ def _sections(raw: Any, remote_code: RemoteCode) -> dict[str, BaseModel]:
         if key not in allowed:
             raise RecipeError(f"unknown key; allowed keys: {', '.join(allowed)}", field=_key(key))
     for key in ("name", "model", "stages"):
-        if key not in raw:
-            raise RecipeError("required key is missing", field=key)
+        if raw.get(key) is None:
+            raise RecipeError("required key is missing or empty", field=key)
     sections = {key: _validate(cls, raw[key], key) for key, cls in _SECTIONS.items() if raw.get(key) is not None}
     sections["model"] = _remote_code(typing.cast(ModelSpec, sections["model"]), remote_code)
     stages = raw["stages"]

@@ -56,11 +56,15 @@ def assert_one_line(code: int, err: str, expected: int = 2) -> str:
 def refused(path: Path, tmp: Path, expected: int = 2) -> str:
     """validate and run both refuse ``path`` in one line, and run writes nothing."""
     line = assert_one_line(*cli("validate", str(path))[::2], expected)
+    run_refused(path, tmp, line, expected)
+    return line
+
+
+def run_refused(path: Path, tmp: Path, line: str, expected: int = 2) -> None:
     out = tmp / "out"
     code, _, err = cli("run", str(path), "--output", str(out))
     assert assert_one_line(code, err, expected) == line
     assert not out.exists() and not (tmp / ".out.partial").exists()
-    return line
 
 
 def base(model_dir: Path) -> dict:
@@ -318,10 +322,10 @@ def test_generated_recipes_validate_or_fail_in_one_line(valid_recipe, data):
         path = Path(tmp) / "r.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=False))
         code, out, err = cli("validate", str(path))
-    if code == 0:
-        assert out.startswith("ok: ") and not err
-    else:
-        assert_one_line(code, err)
+        if code == 0:
+            assert out.startswith("ok: ") and not err
+        else:
+            run_refused(path, Path(tmp), assert_one_line(code, err))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
