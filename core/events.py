@@ -1,4 +1,7 @@
-"""events.jsonl (one JSON object per event) and rich progress bars, from one call site."""
+"""events.jsonl (one JSON object per event) and rich progress bars, from one call site.
+
+Both pass through `core.echo.redact`: a credential that reached a value never reaches the log.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
+
+from .echo import redact
 
 
 class Events:
@@ -24,10 +29,11 @@ class Events:
             return
         record = {"time": round(time.time(), 3), "event": event, "stage": self.stage, **fields}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(json.dumps(_redacted(record)) + "\n")
 
     def log(self, message: str) -> None:
         """``message`` may use rich markup; events.jsonl gets the plain text."""
+        message = redact(message)
         self.console.print(message, highlight=False)
         self.emit("log", message=Text.from_markup(message).plain)
 
@@ -43,6 +49,17 @@ class Events:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _redacted(value):
+    """A JSON-ready copy of ``value`` with every string redacted (objects become their str)."""
+    if isinstance(value, dict):
+        return {redact(str(k)): _redacted(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact(str(value))
 
 
 class ProgressTask:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from core.echo import clip
 from core.errors import RecipeError
 from core.files import sha256_path
 
@@ -108,7 +109,7 @@ def _local_source(spec: ModelSpec, path: Path) -> Source:
             raise RecipeError(f"{str(path)!r} is a file but not a .gguf; give a model folder or a .gguf file",
                               field="model.source")
         return Source("gguf", spec.source, path, _gguf_architecture(path), {path.name: sha256_path(path)})
-    config = json.loads((path / "config.json").read_text())
+    config = _config_json(path / "config.json")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise RecipeError(f"{str(path)!r} has no .safetensors weights; only safetensors are loaded "
@@ -117,12 +118,28 @@ def _local_source(spec: ModelSpec, path: Path) -> Source:
                   {w.name: sha256_path(w) for w in weights})
 
 
+def _config_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise RecipeError(f"{str(path)!r} is not a readable JSON file ({clip(str(e), 80)}); point model.source at "
+                          "an intact model folder", field="model.source") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{str(path)!r} is not a JSON object; point model.source at an intact model folder",
+                          field="model.source")
+    return config
+
+
 def _gguf_architecture(path: Path) -> str:
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
-    arch = reader.fields["general.architecture"]
-    return bytes(arch.parts[arch.data[0]]).decode()
+    try:
+        reader = GGUFReader(path)
+        arch = reader.fields["general.architecture"]
+        return bytes(arch.parts[arch.data[0]]).decode()
+    except Exception as e:  # the reader fails in many ways on bytes that are not GGUF; each means the same
+        raise RecipeError(f"{str(path)!r} is not a readable GGUF file ({clip(str(e) or type(e).__name__, 80)}); "
+                          "give an intact .gguf file or a model folder", field="model.source") from None
 
 
 def _hub_source(spec: ModelSpec) -> Source:

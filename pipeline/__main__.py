@@ -2,7 +2,9 @@
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
-exits with 1. Neither prints a traceback (PIPELINE_DEBUG=1 does).
+exits with 1. Neither prints a traceback (PIPELINE_DEBUG=1 does); what the line quotes is short
+and redacted (core/echo.py). The recipe is read and checked before torch is imported, so a
+malformed one fails fast; ``--trust-remote-code`` is the only way to run a model's own code.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from core.echo import clip, refuse_credentials
 from core.errors import GateRejected, PipelineError, RecipeError
-from export.registry import RegistryError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="run folder (default: runs/<recipe name>)")
     r.add_argument("--force", action="store_true", help="replace an existing run folder")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run, reusing complete stages")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="let a recipe with model.trust_remote_code: true run the Python code shipped with the model")
     v = sub.add_parser("validate", help="check a recipe (schema, model, data, targets) without running it")
     v.add_argument("recipe")
     i = sub.add_parser("inspect", help="print a run folder's summary")
@@ -45,42 +49,60 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        if args.command == "run":
-            from .runner import run
-
-            run(args.recipe, args.output, force=args.force, resume=args.resume)
-        elif args.command == "validate":
-            from .recipe import load_recipe
-            from .runner import plan
-
-            p = plan(load_recipe(args.recipe))
-            stages = ", ".join(p.labels)
-            print(f"ok: {p.recipe.name}: {p.source.model_type} ({p.source.kind}) for {p.recipe.model.task}; "
-                  f"stages: {stages}")
-        elif args.command == "push":
-            from export.registry import push
-
-            r = push(args.run_dir, args.registry_ref)
-            print(f"pushed {args.run_dir} to {r['ref']}: {r['files']} files, {r['bytes']:,} bytes "
-                  f"({r['uploaded_blobs']} new blobs), manifest {r['digest']}")
-        elif args.command == "pull":
-            from export.registry import pull
-
-            r = pull(args.registry_ref, args.dir)
-            print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
-        else:
-            _inspect(Path(args.run_dir), args.json)
+        _command(args)
     except PipelineError as e:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        if args.command == "run" and not isinstance(e, (RecipeError, RegistryError, GateRejected)):
+        print(f"error: {clip(str(e), 600)}", file=sys.stderr)
+        if args.command == "run" and _resumable(e):
             print("the partial run was kept; fix the cause and rerun with --resume", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, "allow" if args.trust_remote_code else "refuse")
+        from .runner import run  # torch and the rest, once the recipe is known to be well-formed
+
+        run(recipe, args.output, force=args.force, resume=args.resume)
+    elif args.command == "validate":
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, "skip")
+        from .runner import plan
+
+        p = plan(recipe)
+        stages = ", ".join(p.labels)
+        print(f"ok: {p.recipe.name}: {p.source.model_type} ({p.source.kind}) for {p.recipe.model.task}; "
+              f"stages: {stages}")
+    elif args.command == "push":
+        refuse_credentials(args.registry_ref, "registry_ref")
+        from export.registry import push
+
+        r = push(args.run_dir, args.registry_ref)
+        print(f"pushed {args.run_dir} to {r['ref']}: {r['files']} files, {r['bytes']:,} bytes "
+              f"({r['uploaded_blobs']} new blobs), manifest {r['digest']}")
+    elif args.command == "pull":
+        refuse_credentials(args.registry_ref, "registry_ref")
+        from export.registry import pull
+
+        r = pull(args.registry_ref, args.dir)
+        print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
+    else:
+        _inspect(Path(args.run_dir), args.json)
+
+
+def _resumable(e: PipelineError) -> bool:
+    """Whether a failed run left a partial folder worth resuming (not after bad input, a failed push or the gate)."""
+    from export.registry import RegistryError
+
+    return not isinstance(e, (RecipeError, RegistryError, GateRejected))
 
 
 def _inspect(folder: Path, as_json: bool) -> None:

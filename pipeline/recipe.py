@@ -2,7 +2,9 @@
 
 Sections are pydantic models with ``extra="forbid"``; each stage's arguments are the typed model
 its stage class declares (see ``stages.REGISTRY``). Every problem becomes one ``RecipeError``
-naming the field (``stages[1].sparsity``) and what is allowed.
+naming the field (``stages[1].sparsity``) and what is allowed; a value is quoted by a short prefix and
+nothing that looks like a credential is accepted (core/echo.py). The file itself is read by
+recipe_file.py: bounded size, UTF-8, YAML without anchors, aliases or duplicate keys.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from __future__ import annotations
 import hashlib
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from calibration.spec import CalibrationSpec
+from core.echo import clip, quote, refuse_credentials
 from core.errors import RecipeError
 from core.spec import Section
 from evaluation.spec import EvaluationSpec
 from export.spec import ExportSpec
 from models.spec import ModelSpec
+
+from .recipe_file import read_recipe_file
 
 Slug = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
@@ -74,42 +79,31 @@ _SECTIONS: dict[str, type[Section]] = {
 }
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"no such file '{path}'", field="recipe")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"not valid YAML{where}: {getattr(e, 'problem', e)}", field="recipe") from None
-    return parse_recipe(raw)
+RemoteCode = Literal["refuse", "allow", "skip"]
 
 
-def parse_recipe(raw: Any) -> Recipe:
-    from stages import REGISTRY  # stages import torch; only needed once a recipe is parsed
+def load_recipe(path: str | Path, remote_code: RemoteCode = "refuse") -> Recipe:
+    """The validated recipe of a file (see `parse_recipe` for ``remote_code``)."""
+    return parse_recipe(read_recipe_file(Path(path)), remote_code)
 
-    if not isinstance(raw, dict):
-        raise RecipeError("the recipe must be a mapping with keys name, model, stages, ...", field="recipe")
-    allowed = list(Recipe.model_fields)
-    for key in raw:
-        if key not in allowed:
-            raise RecipeError(f"unknown key; allowed keys: {', '.join(allowed)}", field=str(key))
-    for key in ("name", "model", "stages"):
-        if key not in raw:
-            raise RecipeError("required key is missing", field=key)
-    sections = {key: _validate(cls, raw[key], key) for key, cls in _SECTIONS.items() if raw.get(key) is not None}
-    stages_raw = raw["stages"]
-    if not isinstance(stages_raw, list) or not stages_raw:
-        raise RecipeError("must be a non-empty list of stages, each a mapping with a 'type'", field="stages")
+
+def parse_recipe(raw: Any, remote_code: RemoteCode = "refuse") -> Recipe:
+    """Validate a parsed recipe. Everything but the stages' own arguments is checked before the
+    stage registry (and with it torch) is imported, so most mistakes fail in well under a second.
+
+    ``model.trust_remote_code: true`` runs Python code shipped with the model, so the recipe alone
+    cannot grant it: ``remote_code`` is what the caller allows ("allow": ``run --trust-remote-code``;
+    "skip": validate, which checks the model with its own code switched off; "refuse": anything else).
+    """
+    sections = _sections(raw, remote_code)
+    from stages import REGISTRY  # the stage classes import torch; only needed once the rest is valid
+
     stages = []
-    for i, item in enumerate(stages_raw):
+    for i, item in enumerate(raw["stages"]):
         where = f"stages[{i}]"
-        if not isinstance(item, dict) or "type" not in item:
-            raise RecipeError(f"each stage needs a 'type'; allowed: {', '.join(REGISTRY)}", field=where)
         if item["type"] not in REGISTRY:
-            raise RecipeError(f"unknown stage type {item['type']!r}; allowed: {', '.join(REGISTRY)}", field=f"{where}.type")
+            raise RecipeError(f"unknown stage type {quote(item['type'])}; allowed: {', '.join(REGISTRY)}",
+                              field=f"{where}.type")
         stages.append(_validate(REGISTRY[item["type"]].Args, item, where))
     try:
         recipe = Recipe(name=raw["name"], stages=stages, **sections)
@@ -117,6 +111,58 @@ def parse_recipe(raw: Any) -> Recipe:
         raise _to_recipe_error(e, Recipe, "") from None
     _check_stage_order(recipe)
     return recipe
+
+
+def _sections(raw: Any, remote_code: RemoteCode) -> dict[str, BaseModel]:
+    """The checks that need no stage class: shape, secrets, top-level keys and every section."""
+    if not isinstance(raw, dict):
+        raise RecipeError("the recipe must be a mapping with keys name, model, stages, ...", field="recipe")
+    _refuse_secrets(raw, "")
+    allowed = list(Recipe.model_fields)
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(f"unknown key; allowed keys: {', '.join(allowed)}", field=_key(key))
+    for key in ("name", "model", "stages"):
+        if raw.get(key) is None:
+            raise RecipeError("required key is missing or empty", field=key)
+    sections = {key: _validate(cls, raw[key], key) for key, cls in _SECTIONS.items() if raw.get(key) is not None}
+    sections["model"] = _remote_code(typing.cast(ModelSpec, sections["model"]), remote_code)
+    stages = raw["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError("must be a non-empty list of stages, each a mapping with a 'type'", field="stages")
+    for i, item in enumerate(stages):
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+            raise RecipeError("each stage is a mapping with a 'type' (e.g. '- type: calibrate')", field=f"stages[{i}]")
+    return sections
+
+
+def _refuse_secrets(value: Any, field: str) -> None:
+    """No credential enters a recipe: it would be echoed in errors and saved in the run folder."""
+    if isinstance(value, str):
+        refuse_credentials(value, field or "recipe")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{field}.{_key(key)}" if field else _key(key)
+            _refuse_secrets(str(key), sub)
+            _refuse_secrets(item, sub)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_secrets(item, f"{field}[{i}]")
+
+
+def _key(key: Any) -> str:
+    """A key from the input as part of a field name: short, and visible when empty."""
+    return clip(str(key), 40) or "''"
+
+
+def _remote_code(model: ModelSpec, allowed: RemoteCode) -> ModelSpec:
+    if not model.trust_remote_code or allowed == "allow":
+        return model
+    if allowed == "skip":
+        return model.model_copy(update={"trust_remote_code": False})
+    raise RecipeError("true runs Python code shipped with the model, which a recipe alone cannot allow: "
+                      "pass --trust-remote-code to 'python -m pipeline run' (validate never runs it)",
+                      field="model.trust_remote_code")
 
 
 def _validate(cls: Any, data: Any, where: str) -> BaseModel:
@@ -156,13 +202,13 @@ def _to_recipe_error(e: ValidationError, cls: Any, prefix: str) -> RecipeError:
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         key, tags = _union_tags(cls)
         field = f"{prefix}.{key}" if prefix else key
-        text = (f"{value.get(key)!r} is not allowed" if kind == "union_tag_invalid" else "required key is missing")
+        text = (f"{quote(value.get(key))} is not allowed" if kind == "union_tag_invalid" else "required key is missing")
         return RecipeError(f"{text}; allowed: {', '.join(tags)}", field=field)
     cls, loc = _union_member(cls, list(err["loc"]))
     field = prefix
     for part in loc:
-        field = f"{field}[{part}]" if isinstance(part, int) else (f"{field}.{part}" if field else str(part))
-    msg = err["msg"]
+        field = f"{field}[{part}]" if isinstance(part, int) else (f"{field}.{_key(part)}" if field else _key(part))
+    msg = clip(err["msg"])
     if kind == "extra_forbidden":
         owner = _owner(cls, loc[:-1])
         allowed = ", ".join(owner.model_fields) if owner else ""
@@ -170,12 +216,12 @@ def _to_recipe_error(e: ValidationError, cls: Any, prefix: str) -> RecipeError:
     elif kind == "missing":
         text = "required key is missing"
     elif kind.startswith(("greater", "less")):
-        text = f"{value!r} is out of range: {msg[0].lower()}{msg[1:]}"
+        text = f"{quote(value)} is out of range: {msg[0].lower()}{msg[1:]}"
     elif kind == "value_error":
         text = msg.removeprefix("Value error, ")
     else:
-        text = f"{value!r} is not allowed: {msg[0].lower()}{msg[1:]}"
-    more = len(e.errors()) - 1
+        text = f"{quote(value)} is not allowed: {msg[0].lower()}{msg[1:]}"
+    more = e.error_count() - 1
     if more:
         text += f" (and {more} more problem{'s' if more > 1 else ''})"
     return RecipeError(text, field=field or "recipe")

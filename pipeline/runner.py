@@ -92,9 +92,10 @@ def _chain(previous: str, payload) -> str:
     return hashlib.sha256((previous + json.dumps(payload, sort_keys=True, default=str)).encode()).hexdigest()
 
 
-def run(recipe_path: str | Path, output: str | Path | None = None, force: bool = False,
+def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bool = False,
         resume: bool = False, events: Events | None = None) -> Path:
-    recipe = load_recipe(recipe_path)
+    """Run a recipe (or the recipe file at a path, loaded without remote code) into its run folder."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     p = plan(recipe)
     folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
     resuming = folder.open(force, resume)

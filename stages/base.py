@@ -9,6 +9,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import RecipeError
+from tasks import TASKS
+
 from .context import RunContext
 
 
@@ -17,6 +20,12 @@ class StageArgs(BaseModel):
 
     type: str
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+    def width_multiples(self, model, adapter) -> dict[str, int]:
+        """Linears whose input width this stage may change, each with a number every width it can
+        leave is a multiple of. The plan validates each stage against the unpruned model; a later
+        stage that needs divisible widths (N:M sparsity) checks these as well."""
+        return {}
 
 
 @dataclass
@@ -95,6 +104,15 @@ class Stage(ABC):
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         """Put back into ``ctx`` what a completed stage left there (for --resume)."""
+
+
+def check_positions(recipe, model, seq_len: int, field: str) -> None:
+    """A text model reads at most ``max_position_embeddings`` tokens (learned position tables have
+    no row beyond it; rotary models were not trained beyond it)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if TASKS[recipe.model.task].modality == "text" and isinstance(limit, int) and seq_len > limit:
+        raise RecipeError(f"{seq_len} is more tokens than the model's {limit} positions (max_position_embeddings); "
+                          f"use at most {limit}", field=field)
 
 
 def export_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple]:

@@ -19,7 +19,7 @@ from calibration.cache import cache_key, state_digest
 from calibration.collectors import GradientHooks
 from calibration.layerwise import LayerwiseEngine
 
-from .base import Stage, StageArgs, StageResult, Table
+from .base import Stage, StageArgs, StageResult, Table, check_positions
 from .context import RunContext
 
 
@@ -31,6 +31,9 @@ class CalibrateArgs(StageArgs):
 class Calibrate(Stage):
     type = "calibrate"
     Args = CalibrateArgs
+
+    def validate(self, recipe, model, adapter, field):
+        check_positions(recipe, model, recipe.calibration.seq_len, "calibration.seq_len")
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         t0 = time.perf_counter()

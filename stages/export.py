@@ -12,7 +12,17 @@ from export import onnx as onnx_export
 from export import token_graph
 from export.gate import gate
 
-from .base import Stage, StageArgs, StageResult, Table, export_inputs, parity_table, tensorrt_headline, tensorrt_table
+from .base import (
+    Stage,
+    StageArgs,
+    StageResult,
+    Table,
+    check_positions,
+    export_inputs,
+    parity_table,
+    tensorrt_headline,
+    tensorrt_table,
+)
 from .context import OnnxArtifact, RunContext
 
 
@@ -24,6 +34,9 @@ class Export(Stage):
     type = "export"
     Args = ExportArgs
     settings = ("export",)
+
+    def validate(self, recipe, model, adapter, field):
+        check_positions(recipe, model, recipe.export.seq_len, "export.seq_len")
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         ex = ctx.recipe.export

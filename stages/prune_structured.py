@@ -10,6 +10,7 @@ allocation rules listed in methods/structured/allocation.py.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,7 @@ from calibration.layerwise import LayerwiseEngine
 from core.errors import RecipeError
 from core.registry import stage_args
 from core.targets import select
-from methods.structured import SCORES, ChannelScore
+from methods.structured import SCORES, ChannelScore, StructuredArgs
 from methods.structured.allocation import BlockPlan, allocate
 from methods.structured.bias import compensation
 from models.adapters import Block, head_channels
@@ -33,6 +34,18 @@ from .context import RunContext
 
 class PruneStructuredBase(StageArgs):
     type: Literal["prune_structured"]
+
+    def width_multiples(self, model, adapter):
+        """The attention output projection reads kept heads x head_dim channels; the MLP output
+        projection keeps a multiple of ``align`` or its full width (allocation.align_counts)."""
+        args: StructuredArgs = self  # type: ignore[assignment]  # a score's Args merged with this (stage_args)
+        widths = {}
+        for b in _blocks(args, model, adapter, "stages"):
+            if args.attention:
+                widths[b.o] = b.head_dim
+            if args.mlp:
+                widths[b.mlp_out] = math.gcd(args.align, b.intermediate_size)
+        return widths
 
 
 class PruneStructured(Stage):
@@ -67,9 +80,7 @@ class PruneStructured(Stage):
                               field=f"{field}.align")
 
     def _blocks(self, model: nn.Module, adapter, field: str) -> list[Block]:
-        blocks = adapter.blocks(model)
-        chosen = select({b.prefix: b.module for b in blocks}, self.args.targets, self.args.ignore, field)
-        return [b for b in blocks if b.prefix in chosen]
+        return _blocks(self.args, model, adapter, field)
 
     @torch.no_grad()
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
@@ -151,6 +162,12 @@ class PruneStructured(Stage):
                    "layers": [{"block": b.index, "heads": b.num_heads, "kv_heads": b.num_kv_heads,
                                "mlp_channels": b.intermediate_size} for b in blocks]}
         return StageResult(metrics, [Table("Kept per layer", ["block", "heads", "KV heads", "MLP channels"], rows)])
+
+
+def _blocks(args, model: nn.Module, adapter, field: str) -> list[Block]:
+    blocks = adapter.blocks(model)
+    chosen = select({b.prefix: b.module for b in blocks}, args.targets, args.ignore, field)
+    return [b for b in blocks if b.prefix in chosen]
 
 
 def _stats(stats: dict | None, name: str) -> Stats | None:
