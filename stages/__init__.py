@@ -6,6 +6,7 @@ from .calibrate import Calibrate
 from .distill import Distill
 from .evaluate import Evaluate
 from .export import Export
+from .export_gguf import ExportGguf
 from .prune_structured import PruneStructured
 from .prune_weights import PruneWeights
 from .quantize import Quantize
@@ -13,6 +14,7 @@ from .smoothquant import SmoothQuant
 from .token_prune import TokenPrune
 
 REGISTRY: dict[str, type[Stage]] = {cls.type: cls for cls in (Calibrate, PruneStructured, PruneWeights, TokenPrune,
-                                                                  Distill, SmoothQuant, Awq, Export, Quantize, Evaluate)}
+                                                                  Distill, SmoothQuant, Awq, Export, ExportGguf, Quantize,
+                                                                  Evaluate)}
 
 __all__ = ["REGISTRY", "Stage", "StageArgs", "StageResult", "Table"]
