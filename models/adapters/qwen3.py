@@ -11,4 +11,3 @@ class Qwen3Adapter(LlamaAdapter):
 
     family = "qwen3"
     model_types = ("qwen3",)
-    bias_flags = ("attention_bias", None)
