@@ -8,6 +8,7 @@ import pytest
 
 from core.errors import RecipeError
 from export import gguf
+from export.registry import pull, push
 from pipeline.recipe import parse_recipe
 from pipeline.runner import plan, run
 
@@ -30,6 +31,10 @@ def test_pruned_model_exported_to_gguf(bpe_llama_dir, tmp_path):
     layer = manifest["stages"][1]["metrics"]["layers"][0]
     assert (back.config.num_attention_heads, back.config.num_key_value_heads, back.config.intermediate_size) == \
         (layer["heads"], layer["kv_heads"], layer["mlp_channels"])
+    push(out, f"{tmp_path / 'registry'}/tiny:v1")  # the files travel with the artifact
+    pull(f"{tmp_path / 'registry'}/tiny:v1", tmp_path / "pulled")  # every sha256 verified
+    assert [(tmp_path / "pulled" / f"model-{k}.gguf").stat().st_size for k in ("f16", "q8_0")] == \
+        [files["f16"]["bytes"], files["q8_0"]["bytes"]]
 
 
 def test_layers_of_different_shapes_are_refused_when_the_stage_runs(bpe_llama_dir, tmp_path):
