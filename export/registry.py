@@ -105,6 +105,8 @@ def _media_type(rel: str) -> str:
         return f"{VENDOR}.onnx.model.v1"
     if rel.endswith(".onnx.data"):
         return f"{VENDOR}.onnx.data.v1"
+    if p.suffix == ".gguf":
+        return f"{VENDOR}.gguf.model.v1"
     if rel == "recipe.yaml":
         return f"{VENDOR}.recipe.v1+yaml"
     if rel == "report.md":
@@ -122,9 +124,10 @@ def _media_type(rel: str) -> str:
 
 
 def deployable_files(run_dir: Path) -> list[str]:
-    """The manifest's companions that make up the artifact: recipe, report, ONNX, build material,
-    engines. Not the checkpoint (the ONNX is what deploys) nor the per-stage bookkeeping."""
+    """The manifest's companions that make up the artifact: recipe, report, ONNX, GGUF files, build
+    material, engines. Not the checkpoint (the ONNX is what deploys) nor the per-stage bookkeeping."""
     top = [n for n in ("recipe.yaml", "report.md", "model.onnx", "model.onnx.data") if (run_dir / n).is_file()]
+    top += sorted(p.name for p in run_dir.glob("model-*.gguf"))
     build = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "build").rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
     return top + build

@@ -241,11 +241,14 @@ def _converted_gguf(source: Source) -> Path:
 def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> None:
     """Save a loadable checkpoint: safetensors weights, config, preprocessor, and our metadata.
 
-    Per-layer sizes that differ from what the config alone builds (structured pruning) are
-    recorded in the config as ``edgeprune_structure``; `load_checkpoint` rebuilds them. Without
-    them the folder is a plain transformers checkpoint.
+    When every block has one shape that the family's config can state (models/plain.py), the
+    config carries the pruned sizes and the folder is an ordinary transformers checkpoint; biases
+    a config flag implies but the model lacks are saved as zeros (and dropped again by
+    `load_checkpoint`). Otherwise the per-layer sizes go into the config as ``edgeprune_structure``,
+    which only `load_checkpoint` rebuilds; the metadata says which of the two the folder is, and why.
     """
     from .adapters import adapter_for, pretrained
+    from .plain import plain_form
 
     folder.mkdir(parents=True, exist_ok=True)
     hf = pretrained(model)
@@ -253,15 +256,22 @@ def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> 
     adapter = adapter_for(config.model_type, task)
     if hasattr(config, "edgeprune_structure"):
         del config.edgeprune_structure
-    shapes = [adapter.shape(model, b) for b in adapter.blocks(model)]
-    with torch.device("meta"):
-        stock = type(hf)._from_config(config)
-    if shapes != [adapter.shape(stock, b) for b in adapter.blocks(stock)]:
-        config.edgeprune_structure = [s.as_dict() for s in shapes]
-    hf.save_pretrained(folder, safe_serialization=True)
+    form = plain_form(model, adapter)
+    meta: dict[str, Any] = {"task": task, "model_type": config.model_type, "plain_transformers": form.plain}
+    if form.config is not None:
+        state = hf.state_dict()
+        weights = {name: state[name.rpartition(".")[0] + ".weight"] for name in form.zero_biases}
+        zeros = {name: torch.zeros(w.shape[0], dtype=w.dtype) for name, w in weights.items()}
+        hf.save_pretrained(folder, safe_serialization=True, state_dict={**state, **zeros})
+        form.config.save_pretrained(folder)
+        meta["zero_biases"] = list(form.zero_biases)
+    else:
+        config.edgeprune_structure = [adapter.shape(model, b).as_dict() for b in adapter.blocks(model)]
+        hf.save_pretrained(folder, safe_serialization=True)
+        meta["not_plain_because"] = form.reason
     if preprocessor is not None:
         preprocessor.save_pretrained(folder)
-    (folder / CHECKPOINT_META).write_text(json.dumps({"task": task, "model_type": config.model_type}, indent=2))
+    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
 
 def checkpoint_task(folder: str | Path) -> str:
@@ -273,8 +283,8 @@ def load_checkpoint(folder: str | Path, task: TaskLoading) -> tuple[nn.Module, o
     """Load a checkpoint written by `save_checkpoint` for ``task``, the one it records (`checkpoint_task`;
     tasks.load_checkpoint looks it up).
 
-    This is the one call for structurally pruned models, whose layers have their own head counts
-    and MLP widths; unpruned checkpoints also load with plain transformers.
+    It loads every checkpoint the pipeline writes; plain transformers loads those whose metadata
+    says ``plain_transformers: true`` (every layer the same shape, biases the config can state).
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -288,6 +298,7 @@ def load_checkpoint(folder: str | Path, task: TaskLoading) -> tuple[nn.Module, o
     structure = getattr(config, "edgeprune_structure", None)
     if not structure:
         model = cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        _drop_zero_biases(model, meta.get("zero_biases", []))
         return model.eval(), task.preprocessor(folder)
     model = cls._from_config(config, dtype=torch.float32) if hasattr(cls, "_from_config") else cls.from_config(config)
     adapter = adapter_for(meta["model_type"], meta["task"])
@@ -302,3 +313,11 @@ def load_checkpoint(folder: str | Path, task: TaskLoading) -> tuple[nn.Module, o
         raise ValueError(f"checkpoint {folder} does not match its recorded structure: "
                          f"missing {untied[:3]}, unexpected {unexpected[:3]}")
     return model.eval(), task.preprocessor(folder)
+
+
+def _drop_zero_biases(model: nn.Module, names: list[str]) -> None:
+    """Remove the all-zero biases a plain config implied (`save_checkpoint`), so the model is the one saved."""
+    for name in names:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, nn.Linear) and module.bias is not None and not module.bias.any():
+            module.register_parameter("bias", None)

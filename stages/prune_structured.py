@@ -10,6 +10,7 @@ allocation rules listed in methods/structured/allocation.py.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from core.targets import select
 from methods.structured import SCORES, ChannelScore, StructuredArgs
 from methods.structured.allocation import BlockPlan, allocate
 from methods.structured.bias import compensation
-from models.adapters import Block, head_channels
+from models.adapters import Block, BlockShape, head_channels
+from models.plain import plain_form
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
@@ -78,6 +80,31 @@ class PruneStructured(Stage):
         if self.args.modules != "attention" and any(w < self.args.align for w in widths):
             raise RecipeError(f"align {self.args.align} exceeds an MLP width ({min(widths)}); use a smaller align",
                               field=f"{field}.align")
+        if self.args.plain_checkpoint:
+            self._check_plain(model, adapter, blocks, field)
+
+    def _check_plain(self, model: nn.Module, adapter, blocks: list[Block], field: str) -> None:
+        """Refuse, before any work, what would keep the result from being an ordinary transformers
+        checkpoint: per-layer sizes (an AL structure, or blocks left out), sizes the family's config
+        cannot state, or a compensation bias it cannot state. The last two are found by pruning a
+        meta-device copy of every block by one unit and asking models/plain.py."""
+        args = self.args
+        if args.adaptive:
+            raise RecipeError(f"plain_checkpoint needs every layer pruned alike, and {args.structure} gives each layer "
+                              "its own sizes: use structure UL-UM or UL-MM", field=f"{field}.structure")
+        if len(blocks) != len(adapter.blocks(model)):
+            raise RecipeError("plain_checkpoint needs every block pruned alike, and targets/ignore leave some out: "
+                              "remove targets and ignore", field=f"{field}.targets")
+        sized = plain_form(_probe(model, adapter, args, biases=False), adapter)
+        if not sized.plain:
+            fix = "prune MLP channels only (modules: mlp)" if args.attention and sized.blocker == "sizes" else \
+                "set plain_checkpoint: false"
+            raise RecipeError(f"plain_checkpoint: {sized.reason}; {fix}", field=f"{field}.plain_checkpoint")
+        biased = plain_form(_probe(model, adapter, args, biases=args.bias_compensation), adapter)
+        if not biased.plain:
+            raise RecipeError(f"plain_checkpoint: {biased.reason}, and bias compensation adds one: set "
+                              "bias_compensation: false (or plain_checkpoint: false to keep it in a checkpoint only "
+                              "tasks.load_checkpoint reads)", field=f"{field}.bias_compensation")
 
     def _blocks(self, model: nn.Module, adapter, field: str) -> list[Block]:
         return _blocks(self.args, model, adapter, field)
@@ -107,7 +134,10 @@ class PruneStructured(Stage):
             source = "dense, from the calibrate stage" if stats else "none (weights only)"
         after_blocks = [b for b in ctx.adapter.blocks(ctx.model) if b.index in shapes_before]
         after = self._prunable(ctx.model, after_blocks)
-        return self._report(score, shapes_before, after_blocks, before, after, source, time.perf_counter() - t0)
+        form = plain_form(ctx.model, ctx.adapter)
+        checkpoint = "plain transformers" if form.plain else f"tasks.load_checkpoint only: {form.reason}"
+        return self._report(score, shapes_before, after_blocks, before, after, source, checkpoint,
+                            time.perf_counter() - t0)
 
     @staticmethod
     def _hidden(model, block: Block) -> int:
@@ -148,7 +178,7 @@ class PruneStructured(Stage):
         ctx.adapter.slice_block(model, b, plan.heads, plan.kv_heads, plan.channels, o_bias, mlp_bias)
 
     def _report(self, score: ChannelScore, shapes_before: dict, blocks: list[Block], before: int, after: int,
-                source: str, seconds: float) -> StageResult:
+                source: str, checkpoint: str, seconds: float) -> StageResult:
         args, rows = self.args, []
         for b in blocks:
             nh, nkv, inter = shapes_before[b.index]
@@ -158,7 +188,7 @@ class PruneStructured(Stage):
                    "prunable_params_before": before, "prunable_params_after": after,
                    "align": args.align, "gqa": args.gqa, "modules": args.modules,
                    "bias_compensation": args.bias_compensation, "square_attention": args.square_attention,
-                   "statistics": source, "seconds": round(seconds, 3),
+                   "statistics": source, "seconds": round(seconds, 3), "checkpoint": checkpoint,
                    "layers": [{"block": b.index, "heads": b.num_heads, "kv_heads": b.num_kv_heads,
                                "mlp_channels": b.intermediate_size} for b in blocks]}
         return StageResult(metrics, [Table("Kept per layer", ["block", "heads", "KV heads", "MLP channels"], rows)])
@@ -168,6 +198,24 @@ def _blocks(args, model: nn.Module, adapter, field: str) -> list[Block]:
     blocks = adapter.blocks(model)
     chosen = select({b.prefix: b.module for b in blocks}, args.targets, args.ignore, field)
     return [b for b in blocks if b.prefix in chosen]
+
+def _probe(model: nn.Module, adapter, args, biases: bool) -> nn.Module:
+    """A meta-device copy of ``model`` with every block one unit smaller, as ``args`` would prune it
+    (one KV group, or one query head per group; ``align`` MLP channels), with the compensation
+    biases when ``biases``."""
+    probe = copy.deepcopy(model)
+    for b in adapter.blocks(probe):
+        shape = adapter.shape(probe, b)
+        heads, kv, inter = b.num_heads, b.num_kv_heads, b.intermediate_size
+        if args.attention and args.gqa == "per-group" and heads > kv:
+            heads -= kv
+        elif args.attention and kv > 1:
+            heads, kv = heads - heads // kv, kv - 1
+        if args.mlp and inter > args.align:
+            inter -= args.align
+        adapter.reshape_block(probe, b, BlockShape(heads, kv, inter, shape.o_bias or (biases and heads < b.num_heads),
+                                                   shape.mlp_out_bias or (biases and inter < b.intermediate_size)))
+    return probe
 
 
 def _stats(stats: dict | None, name: str) -> Stats | None:

@@ -54,6 +54,52 @@ def build_llama(folder: Path, model_type: str = "llama") -> Path:
     return folder
 
 
+BPE_TEXT = ["The quick brown fox jumps over the lazy dog in 1999, and 42 more.", "She sells sea shells by the shore!",
+            "Hello world; hello there. The end of the story was near."] * 10
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def build_bpe_tokenizer(pre: str = "smollm"):
+    """A byte-level BPE tokenizer trained here on a few sentences (320 tokens, three special), with
+    SmolLM's ("smollm"), GPT-2's ("gpt-2") or Llama 3's ("llama-bpe") pre-tokenizer and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from export.gguf import LLAMA3_SPLIT
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "llama-bpe")
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = {
+        "gpt-2": byte_level,
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
+    }[pre]
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(BPE_TEXT, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_bpe_llama(folder: Path) -> Path:
+    """The tiny Llama shape (4 query heads over 2 KV heads of 16, MLP 128) over a 324-id vocabulary:
+    the BPE tokenizer's 320 tokens and four unused ids, as models often pad their embeddings."""
+    import transformers as tf
+
+    tok = build_bpe_tokenizer()
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def small_decoder(cfg_cls, model_cls, folder: Path, **extra) -> Path:
     """The tiny decoder shape shared by the families below: 4 query heads over 2 KV heads of 16, MLP 128."""
     torch.manual_seed(0)
@@ -130,6 +176,11 @@ def llama_onnx(llama_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("llama_onnx") / "lm.onnx"
     proto = onnx_export.export(tm, (ids,), path, tm.input_names, tm.output_names, opset=18)
     return tm, path, proto, (ids,)
+
+
+@pytest.fixture(scope="session")
+def bpe_llama_dir(tmp_path_factory):
+    return build_bpe_llama(tmp_path_factory.mktemp("bpe_llama"))
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ class StructuredArgs(BaseModel):
     modules: Literal["attention+mlp", "attention", "mlp"] = "attention+mlp"
     targets: list[str] = ["re:.*"]
     ignore: list[str] = []
+    plain_checkpoint: bool = False  # fail the recipe unless the result is an ordinary transformers checkpoint
 
     @model_validator(mode="after")
     def _check(self):

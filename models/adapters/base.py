@@ -188,7 +188,7 @@ def _slice_linear(model: nn.Module, name: str, rows: torch.Tensor | None = None,
     if cols is not None:
         w = w[:, cols]
     if add_bias is not None:
-        b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + add_bias.to(w.dtype)
+        b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)) + add_bias.to(w.dtype)
     new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype, device=w.device)
     new.weight.data.copy_(w)
     if b is not None:
@@ -273,6 +273,9 @@ class Adapter:
     # The norms compute x_hat * (offset + weight): 1 for Gemma's RMSNorm, so scales fold into
     # (offset + weight), not into the stored weight.
     norm_offset: ClassVar[float] = 0.0
+    # Config flags that give (o, mlp_out) a bias, each with the rest of its group (Llama's attention_bias
+    # adds q/k/v/o biases): how a plain config describes bias compensation (models/plain.py).
+    bias_flags: ClassVar[tuple[str | None, str | None]] = (None, None)
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""
@@ -363,8 +366,10 @@ class Adapter:
         g = shape.num_heads // shape.num_kv_heads
         g_old = block.num_heads // block.num_kv_heads
         heads = [k * g_old + j for k in range(shape.num_kv_heads) for j in range(g)]
-        o_bias = torch.zeros(hidden) if shape.o_bias and linear(model, block.o).bias is None else None
-        mlp_bias = torch.zeros(hidden) if shape.mlp_out_bias and linear(model, block.mlp_out).bias is None else None
+        device = linear(model, block.o).weight.device  # meta when checking a recipe against the model's structure
+        o_bias = torch.zeros(hidden, device=device) if shape.o_bias and linear(model, block.o).bias is None else None
+        mlp_bias = (torch.zeros(hidden, device=device) if shape.mlp_out_bias and linear(model, block.mlp_out).bias is None
+                    else None)
         self.slice_block(model, block, heads, range(shape.num_kv_heads), range(shape.intermediate_size),
                          o_bias, mlp_bias)
 

@@ -22,3 +22,4 @@ class Gemma3Adapter(Adapter):
     mlp_out = "mlp.down_proj"
     norms = ("input_layernorm", "pre_feedforward_layernorm")
     norm_offset = 1.0
+    bias_flags = ("attention_bias", None)

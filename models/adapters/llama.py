@@ -17,3 +17,5 @@ class LlamaAdapter(Adapter):
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out = "mlp.down_proj"
     norms = ("input_layernorm", "post_attention_layernorm")
+    # Llama's own; Qwen2 and Mistral configs have neither, Qwen3's only the first (models/plain.py checks)
+    bias_flags: ClassVar[tuple[str | None, str | None]] = ("attention_bias", "mlp_bias")
