@@ -273,6 +273,9 @@ class Adapter:
     # The norms compute x_hat * (offset + weight): 1 for Gemma's RMSNorm, so scales fold into
     # (offset + weight), not into the stored weight.
     norm_offset: ClassVar[float] = 0.0
+    # Every attention layer hands its keys and values to the model's cache object and reads the 4D mask
+    # given to the model: what the static KV-cache decoder export relies on (tasks/decoder.py).
+    static_kv_cache: ClassVar[bool] = False
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""

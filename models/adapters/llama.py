@@ -17,3 +17,4 @@ class LlamaAdapter(Adapter):
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out = "mlp.down_proj"
     norms = ("input_layernorm", "post_attention_layernorm")
+    static_kv_cache = True
