@@ -44,10 +44,12 @@ class _Stream:
 
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-             threads: int | None = None, raw: bool = False, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> Generation:
+             threads: int | None = None, raw: bool = False, out: TextIO | None = None,
+             err: TextIO | None = None) -> Generation:
+    """Stream the generated text to ``out`` (stdout) and the timing line to ``err`` (stderr)."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    out, err = out or sys.stdout, err or sys.stderr
     folder = Path(run_dir)
     needed = [folder / "model.onnx", folder / f"{DECODE}.onnx", folder / GENERATION]
     if not all(p.exists() for p in needed):
