@@ -45,6 +45,8 @@ class _SlotLayer(CacheLayerMixin):
 
     is_compileable = True  # fixed shapes: transformers builds no dynamic-length mask for it
     is_sliding = False
+    keys: torch.Tensor  # never None here, unlike a lazily initialised transformers layer
+    values: torch.Tensor
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor):
         super().__init__()
@@ -132,5 +134,5 @@ class CachedDecoder(TaskModel):
         layers = [_SlotLayer(past[2 * i], past[2 * i + 1], cache_position) for i in range(len(past) // 2)]
         mask = visible(cache_position, self.max_len, input_ids.shape[0], past[0].dtype)
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                         cache=Cache(layers=layers), use_cache=True)
+                         cache=Cache(layers=[*layers]), use_cache=True)
         return (out.logits, *(t for layer in layers for t in (layer.keys, layer.values)))

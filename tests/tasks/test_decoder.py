@@ -58,6 +58,31 @@ def test_prefill_then_decode_steps_give_the_models_own_logits(which, request):
             torch.testing.assert_close(logits[0, -1], _full(model, ids[:, :pos + 1])[0, -1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "phi3"])
+def test_every_family_with_the_flag_runs_through_the_cache(family, tmp_path):
+    """Each family whose adapter sets static_kv_cache: pruned block 0, prefill and two decode steps."""
+    import transformers as tf
+
+    from ..conftest import build_llama, small_decoder
+
+    folder = (build_llama(tmp_path, family) if family in ("qwen2", "mistral") else
+              small_decoder(tf.Qwen3Config, tf.Qwen3ForCausalLM, tmp_path, head_dim=16) if family == "qwen3" else
+              small_decoder(tf.Phi3Config, tf.Phi3ForCausalLM, tmp_path, original_max_position_embeddings=256))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    adapter = adapter_for(model.config.model_type, "causal-lm")
+    assert adapter.static_kv_cache
+    adapter.slice_block(model, adapter.blocks(model)[0], [0, 1], [0], range(64))
+    dec = _decoder(model)
+    assert dec.layout[0][0] == 1 and dec.layout[1][0] == 2
+    ids = torch.randint(0, 30000, (1, 10))
+    with torch.no_grad():
+        logits, *cache = dec(*dec.example({"input_ids": ids[:, :8]}))
+        torch.testing.assert_close(logits, _full(model, ids[:, :8]), rtol=1e-5, atol=1e-5)
+        for pos in (8, 9):
+            logits, *cache = dec(ids[:, pos:pos + 1], torch.tensor([[pos]]), torch.tensor([pos]), *cache)
+        torch.testing.assert_close(logits[0, -1], _full(model, ids)[0, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_right_padding_is_never_seen(lm):
     """A prompt of 5 padded to 8: the real rows match, and decoding from slot 5 overwrites the padding's slots
     before any query could read them."""
