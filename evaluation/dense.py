@@ -1,4 +1,5 @@
-"""The dense model exported at the compressed graph's shapes, cached by source hash, shapes and exporter."""
+"""The dense model exported at the compressed graph's shapes, cached by source hash, shapes and exporter
+(a decoder's two graphs in a folder of their own)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from pathlib import Path
 import torch
 
 from calibration.cache import cache_key
+from export import decoder
 from export import onnx as onnx_export
+from export.decoder import DECODE
 from export.spec import ExportSpec
 from models.loading import cache_dir
 from models.spec import ModelSpec
 from tasks import TaskModel
+from tasks.decoder import CachedDecoder
 
 
 def dense_onnx(module: TaskModel, example: tuple[torch.Tensor, ...], source_sha256: str, model: ModelSpec,
@@ -20,6 +24,12 @@ def dense_onnx(module: TaskModel, example: tuple[torch.Tensor, ...], source_sha2
     key = cache_key(kind="dense-onnx", model=source_sha256, task=model.task, pooling=model.pooling,
                     normalize=model.normalize, shapes=[list(t.shape) for t in example], opset=export.opset,
                     torch=torch.__version__)
+    if isinstance(module, CachedDecoder):  # both graphs, the decode graph written last
+        path = cache_dir() / "onnx" / key[:32] / "model.onnx"
+        if not path.with_name(f"{DECODE}.onnx").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            decoder.export(module, example, module.step(example), path, export.opset)
+        return path
     path = cache_dir() / "onnx" / f"{key[:32]}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

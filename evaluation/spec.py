@@ -14,6 +14,15 @@ class LatencySpec(Section):
     iterations: int = Field(default=20, ge=1, le=100_000)
 
 
+class GenerationSpec(Section):
+    """Decoder runs (``export.decoder``): greedy generation from the first ``prompts`` held-out windows
+    (each ``export.seq_len`` tokens), timed in ONNX Runtime against the dense graphs exported the same
+    way, and compared token by token with transformers' ``generate`` on the compressed model."""
+
+    prompts: int = Field(default=4, ge=1, le=1000)
+    new_tokens: int = Field(default=32, ge=1, le=32_768)  # at most what the cache leaves after the prompt
+
+
 class AcceptSpec(Section):
     """The quality gate (``evaluation.accept``): bounds on the evaluate stage's comparison with dense.
     Each field is valid only for tasks that have its metric (tasks/: ``accept_metrics``)."""
@@ -37,4 +46,5 @@ class EvaluationSpec(DataSpec):
     num_samples: int = Field(default=32, ge=1, le=100_000)
     lee: bool = True
     latency: LatencySpec = LatencySpec()
+    generation: GenerationSpec = GenerationSpec()
     accept: AcceptSpec | None = None  # without it the run still ends with a verdict line, without pass/fail

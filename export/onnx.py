@@ -30,8 +30,17 @@ NP_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float
 def export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names, output_names,
            opset: int) -> onnx.ModelProto:
     """Export ``module`` at the shapes of ``example``; the file is written under a temporary name, then renamed."""
-    module.eval()
+    model = convert(module, example, input_names, output_names, opset)
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    save(model, path, external=param_bytes > EXTERNAL_DATA_BYTES)
+    onnx.checker.check_model(str(path), full_check=True)
+    return model
+
+
+def convert(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names, output_names,
+            opset: int) -> onnx.ModelProto:
+    """The graph of ``module`` at the shapes of ``example``, with our names and IR version; every dimension static."""
+    module.eval()
     with torch.no_grad(), _quiet():
         program = torch.onnx.export(module, example, None, opset_version=opset, dynamo=True, optimize=True,
                                     verbose=False)
@@ -41,8 +50,6 @@ def export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pat
     problems = static_shape_problems(model)
     if problems:
         raise StageFailed(f"exported graph has dynamic dimensions: {'; '.join(problems[:5])}", field="export")
-    save(model, path, external=param_bytes > EXTERNAL_DATA_BYTES)
-    onnx.checker.check_model(str(path), full_check=True)
     return model
 
 
@@ -159,6 +166,14 @@ def parity(path: Path, module: torch.nn.Module, input_names, batches: list[tuple
             max_rel = max(max_rel, err / max(float(np.abs(r).max()), 1e-12))
         n += inputs[0].shape[0]
     return Parity(max_abs, max_rel, n)
+
+
+def external_files(path: Path) -> list[Path]:
+    """The external data files the graph at ``path`` reads (they sit beside it)."""
+    model = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return sorted(path.with_name(n) for n in names)
 
 
 def file_bytes(path: Path) -> int:

@@ -42,6 +42,7 @@ TITLE = "org.opencontainers.image.title"
 ANNOTATION = "vnd.edgeprune"
 TIMEOUT_S = 30  # every HTTP request: connect and read
 _LOOPBACK = ("127.", "localhost", "[::1]")
+GENERATION = "generation"  # a decoder's tokenizer files and generation config (written by the export stage)
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _REPO = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 
@@ -118,19 +119,25 @@ def _media_type(rel: str) -> str:
     if p.parts[:2] == ("build", "golden"):
         return f"{VENDOR}.golden.v1+json"
     if p.parts[:2] == ("build", "engines"):
-        return {"model.plan": f"{VENDOR}.trt.engine.v1", "timing.cache": f"{VENDOR}.trt.timingcache.v1",
+        if p.suffix == ".plan":
+            return f"{VENDOR}.trt.engine.v1"
+        return {"timing.cache": f"{VENDOR}.trt.timingcache.v1",
                 "engine.json": f"{VENDOR}.trt.engineinfo.v1+json"}.get(p.name, f"{VENDOR}.trt.buildlog.v1")
+    if p.parts[0] == GENERATION:
+        return f"{VENDOR}.generation.v1"
     return f"{VENDOR}.file.v1"
 
 
 def deployable_files(run_dir: Path) -> list[str]:
-    """The manifest's companions that make up the artifact: recipe, report, ONNX, GGUF files, build
+    """The manifest's companions that make up the artifact: recipe, report, ONNX (a decoder's two graphs
+    and what ``pipeline generate`` reads: tokenizer, chat template, generation config), GGUF files, build
     material, engines. Not the checkpoint (the ONNX is what deploys) nor the per-stage bookkeeping."""
-    top = [n for n in ("recipe.yaml", "report.md", "model.onnx", "model.onnx.data") if (run_dir / n).is_file()]
+    top = [n for n in ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data")
+           if (run_dir / n).is_file()]
     top += sorted(p.name for p in run_dir.glob("model-*.gguf"))
-    build = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "build").rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
-    return top + build
+    folders = sorted(p.relative_to(run_dir).as_posix() for d in (GENERATION, "build") for p in (run_dir / d).rglob("*")
+                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
+    return top + folders
 
 
 def _annotations(run_dir: Path, rel: str, manifest: dict) -> dict:
@@ -144,7 +151,8 @@ def _annotations(run_dir: Path, rel: str, manifest: dict) -> dict:
     elif rel == "recipe.yaml":
         a[f"{ANNOTATION}.recipe.sha256"] = manifest["recipe"]["sha256"]
     elif rel == "build/build_spec.json":
-        a[f"{ANNOTATION}.trtexec"] = " ".join(json.loads((run_dir / rel).read_text())["trtexec"])
+        graphs = json.loads((run_dir / rel).read_text())["graphs"]
+        a[f"{ANNOTATION}.trtexec"] = "; ".join(" ".join(g["trtexec"]) for g in graphs)
     elif rel.startswith("build/engines/"):
         info = run_dir / PurePosixPath(rel).parent / "engine.json"
         if info.is_file():
@@ -174,9 +182,10 @@ def _check_unchanged(run_dir: Path, layers: list[tuple[Path, dict]], manifest: d
     for _, d in layers:
         rel = d["annotations"][TITLE]
         expected = recorded.get(rel)
-        if expected is None and rel.endswith("/model.plan"):
+        if expected is None and rel.startswith("build/engines/") and rel.endswith(".plan"):
             info = run_dir / PurePosixPath(rel).parent / "engine.json"
-            expected = json.loads(info.read_text()).get("sha256") if info.is_file() else None
+            engines = json.loads(info.read_text()).get("engines", []) if info.is_file() else []
+            expected = next((e["sha256"] for e in engines if e["plan"] == PurePosixPath(rel).name), None)
         if expected is not None and d["digest"] != f"sha256:{expected}":
             raise RegistryError(f"{rel} changed after the run recorded its sha256; rerun the pipeline or restore it",
                                 field="RUN_DIR")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.spec import Section
 
@@ -21,6 +21,14 @@ class TensorRTSpec(Section):
     rtol: float = Field(default=1e-2, gt=0, le=1)
 
 
+class DecoderSpec(Section):
+    """Causal LMs only: export as a prefill graph (``model.onnx``, ``seq_len`` tokens) and a decode graph
+    (``decode.onnx``, one token) over a static KV cache of ``max_len`` slots per layer, sharing one weight
+    file (docs/methods/decoder-export.md)."""
+
+    max_len: int = Field(default=512, ge=3, le=32_768)  # cache slots: the prompt plus every generated token
+
+
 class ExportSpec(Section):
     """Static shapes of the exported graph (no dynamic axis anywhere)."""
 
@@ -31,3 +39,13 @@ class ExportSpec(Section):
     rtol: float = Field(default=1e-4, gt=0, le=1)
     parity_batches: int = Field(default=2, ge=1, le=64)
     tensorrt: TensorRTSpec = TensorRTSpec()
+    decoder: DecoderSpec | None = None
+
+    @model_validator(mode="after")
+    def _decoder_fits(self):
+        if self.decoder is not None and self.decoder.max_len <= self.seq_len:
+            raise ValueError(f"decoder.max_len ({self.decoder.max_len}) must exceed seq_len ({self.seq_len}), the "
+                             "prefill length: the cache holds the prompt and the generated tokens")
+        if self.decoder is not None and self.batch_size != 1:
+            raise ValueError("decoder graphs generate one sequence: set batch_size to 1")
+        return self

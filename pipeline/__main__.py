@@ -1,4 +1,4 @@
-"""python -m pipeline run|validate|inspect|push|pull
+"""python -m pipeline run|validate|inspect|push|pull|generate
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pull", help="pull a pushed run into a new folder, verifying every sha256")
     pl.add_argument("registry_ref")
     pl.add_argument("dir")
+    g = sub.add_parser("generate", help="write text with a decoder run's graphs (export.decoder) in ONNX Runtime")
+    g.add_argument("run_dir", metavar="RUN_OR_DIR", help="a run folder or a pulled artifact")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sampled")
+    g.add_argument("--seed", type=int, default=0, help="for sampling")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     return p
 
 
@@ -94,6 +102,10 @@ def _command(args: argparse.Namespace) -> None:
 
         r = pull(args.registry_ref, args.dir)
         print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
+    elif args.command == "generate":
+        from .generate import generate
+
+        generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.threads, args.raw)
     else:
         _inspect(Path(args.run_dir), args.json)
 

@@ -32,7 +32,8 @@ def summary(manifest: dict, with_verdict: bool = True) -> str:
         trt = onnx.get("tensorrt")
         if trt:
             engine = trt["build"]["engine"]
-            built = f"engine {engine['engine']} ({engine['gpu']})" if engine["built"] else "no engine built here"
+            built = (f"engines {', '.join(e['engine'] for e in engine['engines'])} ({engine['gpu']})" if engine["built"]
+                     else "no engine built here")
             lines.append(f"- TensorRT {trt['tensorrt']} ({trt['target']}): {'ready' if trt['ok'] else 'NOT ready'}, "
                          f"{trt['sparse_2_4_layers']} 2:4 sparse layers, {built}; build material in build/")
     lines += ["", "| stage | type | seconds | summary |", "|---|---|---|---|"]
@@ -80,6 +81,16 @@ def _eval_rows(ev: dict) -> list[list]:
         rows.append([f"median latency ms (batch {lat['batch_size']}, {lat['threads']} threads)",
                      lat["dense"]["median_ms"], lat["compressed"]["median_ms"]])
         rows.append(["speedup", "", lat["speedup"]])
+    gen = ev.get("generation")
+    if gen:
+        d, c = gen["dense"], gen["compressed"]
+        rows.append([f"time to first token ms ({gen['prompt_tokens']}-token prompt, median of {gen['prompts']})",
+                     d["first_token_ms"], c["first_token_ms"]])
+        rows.append([f"decode tokens/s ({gen['threads']} threads)", d["decode_tokens_per_s"], c["decode_tokens_per_s"]])
+        rows.append(["decode speedup", "", gen.get("decode_speedup")])
+        a = gen["agreement"]
+        rows.append([f"greedy tokens as transformers generate ({gen['new_tokens']} new)", "",
+                     f"{a['identical']}/{a['prompts']} identical, prefix agreement {a['prefix_agreement']:g}"])
     return rows
 
 

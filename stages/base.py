@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import RecipeError
+from export import onnx as onnx_export
+from export.graph import opset
 from tasks import TASKS
 
 from .context import RunContext
@@ -113,6 +116,11 @@ def check_positions(recipe, model, seq_len: int, field: str) -> None:
     if TASKS[recipe.model.task].modality == "text" and isinstance(limit, int) and seq_len > limit:
         raise RecipeError(f"{seq_len} is more tokens than the model's {limit} positions (max_position_embeddings); "
                           f"use at most {limit}", field=field)
+def graph_record(model: onnx.ModelProto, path: Path) -> dict:
+    """What the manifest records about one graph file (its weight file's bytes count with the first graph)."""
+    return {"path": path.name, "opset": opset(model), "ir_version": model.ir_version, **onnx_export.io_spec(model),
+            "nodes": len(model.graph.node), "ops": sorted({n.op_type for n in model.graph.node}),
+            "bytes": onnx_export.file_bytes(path)}
 
 
 def export_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple]:
@@ -127,10 +135,14 @@ def export_inputs(ctx: RunContext, num_samples: int | None = None) -> list[tuple
     return [module.example(b.inputs) for b in batches if b.size == ex.batch_size]
 
 
+def built_engines(engine: dict) -> str:
+    """The engines the export stage built on this machine, or that it built none."""
+    return ", ".join(e["engine"] for e in engine["engines"]) if engine["built"] else "not built here"
+
+
 def tensorrt_headline(trt: dict) -> dict:
-    engine = trt["build"]["engine"]
     return {"target": trt["target"], "ready": trt["ok"], "sparse_2_4_layers": trt["sparse_2_4_layers"],
-            "engine": engine["engine"] if engine["built"] else "not built here"}
+            "engine": built_engines(trt["build"]["engine"])}
 
 
 def tensorrt_table(trt: dict) -> Table:
@@ -138,7 +150,7 @@ def tensorrt_table(trt: dict) -> Table:
     rows = [[check, result] for check, result in trt["checks"].items()]
     rows += [["warning", str(w["message"])] for w in trt["warnings"]]
     rows.append(["2:4 sparse MatMul/Gemm weights", f"{trt['sparse_2_4_layers']} of {len(trt['sparsity'])}"])
-    rows.append(["engine", f"{engine['engine']} ({engine['gpu']}, TensorRT {engine['tensorrt']})" if engine["built"]
+    rows.append(["engine", f"{built_engines(engine)} ({engine['gpu']}, TensorRT {engine['tensorrt']})" if engine["built"]
                  else f"not built here: {engine['reason']}. On the device run build/build_engine.sh"])
     return Table(f"TensorRT readiness: {trt['target']} (TensorRT {trt['tensorrt']}, {trt['platform']})",
                  ["check", "result"], rows)

@@ -19,12 +19,14 @@ from calibration.cache import StatsCache
 from calibration.spec import CalibrationSpec
 from core.events import Events
 from evaluation.spec import EvaluationSpec
-from export.gate import LayerSparsity
+from export.decoder import DECODE
+from export.gate import MAIN, LayerSparsity
 from export.spec import ExportSpec
 from models.adapters import Adapter
 from models.loading import Source
 from models.spec import ModelSpec
 from tasks import TASKS, Task, TaskModel
+from tasks.decoder import CachedDecoder
 
 
 class Settings(Protocol):
@@ -59,6 +61,12 @@ class OnnxArtifact:
     path: Path
     info: dict  # io, opset, parity, sparsity check, TensorRT readiness, quantization (manifest "onnx")
     disabled_optimizers: tuple[str, ...] = ()  # ORT optimizers that would undo the graph's precision
+
+    @property
+    def graphs(self) -> list[tuple[str, Path]]:
+        """(name, path) of every graph that ships: the task graph (a decoder's prefill graph), then the decode graph."""
+        decode = self.info.get(DECODE)
+        return [(MAIN, self.path)] + ([(DECODE, self.path.with_name(decode["path"]))] if decode else [])
 
     def record(self) -> dict:
         """The manifest's "onnx" entry."""
@@ -100,4 +108,9 @@ class RunContext:
         return TASKS[self.recipe.model.task]
 
     def task_model(self, model: nn.Module | None = None) -> TaskModel:
-        return TaskModel(model if model is not None else self.model, self.recipe.model).eval()
+        """The model as deployed: with ``export.decoder``, the cached decoder both graphs are exported from."""
+        model = model if model is not None else self.model
+        decoder = self.recipe.export.decoder
+        if decoder is not None:
+            return CachedDecoder(model, self.recipe.model, self.adapter, decoder.max_len).eval()
+        return TaskModel(model, self.recipe.model).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from evaluation import generation
 from evaluation.dense import dense_onnx
 from evaluation.latency import latency
 from evaluation.runner import Runner
@@ -53,8 +54,19 @@ class Evaluate(Stage):
         result["size"] = size(dense_model, ctx.model, dense_path, comp_path)
         if dense_path:
             result["latency"] = latency(dense, comp, batches, spec.latency)
+        if dense_path and ex.decoder is not None:
+            result["generation"] = self._generation(ctx, dense_path, batches, disabled)
         ctx.evaluation = result
         return StageResult(result)  # report.md renders the evaluation from the manifest
+
+    @staticmethod
+    def _generation(ctx: RunContext, dense_path: Path, batches, disabled: tuple[str, ...]) -> dict:
+        """Time to first token at the prompt length and decode tokens/s, dense against compressed."""
+        spec, ex = ctx.recipe.evaluation, ctx.recipe.export
+        prompts = [b.inputs["input_ids"][0].tolist() for b in batches.batches[:spec.generation.prompts]]
+        new_tokens = min(spec.generation.new_tokens, ex.decoder.max_len - ex.seq_len)
+        return generation.compare(dense_path, ctx.onnx.path, ctx.model, prompts, new_tokens, spec.latency.threads,
+                                  spec.latency.warmup > 0, disabled)
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.evaluation = result.metrics  # the verdict reads it

@@ -1,4 +1,9 @@
-"""Export stage: model.onnx at the recipe's static shapes, through the one gate (export/gate.py)."""
+"""Export stage: model.onnx at the recipe's static shapes, through the one gate (export/gate.py).
+
+With ``export.decoder`` (causal LMs) model.onnx is the prefill graph and decode.onnx the one-token
+decode graph over the same static KV cache and weight file (export/decoder.py), and the tokenizer,
+chat template and generation config go to generation/ for ``pipeline generate``.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ from typing import Literal
 
 from rich.markup import escape
 
+from export import decoder, token_graph
 from export import onnx as onnx_export
-from export import token_graph
-from export.gate import gate
+from export.gate import MAIN, GateGraph, gate
+from export.registry import GENERATION
+from models.adapters import pretrained
+from tasks.decoder import check_decoder
 
 from .base import (
     Stage,
@@ -19,6 +27,7 @@ from .base import (
     Table,
     check_positions,
     export_inputs,
+    graph_record,
     parity_table,
     tensorrt_headline,
     tensorrt_table,
@@ -37,6 +46,8 @@ class Export(Stage):
 
     def validate(self, recipe, model, adapter, field):
         check_positions(recipe, model, recipe.export.seq_len, "export.seq_len")
+        if recipe.export.decoder is not None:
+            check_decoder(model, adapter, recipe.model.task, recipe.export.decoder.max_len, "export.decoder")
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         ex = ctx.recipe.export
@@ -44,29 +55,52 @@ class Export(Stage):
         inputs = export_inputs(ctx)
         path = ctx.workdir / "model.onnx"
         t0 = time.perf_counter()
-        model = onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)
+        if ex.decoder is None:
+            protos = [onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)]
+            examples = [inputs]
+        else:
+            steps = [module.step(i) for i in inputs]
+            protos = list(decoder.export(module, inputs[0], steps[0], path, ex.opset))
+            examples = [inputs, steps]
+            _write_generation(ctx)
         seconds_export = time.perf_counter() - t0
-        info = {"path": path.name, "opset": ex.opset, "ir_version": model.ir_version, "exporter": "torch.onnx dynamo",
-                **onnx_export.io_spec(model), "nodes": len(model.graph.node),
-                "ops": sorted({n.op_type for n in model.graph.node}), "bytes": onnx_export.file_bytes(path)}
-        report = gate(model, path, path, module, inputs, ex.rtol, ctx.sparsity, ex.tensorrt, folder, info,
-                      field="export", rtol_field="export.rtol",
-                      target_field="export.tensorrt.target", log=lambda m: ctx.events.log(escape(m)))
-        info.update({"parity": {**report.parity.as_dict(), "rtol": ex.rtol}, "sparsity_check": report.sparsity,
-                     "tensorrt": report.tensorrt})
+        names = [MAIN, decoder.DECODE][:len(protos)]
+        paths = [path, path.with_name(f"{decoder.DECODE}.onnx")]
+        graphs = [GateGraph(name, proto, p, p, module, exs, {**graph_record(proto, p), "exporter": "torch.onnx dynamo"},
+                            ex.rtol) for name, proto, p, exs in zip(names, protos, paths, examples)]
+        reports = gate(graphs, ctx.sparsity, ex.tensorrt, folder, field="export", rtol_field="export.rtol",
+                       target_field="export.tensorrt.target", log=lambda m: ctx.events.log(escape(m)))
+        for g, r in zip(graphs, reports):
+            g.info.update(parity={**r.parity.as_dict(), "rtol": ex.rtol}, sparsity_check=r.sparsity, tensorrt=r.tensorrt)
+        info = graphs[0].info
+        if ex.decoder is not None:
+            info[decoder.DECODE] = graphs[1].info
+            info["decoder"] = {"prefill_len": ex.seq_len, "max_len": ex.decoder.max_len,
+                               "weights": f"{path.name}.data", "generation": GENERATION}
         if module.tokens is not None:
-            info["token_pruning"] = token_graph.check_export(module.tokens, model, path, module, inputs, ex.opset,
+            info["token_pruning"] = token_graph.check_export(module.tokens, protos[0], path, module, inputs, ex.opset,
                                                              ex.rtol)
         ctx.onnx = OnnxArtifact(path, info)
         ctx.onnx.save(folder / "onnx.json")
         metrics = {"seconds_export": round(seconds_export, 3), "parity": info["parity"],
-                   "sparsity_check": report.sparsity, "bytes": info["bytes"],
-                   "tensorrt": tensorrt_headline(report.tensorrt)}
-        io_rows = [[d["name"], "input" if d in info["inputs"] else "output", d["dtype"], str(d["shape"])]
-                   for d in info["inputs"] + info["outputs"]]
-        return StageResult(metrics, [Table("ONNX graph", ["tensor", "kind", "dtype", "static shape"], io_rows),
-                                     parity_table("Parity with PyTorch (ONNX Runtime, CPU)", info["parity"]),
-                                     tensorrt_table(report.tensorrt)])
+                   "sparsity_check": info["sparsity_check"], "bytes": info["bytes"],
+                   "tensorrt": tensorrt_headline(info["tensorrt"])}
+        if ex.decoder is not None:
+            metrics["decode_parity"] = graphs[1].info["parity"]
+        io_rows = [[g.final.name, d["name"], kind, d["dtype"], str(d["shape"])]
+                   for g in graphs for kind in ("input", "output") for d in g.info[f"{kind}s"]]
+        return StageResult(metrics, [Table("ONNX graphs", ["graph", "tensor", "kind", "dtype", "static shape"], io_rows),
+                                     *(parity_table(f"{g.final.name}: parity with PyTorch (ONNX Runtime, CPU)",
+                                                    g.info["parity"]) for g in graphs),
+                                     tensorrt_table(info["tensorrt"])])
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.onnx = OnnxArtifact.load(ctx.workdir / "model.onnx", folder / "onnx.json")
+
+
+def _write_generation(ctx: RunContext) -> None:
+    """What ``pipeline generate`` needs besides the graphs: tokenizer, its config and chat template, and the
+    generation config (end-of-sequence ids); shipped and pushed with them."""
+    where = ctx.workdir / GENERATION
+    ctx.preprocessor.save_pretrained(where)
+    pretrained(ctx.model).generation_config.save_pretrained(where)

@@ -199,6 +199,7 @@ def _blocks(args, model: nn.Module, adapter, field: str) -> list[Block]:
     chosen = select({b.prefix: b.module for b in blocks}, args.targets, args.ignore, field)
     return [b for b in blocks if b.prefix in chosen]
 
+
 def _probe(model: nn.Module, adapter, args, biases: bool) -> nn.Module:
     """A meta-device copy of ``model`` with every block one unit smaller, as ``args`` would prune it
     (one KV group, or one query head per group; ``align`` MLP channels), with the compensation

@@ -26,15 +26,25 @@ from rich.markup import escape
 from core.errors import RecipeError, StageFailed
 from core.registry import stage_args
 from core.targets import select
+from export import decoder, qdq
 from export import onnx as onnx_export
-from export import qdq
-from export.formats import FORMATS, Format, FormatContext, LayerArgs
-from export.gate import gate
-from export.graph import opset
+from export.decoder import DECODE
+from export.formats import FORMATS, Format, FormatContext, LayerArgs, Rewritten
+from export.gate import MAIN, GateGraph, gate
 from export.inspect import linear_nodes
 from export.trt_targets import TARGETS
 
-from .base import Stage, StageArgs, StageResult, Table, export_inputs, parity_table, tensorrt_headline, tensorrt_table
+from .base import (
+    Stage,
+    StageArgs,
+    StageResult,
+    Table,
+    export_inputs,
+    graph_record,
+    parity_table,
+    tensorrt_headline,
+    tensorrt_table,
+)
 from .context import OnnxArtifact, RunContext
 
 
@@ -65,6 +75,10 @@ class Quantize(Stage):
         return args.format, getattr(args, "group_size", None)
 
     def validate(self, recipe, model, adapter, field):
+        if recipe.export.decoder is not None and self.format.calibration:
+            raise RecipeError(f"{self.format.describe()} calibrates activation scales on the prefill graph's inputs, "
+                              "which the decode graph does not see; with export.decoder use a weight-only format "
+                              "(fp16, int4, w8a16)", field=f"{field}.format")
         needed, target = self.format.opset, TARGETS[recipe.export.tensorrt.target]
         if needed > target.max_opset:
             able = ", ".join(t.name for t in TARGETS.values() if t.max_opset >= needed)
@@ -86,29 +100,33 @@ class Quantize(Stage):
         return select(self._candidates(model, adapter), self.args.targets, self.args.ignore, field)
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
-        model = onnx.load(ctx.onnx.path)
-        if any(n.op_type in qdq.QDQ_OPS for n in model.graph.node) or any(
-                i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-            raise StageFailed(f"{ctx.onnx.path.name} already carries reduced precision (an interrupted run?); "
-                              "rerun with --force", field=f"stages[{ctx.stage_index}]")
         work = folder / "work"
         work.mkdir(exist_ok=True)
         t0 = time.perf_counter()
         details: dict = {"format": self.args.format}
-        nodes = {}
         if isinstance(self.args, LayerArgs):
             candidates = self._candidates(ctx.model, ctx.adapter)
-            nodes = self._nodes(ctx, model)
-            details.update({"layers": len(nodes), "kept_float": sorted(set(candidates) - set(nodes))})
-        scales = {node: ctx.weight_scales[n].numpy() for n, node in nodes.items() if n in ctx.weight_scales}
-        context = FormatContext(ctx.onnx.path, folder, work, ctx.events,
-                                self._samples(ctx) if self.format.calibration else [], scales)
-        rewritten = self.format.apply(model, nodes, context)
-        details.update(rewritten.details)
+            chosen = self._targets(ctx.model, ctx.adapter, f"stages[{ctx.stage_index}]")
+            details.update({"layers": len(chosen), "kept_float": sorted(set(candidates) - set(chosen))})
+        # A decoder's prefill and decode graphs hold the same weights: the same rewrite of each keeps them equal.
+        rewritten = [self._rewrite(ctx, path, folder, work) for _, path in ctx.onnx.graphs]
+        details.update(rewritten[0].details)
         details["seconds"] = round(time.perf_counter() - t0, 3)
-        result = self._check_and_place(ctx, folder, work, rewritten.model, details)
+        result = self._check_and_place(ctx, folder, work, [r.model for r in rewritten], details)
         shutil.rmtree(work)
         return result
+
+    def _rewrite(self, ctx: RunContext, path: Path, folder: Path, work: Path) -> Rewritten:
+        model = onnx.load(path)
+        if any(n.op_type in qdq.QDQ_OPS for n in model.graph.node) or any(
+                i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+            raise StageFailed(f"{path.name} already carries reduced precision (an interrupted run?); "
+                              "rerun with --force", field=f"stages[{ctx.stage_index}]")
+        nodes = self._nodes(ctx, model) if isinstance(self.args, LayerArgs) else {}
+        scales = {node: ctx.weight_scales[n].numpy() for n, node in nodes.items() if n in ctx.weight_scales}
+        context = FormatContext(path, folder, work, ctx.events,
+                                self._samples(ctx) if self.format.calibration else [], scales)
+        return self.format.apply(model, nodes, context)
 
     def _nodes(self, ctx: RunContext, model: onnx.ModelProto) -> dict[str, str]:
         """torch name -> ONNX node name for every targeted Linear; a target missing from the graph is an error."""
@@ -127,33 +145,56 @@ class Quantize(Stage):
         samples = export_inputs(ctx, ctx.recipe.calibration.num_samples)
         return [{n: t.numpy() for n, t in zip(names, s)} for s in samples]
 
-    def _check_and_place(self, ctx: RunContext, folder: Path, work: Path, out: onnx.ModelProto,
+    def _stage_files(self, ctx: RunContext, work: Path, outs: list[onnx.ModelProto]) -> list[Path]:
+        """The rewritten graphs under ``work``, written as they will ship (a decoder's two with one weight file)."""
+        staged = [work / path.name for _, path in ctx.onnx.graphs]
+        for out in outs:
+            out.ir_version = onnx_export.IR_VERSION
+        if len(outs) > 1:
+            decoder.save_shared(outs, staged)
+        else:
+            large = onnx_export.file_bytes(ctx.onnx.path) > onnx_export.EXTERNAL_DATA_BYTES
+            onnx_export.save(outs[0], staged[0], external=large)
+        for path in staged:
+            onnx.checker.check_model(str(path), full_check=True)
+        return staged
+
+    def _check_and_place(self, ctx: RunContext, folder: Path, work: Path, outs: list[onnx.ModelProto],
                          details: dict) -> StageResult:
-        """The gate on a staged copy; model.onnx is replaced only if it passes, so a failed stage leaves
-        the float graph for --resume."""
-        where, onnx_path = f"stages[{ctx.stage_index}]", ctx.onnx.path
+        """The gate on staged copies; the graphs are replaced only if all pass, so a failed stage leaves
+        the float graphs for --resume."""
+        where = f"stages[{ctx.stage_index}]"
         # Raw logits are the wrong gate for quantized causal LMs: the task's own bounds replace them unless
         # the recipe sets rtol, which asks for the logits check at that tolerance (docs/methods/deployment.md §3).
         fidelity = bool(ctx.task.quantized_bounds) and self.args.rtol is None
         rtol = None if fidelity else self.format.tolerance
-        out.ir_version = onnx_export.IR_VERSION
-        staged = work / onnx_path.name
-        onnx_export.save(out, staged, external=onnx_export.file_bytes(onnx_path) > onnx_export.EXTERNAL_DATA_BYTES)
-        onnx.checker.check_model(str(staged), full_check=True)
+        staged = self._stage_files(ctx, work, outs)
         module = ctx.task_model()
-        info = ctx.onnx.info
-        report = gate(out, staged, onnx_path, module, export_inputs(ctx), rtol, ctx.sparsity,
-                      ctx.recipe.export.tensorrt, folder, info, field=where, rtol_field=f"{where}.rtol", target_field=where,
-                      log=lambda m: ctx.events.log(escape(m)), quantized=fidelity)
+        inputs = export_inputs(ctx)
+        graphs = [GateGraph(MAIN, outs[0], staged[0], ctx.onnx.path, module, inputs, ctx.onnx.info, rtol, fidelity)]
+        if len(outs) > 1:
+            # The task's bounds need whole windows, and the decode graph takes one token: it is gated on
+            # continuing its own prefill graph instead, and its parity with the float model is measured.
+            details["continuation"] = decoder.check_continuation(staged[0], staged[1], module.input_names, inputs[0],
+                                                                 self.format.tolerance, where)
+            graphs.append(GateGraph(DECODE, outs[1], staged[1], ctx.onnx.graphs[1][1], module,
+                                    [module.step(i) for i in inputs], ctx.onnx.info["decode"], None))
+        reports = gate(graphs, ctx.sparsity, ctx.recipe.export.tensorrt, folder, field=where, rtol_field=f"{where}.rtol",
+                       target_field=where, log=lambda m: ctx.events.log(escape(m)))
+        report, info = reports[0], ctx.onnx.info
         details.update({"checker": report.qdq.as_dict(), "parity": {**report.parity.as_dict(), "rtol": rtol},
                         "sparsity_check": report.sparsity})
         if report.fidelity is not None:
             details["fidelity"] = report.fidelity
-        info.update({"opset": opset(out), "nodes": len(out.graph.node), "ops": sorted({n.op_type for n in out.graph.node}),
-                     "bytes": onnx_export.file_bytes(onnx_path), "quantization": details, "tensorrt": report.tensorrt})
+        for g, r in zip(graphs, reports):
+            g.info.update(graph_record(g.model, g.final), parity={**r.parity.as_dict(), "rtol": g.rtol}, tensorrt=r.tensorrt)
+        info["quantization"] = details
         if self.format.ort_disabled_optimizers:
             ctx.onnx.disabled_optimizers = self.format.ort_disabled_optimizers
         ctx.onnx.save(folder / "onnx.json")
+        return self._result(details, report, info)
+
+    def _result(self, details: dict, report, info: dict) -> StageResult:
         rows = [[n["module"], n["op"], n["scheme"],
                  ", ".join(f"{k}: {v['dtype']} {v['granularity']}" for k, v in n["inputs"].items())]
                 for n in report.qdq.nodes]

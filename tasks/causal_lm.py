@@ -28,6 +28,7 @@ class CausalLM(TextTask):
     name = "causal-lm"
     input_names = ("input_ids",)
     output_names = ("logits",)
+    generates = True
     accept_metrics = {"max_perplexity_ratio": "perplexity_ratio", "min_token_agreement": "token_agreement"}
     # Loose enough for round-to-nearest int4 g64 on SmolLM2-135M (x1.42, 0.60 of the top-1 tokens kept) and
     # static W8A8 (x2.6 held out, 0.42 kept); a graph with wrong scales keeps almost none.

@@ -40,7 +40,7 @@ def build_bert(folder: Path) -> Path:
     return folder
 
 
-def build_llama(folder: Path, model_type: str = "llama") -> Path:
+def build_llama(folder: Path, model_type: str = "llama", **extra) -> Path:
     import transformers as tf
 
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def build_llama(folder: Path, model_type: str = "llama") -> Path:
                     "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[model_type]
     cfg = cls_cfg(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                  tie_word_embeddings=True)
+                  tie_word_embeddings=True, **extra)
     cls(cfg).save_pretrained(folder)
     _tokenizer_into(folder)
     return folder
@@ -181,6 +181,14 @@ def llama_onnx(llama_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_llama_dir(tmp_path_factory):
     return build_bpe_llama(tmp_path_factory.mktemp("bpe_llama"))
+
+
+@pytest.fixture(scope="session")
+def talkative_llama_dir(tmp_path_factory):
+    """The tiny Llama with weights large enough that its greedy tokens vary and rarely tie (at the default
+    scale its logits are nearly flat), and no end-of-sequence id, so every generation runs to its length."""
+    return build_llama(tmp_path_factory.mktemp("talkative_llama"), initializer_range=0.2, bos_token_id=None,
+                       eos_token_id=None, pad_token_id=None)
 
 
 @pytest.fixture(scope="session")

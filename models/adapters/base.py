@@ -276,6 +276,9 @@ class Adapter:
     # Config flags that give (o, mlp_out) a bias, each with the rest of its group (Llama's attention_bias
     # adds q/k/v/o biases): how a plain config describes bias compensation (models/plain.py).
     bias_flags: ClassVar[tuple[str | None, str | None]] = (None, None)
+    # Every attention layer hands its keys and values to the model's cache object and reads the 4D mask
+    # given to the model: what the static KV-cache decoder export relies on (tasks/decoder.py).
+    static_kv_cache: ClassVar[bool] = False
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""

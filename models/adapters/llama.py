@@ -19,3 +19,4 @@ class LlamaAdapter(Adapter):
     norms = ("input_layernorm", "post_attention_layernorm")
     # Llama's own; Qwen2 and Mistral configs have neither, Qwen3's only the first (models/plain.py checks)
     bias_flags: ClassVar[tuple[str | None, str | None]] = ("attention_bias", "mlp_bias")
+    static_kv_cache = True

@@ -20,6 +20,7 @@ class Phi3Adapter(Adapter):
     mlp_in = ("mlp.gate_up_proj", "mlp.gate_up_proj")
     mlp_out = "mlp.down_proj"
     norms = ("input_layernorm", "post_attention_layernorm")
+    static_kv_cache = True
 
     def slice_block(self, model, block, heads, kv_heads, channels, o_bias=None, mlp_bias=None):
         super().slice_block(model, block, heads, kv_heads, channels, o_bias, mlp_bias)

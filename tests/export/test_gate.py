@@ -13,7 +13,7 @@ from core.errors import StageFailed
 from core.events import Events
 from export import onnx as onnx_export
 from export.formats.int4 import int4_weight_only
-from export.gate import check_fidelity, gate
+from export.gate import GateGraph, check_fidelity, gate
 from export.inspect import linear_nodes
 from export.spec import TensorRTSpec
 from tasks import TASKS
@@ -69,9 +69,9 @@ def test_int4_passes_where_logits_parity_would_not_matter_and_a_broken_graph_fai
 def _gate(tm, model, tmp_path, rtol, quantized):
     staged = tmp_path / "staged.onnx"
     onnx.save(model, staged)
-    return gate(model, staged, staged, tm, _windows(), rtol, {}, TensorRTSpec(target="x86-trt10"), tmp_path,
-                {"inputs": [], "outputs": []}, field="stages[3]", rtol_field="stages[3].rtol",
-                target_field="stages[3]", log=Events(None).log, quantized=quantized)
+    graph = GateGraph("model", model, staged, staged, tm, _windows(), {"inputs": [], "outputs": []}, rtol, quantized)
+    return gate([graph], {}, TensorRTSpec(target="x86-trt10"), tmp_path, field="stages[3]",
+                rtol_field="stages[3].rtol", target_field="stages[3]", log=Events(None).log)[0]
 
 
 def test_gate_uses_the_task_bounds_for_quantized_graphs_and_logits_parity_otherwise(llama_onnx, tmp_path):

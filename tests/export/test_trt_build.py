@@ -59,11 +59,13 @@ def test_engine_key():
 
 
 def _spec(**over) -> dict:
+    graphs = [{"name": "model", "onnx": {"path": "../my model.onnx", "sha256": "ab" * 32},
+               "golden": trt_build.golden("model", True)},
+              {"name": "decode", "onnx": {"path": "../decode.onnx", "sha256": "cd" * 32},
+               "golden": trt_build.golden("decode", False)}]
     spec = {"target": "jetson-orin-jp6", "tensorrt": "10.3.0", "compute_capability": "8.7", "strongly_typed": True,
             "precision_flags": [], "sparsity": True, "workspace_mib": 512, "builder_optimization_level": 4,
-            "onnx": {"path": "../my model.onnx", "sha256": "ab" * 32},
-            "golden": {"inputs": "golden/inputs.json", "outputs": "golden/onnxrt_outputs.json", "atol": 0.001,
-                       "rtol": 0.05}}
+            "graphs": graphs, "tolerance": {"atol": 0.001, "rtol": 0.05}}
     return {**spec, **over}
 
 
@@ -81,14 +83,15 @@ def test_build_script_renders_the_spec(tmp_path, over, flags, cc):
     assert lines[0] == "#!/usr/bin/env bash" and "@{" not in script
     assert f"# from build_spec.json; target jetson-orin-jp6, TensorRT {spec['tensorrt']}, compute capability {cc})." \
         in lines
-    assert {"ONNX='../my model.onnx'", f"ONNX_SHA256={'ab' * 32}", f"FLAGS=({flags})"} <= set(lines)
+    assert {"NAMES=(model decode)", "ONNX=('../my model.onnx' ../decode.onnx)", f"ONNX_SHA256=({'ab' * 32} {'cd' * 32})",
+            "GOLDEN_INPUTS=(golden/inputs.json golden/decode/inputs.json)", f"FLAGS=({flags})"} <= set(lines)
     assert f'case "$trt" in {spec["tensorrt"]}*) ;; *) echo "warning: build_spec.json targets TensorRT ' \
            f'{spec["tensorrt"]}, this is $trt" >&2;; esac' in lines
     assert f'[ "{cc}" = any ] || [ "$cc" = "{cc}" ] || echo "warning: build_spec.json targets compute capability ' \
            f'{cc}, this is $cc" >&2' in lines
-    assert '"$TRTEXEC" --onnx="$ONNX" "${FLAGS[@]}" --saveEngine="$stage/model.plan" ' \
+    assert '  "$TRTEXEC" --onnx="${ONNX[i]}" "${FLAGS[@]}" --saveEngine="$stage/$plan" ' \
            '--timingCacheFile="$stage/timing.cache" \\' in lines
-    assert "    --load-outputs golden/onnxrt_outputs.json --atol 0.001 --rtol 0.05 \\" in lines
+    assert '      --load-outputs "${GOLDEN_OUTPUTS[i]}" --atol 0.001 --rtol 0.05 \\' in lines
     path = tmp_path / "build_engine.sh"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
@@ -98,15 +101,19 @@ def test_build_spec_in_the_run_folder(deploy_run):
     spec = json.loads((deploy_run / "build" / "build_spec.json").read_text())
     m = json.loads((deploy_run / "manifest.json").read_text())
     assert spec["target"] == "jetson-orin-jp6" and spec["tensorrt"] == "10.3.0" and spec["compute_capability"] == "8.7"
-    assert spec["onnx"] == {"path": "../model.onnx", "sha256": sha256_path(deploy_run / "model.onnx"),
-                            "external_data": None}
-    assert spec["inputs"] == m["onnx"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [2, 16]},
-                                                     {"name": "attention_mask", "dtype": "int64", "shape": [2, 16]}]
+    assert spec["schema"] == "edgeprune-trt-build/2" and len(spec["graphs"]) == 1
+    graph = spec["graphs"][0]
+    assert graph["name"] == "model" and graph["golden"] == {"inputs": trt_build.GOLDEN_INPUTS,
+                                                             "outputs": trt_build.GOLDEN_OUTPUTS}
+    assert graph["onnx"] == {"path": "../model.onnx", "sha256": sha256_path(deploy_run / "model.onnx"),
+                             "external_data": None}
+    assert graph["inputs"] == m["onnx"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [2, 16]},
+                                                      {"name": "attention_mask", "dtype": "int64", "shape": [2, 16]}]
     assert spec["strongly_typed"] is True and spec["workspace_mib"] == 1024
     # every Linear of the tiny BERT was pruned 2:4 (2 layers x 6 Linears), so sparse tactics are on
     assert spec["sparsity"] is True and spec["sparse_layers"] == 12 == m["onnx"]["tensorrt"]["sparse_2_4_layers"]
-    assert spec["timing_cache"] == "engines/{key}/timing.cache" and spec["engine"] == "engines/{key}/model.plan"
-    assert spec["trtexec"] == ["trtexec", "--onnx=../model.onnx", "--stronglyTyped", "--sparsity=enable",
+    assert spec["timing_cache"] == "engines/{key}/timing.cache" and graph["engine"] == "engines/{key}/model.plan"
+    assert graph["trtexec"] == ["trtexec", "--onnx=../model.onnx", "--stronglyTyped", "--sparsity=enable",
                                "--memPoolSize=workspace:1024", "--builderOptimizationLevel=3", "--skipInference",
                                "--saveEngine=engines/{key}/model.plan", "--timingCacheFile=engines/{key}/timing.cache"]
 
@@ -131,11 +138,12 @@ def test_build_script_builds_under_the_device_key(device):
     assert (key_dir / "model.plan").read_text() == "plan" and (key_dir / "timing.cache").is_file()
     info = json.loads((key_dir / "engine.json").read_text())
     assert info["tensorrt"] == "10.3.0" and info["compute_capability"] == "8.7" and info["gpu"] == "Orin"
-    assert info["sha256"] == sha256_path(key_dir / "model.plan")
-    assert info["onnx_sha256"] == sha256_path(run_dir / "model.onnx") and info["target"] == "jetson-orin-jp6"
+    assert info["engines"] == [{"name": "model", "plan": "model.plan", "onnx_sha256": sha256_path(run_dir / "model.onnx"),
+                                "sha256": sha256_path(key_dir / "model.plan")}]
+    assert info["target"] == "jetson-orin-jp6"
     spec = json.loads((run_dir / "build" / "build_spec.json").read_text())
     stage_args = (fake / "args.txt").read_text().split()
-    assert stage_args[0] == "--onnx=../model.onnx" and stage_args[1:6] == spec["trtexec"][2:7]
+    assert stage_args[0] == "--onnx=../model.onnx" and stage_args[1:6] == spec["graphs"][0]["trtexec"][2:7]
     assert "polygraphy not found: skipped comparing" in done.stderr
     assert not list((run_dir / "build" / "engines").glob(".building-*"))
     # a rebuild on the same device starts from that key's timing cache

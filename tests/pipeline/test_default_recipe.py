@@ -43,5 +43,6 @@ def test_default_recipe_end_to_end(tmp_path):
     assert trt["target"] == "jetson-orin-jp6" and trt["tensorrt"] == "10.3.0" and trt["ok"] and not trt["errors"]
     assert trt["sparse_2_4_layers"] == 36
     spec = json.loads((out / "build" / "build_spec.json").read_text())
-    assert spec["sparsity"] and spec["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": [1, 128]}
+    assert spec["sparsity"] and spec["graphs"][0]["inputs"][0] == {"name": "input_ids", "dtype": "int64",
+                                                                    "shape": [1, 128]}
     assert (out / "build" / "build_engine.sh").stat().st_mode & 0o111

@@ -70,7 +70,7 @@ def test_int8_build_material_describes_the_quantized_graph(bert_int8):
     trt = m["onnx"]["tensorrt"]
     assert trt["ok"] and trt["checks"]["qdq"] == "pass" and trt["weights"]["bytes_by_type"]["INT8"] > 0
     spec = json.loads((out / "build" / "build_spec.json").read_text())
-    assert spec["onnx"]["sha256"] == sha256_path(out / "model.onnx")  # not the float graph export wrote
+    assert spec["graphs"][0]["onnx"]["sha256"] == sha256_path(out / "model.onnx")  # not the float graph export wrote
     assert json.loads((out / "stages" / "03-quantize" / "tensorrt.json").read_text())["ok"]
 
 
