@@ -94,7 +94,9 @@ def measure(name: str) -> dict:
     m = run_recipe(r, r["name"])
     ev = m["evaluation"]
     distill = next((s for s in m["stages"] if s["type"] == "distill"), None)
-    return {"recipe": f"bench/results/recipes/{r['name']}.yaml", "calibration_windows": r["calibration"]["num_samples"],
+    calibrated = r["stages"][0]["type"] == "calibrate"
+    return {"recipe": f"bench/results/recipes/{r['name']}.yaml",
+            "calibration_windows": r["calibration"]["num_samples"] if calibrated else None,
             "backend": ev["backend"], "dense_perplexity": ev["dense"]["perplexity"],
             "perplexity": ev["compressed"]["perplexity"], "ratio": ev["comparison"]["perplexity_ratio"],
             "token_agreement": ev["comparison"]["token_agreement"],
