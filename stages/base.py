@@ -116,6 +116,8 @@ def check_positions(recipe, model, seq_len: int, field: str) -> None:
     if TASKS[recipe.model.task].modality == "text" and isinstance(limit, int) and seq_len > limit:
         raise RecipeError(f"{seq_len} is more tokens than the model's {limit} positions (max_position_embeddings); "
                           f"use at most {limit}", field=field)
+
+
 def graph_record(model: onnx.ModelProto, path: Path) -> dict:
     """What the manifest records about one graph file (its weight file's bytes count with the first graph)."""
     return {"path": path.name, "opset": opset(model), "ir_version": model.ir_version, **onnx_export.io_spec(model),
