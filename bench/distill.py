@@ -1,11 +1,12 @@
-"""Distillation recovery on MiniLM: the default recipe (FLAP UL-UM 20% -> Wanda 2:4 -> export -> INT8 ->
-evaluate) as it ships, and with a distill stage after the weight pruning at a few step budgets.
+"""Distillation recovery on MiniLM: a recipe (default: recipes/default.yaml, FLAP UL-UM 20% -> export -> INT8
+-> evaluate; recipes/minilm-2of4.yaml adds Wanda 2:4) without its distill stage, and with one after the
+last pruning stage at a few step budgets.
 
 Same held-out protocol as the default recipe (64 paragraphs of Pride and Prejudice, the Lee
 benchmark); the distill stage trains on the 128 calibration paragraphs (Northanger Abbey).
 
-    python bench/distill.py [--steps 0 60] [--lr 2e-4] [--batch-size 8] [--targets 're:.*encoder\\.']
-                            [--layer-loss 0 1] [--output distill-minilm]
+    python bench/distill.py [--recipe recipes/default.yaml] [--steps 0 60] [--lr 2e-4] [--batch-size 8]
+                            [--targets 're:.*encoder\\.'] [--layer-loss 0 1] [--output distill-minilm]
 
 Writes bench/results/<output>.json; step budget 0 is the recipe without distillation. The
 defaults are the default recipe's own distill stage; the committed distill-minilm.json adds a
@@ -21,12 +22,12 @@ import yaml
 from common import ROOT, run_recipe, stage, table, write_json
 
 
-def recipe(steps: int, lr: float, batch_size: int, targets: list[str], layer_loss: float) -> dict:
-    base = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
+def recipe(path: str, steps: int, lr: float, batch_size: int, targets: list[str], layer_loss: float) -> dict:
+    base = yaml.safe_load((ROOT / path).read_text())
     base["stages"] = [s for s in base["stages"] if s["type"] != "distill"]
-    base["name"] = f"minilm-default-distill{steps}" + (f"-layer{layer_loss:g}" if layer_loss else "")
+    base["name"] = f"{base['name']}-distill{steps}" + (f"-layer{layer_loss:g}" if layer_loss else "")
     if steps:
-        at = next(i for i, s in enumerate(base["stages"]) if s["type"] == "prune_weights") + 1
+        at = max(i for i, s in enumerate(base["stages"]) if s["type"].startswith("prune_")) + 1
         layers = {"layer_loss": layer_loss} if layer_loss else {}
         base["stages"].insert(at, {"type": "distill", "steps": steps, "lr": lr, "batch_size": batch_size,
                                    "warmup_steps": max(1, steps // 10), "checkpoint_every": steps,
@@ -36,6 +37,7 @@ def recipe(steps: int, lr: float, batch_size: int, targets: list[str], layer_los
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="recipes/default.yaml", help="relative to the repository root")
     ap.add_argument("--steps", nargs="+", type=int, default=[0, 60])
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -47,7 +49,7 @@ def main() -> None:
     rows, runs = [], []
     budgets = [(steps, w) for steps in args.steps for w in (args.layer_loss if steps else [0.0])]
     for steps, layer_loss in budgets:
-        r = recipe(steps, args.lr, args.batch_size, args.targets, layer_loss)
+        r = recipe(args.recipe, steps, args.lr, args.batch_size, args.targets, layer_loss)
         m = run_recipe(r, r["name"])
         ev = m["evaluation"]
         distill = stage(m, "distill") if steps else None
@@ -63,7 +65,7 @@ def main() -> None:
                      row["distill_seconds"], row["pipeline_wall_seconds"], row["latency_speedup"]])
     print(table(["distill steps", "layer loss", "mean cos", "min cos", "Lee pearson", "distill s", "pipeline s",
                  "speedup"], rows))
-    print(write_json(args.output, {"recipe": "recipes/default.yaml, distill stage after prune_weights as listed",
+    print(write_json(args.output, {"recipe": f"{args.recipe}, distill stage after the last pruning stage as listed",
                                    "runs": runs}))
 
 

@@ -29,8 +29,14 @@ def _error(recipe: dict, tmp_path) -> RecipeError:
 
 def test_default_recipe_is_valid():
     recipe = load_recipe("recipes/default.yaml")
-    assert [s.type for s in recipe.stages] == ["calibrate", "prune_structured", "prune_weights", "distill", "export",
-                                               "quantize", "evaluate"]
+    assert [s.type for s in recipe.stages] == ["calibrate", "prune_structured", "distill", "export", "quantize",
+                                               "evaluate"]
+    assert plan(recipe).source.model_type == "bert"
+
+
+def test_sparse_recipe_is_the_default_with_2_of_4():
+    recipe, default = load_recipe("recipes/minilm-2of4.yaml"), load_recipe("recipes/default.yaml")
+    assert [s.type for s in recipe.stages if s.type != "prune_weights"] == [s.type for s in default.stages]
     assert recipe.stages[2].nm == (2, 4)
     assert plan(recipe).source.model_type == "bert"
 
