@@ -37,11 +37,11 @@ from core.errors import RecipeError
 from models.adapters import Adapter, pretrained
 
 GgufType = Literal["f16", "q8_0", "q4_0", "q4_1"]
-ARCHITECTURES = ("llama",)  # transformers model_type -> llama.cpp architecture of the same name
+ARCHITECTURES = ("llama",)  # transformers model_types written, each as llama.cpp's architecture of that name
 
-# A pre-tokenizer (as tokenizers serialises it) -> llama.cpp's name for the same splitting.
 _FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}
+# Pre-tokenizer steps (as tokenizers serialises them) that pre_tokenizer_name recognises.
 _GPT2_BYTES = {"type": "ByteLevel", "use_regex": True}
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                  r"|\s+(?!\S)|\s+")
