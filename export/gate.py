@@ -153,17 +153,17 @@ def gate(graphs: list[GateGraph], sparsity: Mapping[str, LayerSparsity], spec: T
                 data.replace(g.final.with_name(f"{g.final.name}.data"))
             g.staged.replace(g.final)
     reports = [report for report, _ in checked]
-    reports[0].tensorrt = _material(graphs, [r for _, r in checked], spec, log)
+    reports[0].tensorrt = _material(graphs, checked[0][1], spec, log)
     return reports
 
 
-def _material(graphs: list[GateGraph], readiness: list[tensorrt.Readiness], spec: TensorRTSpec,
+def _material(graphs: list[GateGraph], readiness: tensorrt.Readiness, spec: TensorRTSpec,
               log: Callable[[str], None]) -> dict:
     """build/ next to the graphs, and engines when this machine can build them; the first graph's
-    readiness record with what was written."""
+    readiness record (which stands for all: same weights) with what was written."""
     build_dir = graphs[0].final.parent / "build"
     shutil.rmtree(build_dir, ignore_errors=True)
-    build = trt_build.build_spec(readiness[0].target, [(g.name, g.final, g.info) for g in graphs], build_dir,
+    build = trt_build.build_spec(readiness.target, [(g.name, g.final, g.info) for g in graphs], build_dir,
                                  readiness, spec.workspace_mib, spec.optimization_level, spec.atol, spec.rtol)
     feeds = {g.name: [{n: t.numpy() for n, t in zip(g.module.input_names, g.inputs[0])}] for g in graphs}
     trt_build.write_material(build_dir, build, feeds)
@@ -174,5 +174,5 @@ def _material(graphs: list[GateGraph], readiness: list[tensorrt.Readiness], spec
             f"{'passed' if passed else 'FAILED'}")
     else:
         log(f"no TensorRT engine built here: {engine['reason']}; build it on the device with build/build_engine.sh")
-    return {**readiness[0].as_dict(), "build": {"spec": "build/build_spec.json", "script": "build/build_engine.sh",
-                                                "engine": engine}}
+    return {**readiness.as_dict(), "build": {"spec": "build/build_spec.json", "script": "build/build_engine.sh",
+                                             "engine": engine}}

@@ -45,25 +45,25 @@ def engine_key(tensorrt_version: str, compute_capability: str) -> str:
 
 def golden(name: str, first: bool) -> dict:
     """Where a graph's golden inputs and ONNX Runtime outputs go, relative to build/."""
-    folder = "golden" if first else f"golden/{name}"
-    return {"inputs": f"{folder}/inputs.json", "outputs": f"{folder}/onnxrt_outputs.json"}
+    if first:
+        return {"inputs": GOLDEN_INPUTS, "outputs": GOLDEN_OUTPUTS}
+    return {"inputs": f"golden/{name}/inputs.json", "outputs": f"golden/{name}/onnxrt_outputs.json"}
 
 
-def build_spec(target: Target, graphs: list[tuple[str, Path, dict]], build_dir: Path, readiness: list[Readiness],
+def build_spec(target: Target, graphs: list[tuple[str, Path, dict]], build_dir: Path, readiness: Readiness,
                workspace_mib: int, optimization_level: int, atol: float, rtol: float) -> dict:
     """One spec for every graph of the run (name, ONNX path, its inputs/outputs): one engine each, built
     with the same flags and one timing cache. The graphs hold the same weights, so the first graph's
-    readiness (weight types, 2:4 layers) stands for all."""
+    ``readiness`` (weight types, 2:4 layers) stands for all."""
     strongly_typed = target.major_minor >= (10, 0)  # --stronglyTyped exists from TensorRT 9/10
-    first = readiness[0]
     return {
         "schema": SPEC_SCHEMA,
         "target": target.name, "tensorrt": target.tensorrt, "platform": target.platform,
         "compute_capability": target.compute_capability,
         "graphs": [_graph(name, path, io, build_dir, i == 0) for i, (name, path, io) in enumerate(graphs)],
         "strongly_typed": strongly_typed,
-        "precision_flags": [] if strongly_typed else _weak_precision_flags(first),
-        "sparsity": first.sparse_layers > 0, "sparse_layers": first.sparse_layers,
+        "precision_flags": [] if strongly_typed else _weak_precision_flags(readiness),
+        "sparsity": readiness.sparse_layers > 0, "sparse_layers": readiness.sparse_layers,
         "workspace_mib": workspace_mib, "builder_optimization_level": optimization_level,
         "timing_cache": f"engines/{{key}}/{TIMING_CACHE}",
         "key": engine_key("<tensorrt version>", "<compute capability>"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+CACHE_TENSORS = ("past_key_values.", "present.")  # a decoder graph's per-layer cache (tasks/decoder.py names them)
+
 
 def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
     def cell(v):
@@ -24,8 +26,7 @@ def summary(manifest: dict, with_verdict: bool = True) -> str:
              f"- created {manifest['created']} with edgeprune {manifest['environment']['packages'].get('edgeprune')}"]
     onnx = manifest.get("onnx")
     if onnx:
-        ins = ", ".join(f"{d['name']} {d['dtype']}{d['shape']}" for d in onnx["inputs"])
-        outs = ", ".join(f"{d['name']} {d['dtype']}{d['shape']}" for d in onnx["outputs"])
+        ins, outs = _io(onnx["inputs"]), _io(onnx["outputs"])
         p = onnx["parity"]
         lines.append(f"- ONNX opset {onnx['opset']}, IR {onnx['ir_version']}: inputs {ins}; outputs {outs}; "
                      f"parity max abs {p['max_abs_err']:.3g}, max rel {p['max_rel_err']:.3g}")
@@ -46,6 +47,16 @@ def summary(manifest: dict, with_verdict: bool = True) -> str:
     if with_verdict:
         lines += _verdict(manifest)
     return "\n".join(lines) + "\n"
+
+
+def _io(tensors: list[dict]) -> str:
+    """Graph inputs or outputs, a decoder's per-layer cache tensors counted rather than listed."""
+    cache = [d for d in tensors if d["name"].startswith(CACHE_TENSORS)]
+    text = ", ".join(f"{d['name']} {d['dtype']}{d['shape']}" for d in tensors if d not in cache)
+    if cache:
+        shapes = ", ".join(sorted({f"{d['dtype']}{d['shape']}" for d in cache}))
+        text += f", {len(cache)} cache tensors ({shapes})"
+    return text
 
 
 def _verdict(manifest: dict) -> list[str]:

@@ -18,7 +18,7 @@ from export import onnx as onnx_export
 from export.gate import MAIN, GateGraph, gate
 from export.registry import GENERATION
 from models.adapters import pretrained
-from tasks.decoder import check_decoder
+from tasks.decoder import check_decoder, is_cache
 
 from .base import (
     Stage,
@@ -87,8 +87,8 @@ class Export(Stage):
                    "tensorrt": tensorrt_headline(info["tensorrt"])}
         if ex.decoder is not None:
             metrics["decode_parity"] = graphs[1].info["parity"]
-        io_rows = [[g.final.name, d["name"], kind, d["dtype"], str(d["shape"])]
-                   for g in graphs for kind in ("input", "output") for d in g.info[f"{kind}s"]]
+        io_rows = [row for g in graphs for kind in ("input", "output") for row in _io_rows(g.final.name, kind,
+                                                                                           g.info[f"{kind}s"])]
         return StageResult(metrics, [Table("ONNX graphs", ["graph", "tensor", "kind", "dtype", "static shape"], io_rows),
                                      *(parity_table(f"{g.final.name}: parity with PyTorch (ONNX Runtime, CPU)",
                                                     g.info["parity"]) for g in graphs),
@@ -96,6 +96,18 @@ class Export(Stage):
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.onnx = OnnxArtifact.load(ctx.workdir / "model.onnx", folder / "onnx.json")
+
+
+def _io_rows(graph: str, kind: str, tensors: list[dict]) -> list[list]:
+    """One row per tensor; a decoder's per-layer cache tensors in one row per distinct shape."""
+    rows = [[graph, d["name"], kind, d["dtype"], str(d["shape"])] for d in tensors if not is_cache(d["name"])]
+    cache: dict[tuple, list[str]] = {}
+    for d in tensors:
+        if is_cache(d["name"]):
+            cache.setdefault((d["dtype"], str(d["shape"])), []).append(d["name"])
+    rows += [[graph, f"{names[0]} … {names[-1]} ({len(names)})", kind, dtype, shape]
+             for (dtype, shape), names in cache.items()]
+    return rows
 
 
 def _write_generation(ctx: RunContext) -> None:

@@ -186,8 +186,10 @@ class Quantize(Stage):
                         "sparsity_check": report.sparsity})
         if report.fidelity is not None:
             details["fidelity"] = report.fidelity
-        for g, r in zip(graphs, reports):
-            g.info.update(graph_record(g.model, g.final), parity={**r.parity.as_dict(), "rtol": g.rtol}, tensorrt=r.tensorrt)
+        if len(reports) > 1:
+            details["decode_parity"] = {**reports[1].parity.as_dict(), "rtol": None}
+        for g, r in zip(graphs, reports):  # each graph's "parity" stays the float export's
+            g.info.update(graph_record(g.model, g.final), tensorrt=r.tensorrt)
         info["quantization"] = details
         if self.format.ort_disabled_optimizers:
             ctx.onnx.disabled_optimizers = self.format.ort_disabled_optimizers

@@ -27,14 +27,15 @@ from .model import TaskModel
 from .registry import TASKS
 
 STEP_INPUTS = ("input_ids", "position_ids", "cache_position")
+PAST, PRESENT = "past_key_values", "present"  # cache tensors are named <prefix>.<layer>.key / .value
 
 
-def past_names(layers: int) -> tuple[str, ...]:
-    return tuple(f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
+def is_cache(name: str) -> bool:
+    return name.startswith((f"{PAST}.", f"{PRESENT}."))
 
 
-def present_names(layers: int) -> tuple[str, ...]:
-    return tuple(f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
+def _cache_names(prefix: str, layers: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -106,8 +107,8 @@ class CachedDecoder(TaskModel):
         super().__init__(model, spec)
         self.max_len = max_len
         self.layout = [(b.num_kv_heads, b.head_dim) for b in adapter.blocks(model)]
-        self.input_names = (*STEP_INPUTS, *past_names(len(self.layout)))
-        self.output_names = (self.task.output_names[0], *present_names(len(self.layout)))
+        self.input_names = (*STEP_INPUTS, *_cache_names(PAST, len(self.layout)))
+        self.output_names = (self.task.output_names[0], *_cache_names(PRESENT, len(self.layout)))
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         dtype = next(self.model.parameters()).dtype

@@ -60,6 +60,8 @@ def test_pruned_decoder_generates_what_transformers_generates(flap_run):
     assert ev["backend"] == "onnxruntime" and ev["compressed"]["perplexity"] > 0 and ev["comparison"]["perplexity_ratio"] > 0
     report = (flap_run / "report.md").read_text()
     assert "time to first token ms (16-token prompt, median of 8)" in report and "8/8 identical" in report
+    assert "4 cache tensors (float32[1, 1, 48, 16], float32[1, 2, 48, 16])" in report  # counted, not listed
+    assert "| decode.onnx | present.1.key … present.1.value (2) | output | float32 | [1, 1, 48, 16] |" in report
 
 
 def test_build_material_and_engines_for_both_graphs(flap_run, tmp_path):
@@ -126,7 +128,8 @@ def test_int4_rewrites_both_graphs_over_one_weight_file(talkative_llama_dir, tmp
     m = _manifest(out)
     q = m["onnx"]["quantization"]
     assert q["continuation"]["top1_same"] and q["continuation"]["max_rel_err"] < 1e-3
-    assert q["fidelity"]["perplexity_ratio"] < 3 and m["onnx"]["decode"]["parity"]["rtol"] is None
+    assert q["fidelity"]["perplexity_ratio"] < 3 and q["decode_parity"]["rtol"] is None
+    assert m["onnx"]["decode"]["opset"] == 21 and m["onnx"]["decode"]["tensorrt"]["ok"]
     for graph in ("model.onnx", "decode.onnx"):
         model = onnx.load(out / graph, load_external_data=False)
         assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) == 14  # 7 Linears x 2 blocks
