@@ -29,9 +29,10 @@ def recipe(tag: str, stages: list[dict], samples: int) -> dict:
             "export": {"batch_size": 1, "seq_len": 128, "parity_batches": 2}}
 
 
-def perplexities(folder: Path) -> dict[str, float]:
+def perplexities(folder: Path, measure: bool = True) -> dict[str, float]:
     """Perplexity of the run's checkpoint (plain transformers) and of its MEASURED GGUF files; each value
-    is kept in the run folder as it is computed, so an interrupted benchmark resumes."""
+    is kept in the run folder as it is computed, so an interrupted benchmark resumes (``measure``
+    False: only the values already kept)."""
     import json
 
     import torch
@@ -46,6 +47,8 @@ def perplexities(folder: Path) -> dict[str, float]:
 
     done = folder / "perplexity.json"
     out = json.loads(done.read_text()) if done.is_file() else {}
+    if not measure:
+        return out
     spec = ModelSpec(source=str(folder / "checkpoint"), task="causal-lm")
     tok = AutoTokenizer.from_pretrained(folder / "checkpoint")
     windows = TASKS["causal-lm"].evaluation_batches(tok, EvaluationSpec(num_samples=8), 1, 512)
@@ -89,6 +92,7 @@ def _value(reader, key: str):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calibration-samples", type=int, default=64)
+    ap.add_argument("--report-only", action="store_true", help="measure no new perplexity: report those kept")
     args = ap.parse_args()
     flap = {"type": "prune_structured", "method": "flap", "ratio": 0.2, "structure": "UL-UM", "plain_checkpoint": True}
     variants = {"dense": [], "flap-20-uniform": [{"type": "calibrate"}, flap]}
@@ -97,7 +101,7 @@ def main() -> None:
         tag = f"gguf-smollm2-{name}"
         m = run_recipe(recipe(tag, stages, args.calibration_samples), tag)
         files = stage(m, "export_gguf")["metrics"]["files"]
-        ppl = perplexities(RESULTS / "runs" / tag)
+        ppl = perplexities(RESULTS / "runs" / tag, measure=not args.report_only)
         pruned = stage(m, "prune_structured")["metrics"] if stages else None
         if not stages:
             results["dense_q4_1_vs_llama_cpp_file"] = against_source(RESULTS / "runs" / tag / "model-q4_1.gguf")
@@ -105,7 +109,7 @@ def main() -> None:
         results[name] = {"params": m["model"]["params_after"], "perplexity": ppl, "files": files,
                          "checkpoint": pruned["checkpoint"] if pruned else "plain transformers",
                          "layer_shape": pruned["layers"][0] if pruned else None, "bench": m["bench"]}
-        rows.append([name, "pytorch fp32", "-", f"{ppl['pytorch fp32']:.3f}", "-", "-"])
+        rows.append([name, "pytorch fp32", "-", f"{ppl['pytorch fp32']:.3f}" if ppl else "-", "-", "-"])
         for kind in files:
             check = files[kind]["check"]
             rows.append([name, kind, f"{files[kind]['bytes'] / 1e6:.1f}", f"{ppl[kind]:.3f}" if kind in ppl else "-",
