@@ -96,7 +96,8 @@ def test_one_pruned_weight_is_the_obs_update_and_the_least_squares_optimum():
 
 def test_columns_after_the_last_pruned_one_are_least_squares_optimal():
     """Every update, across column blocks too, keeps the later columns optimal given the fixed ones."""
-    stats, w = _stats(_inputs(4, channels=32)), torch.randn(6, 32, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)  # not the global RNG: other tests' seeds would decide which rows get checked
+    stats, w = _stats(_inputs(4, channels=32)), torch.randn(6, 32, dtype=torch.float64, generator=g)
     new, mask = _sparsegpt(sparsity=0.3, blocksize=8).prune("l", w, stats)
     h = _damped(stats)
     checked = 0
