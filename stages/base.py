@@ -30,6 +30,11 @@ class StageArgs(BaseModel):
         stage that needs divisible widths (N:M sparsity) checks these as well."""
         return {}
 
+    def shape_spread(self, model, adapter) -> str | None:
+        """Why the blocks may differ in shape after this stage (None: it leaves them alike). A later
+        stage that needs one shape for every block (GGUF's llama architecture) refuses at plan time."""
+        return None
+
 
 @dataclass
 class Table:

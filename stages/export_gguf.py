@@ -46,6 +46,12 @@ class ExportGguf(Stage):
         if recipe.model.task != "causal-lm":
             raise RecipeError(f"GGUF export is for causal LMs, not task {recipe.model.task!r}", field="model.task")
         gguf.check_model(model, adapter, f"{field}.type")
+        position = next(i for i, a in enumerate(recipe.stages) if a is self.args)
+        for j, earlier in enumerate(recipe.stages[:position]):
+            reason = earlier.shape_spread(model, adapter)
+            if reason:
+                raise RecipeError(f"GGUF's llama architecture needs every layer the same shape, and stages[{j}] "
+                                  f"({earlier.type}) can leave them different: {reason}", field=f"stages[{j}]")
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         here = f"stages[{ctx.stage_index}]"

@@ -49,6 +49,14 @@ class PruneStructuredBase(StageArgs):
                 widths[b.mlp_out] = math.gcd(args.align, b.intermediate_size)
         return widths
 
+    def shape_spread(self, model, adapter):
+        args: StructuredArgs = self  # type: ignore[assignment]
+        if args.adaptive:
+            return f"structure {args.structure} gives each layer its own sizes (use UL-UM or UL-MM)"
+        if len(_blocks(args, model, adapter, "stages")) != len(adapter.blocks(model)):
+            return "targets/ignore leave some blocks unpruned (remove them)"
+        return None
+
 
 class PruneStructured(Stage):
     type = "prune_structured"

@@ -37,12 +37,15 @@ def test_pruned_model_exported_to_gguf(bpe_llama_dir, tmp_path):
         [files["f16"]["bytes"], files["q8_0"]["bytes"]]
 
 
-def test_layers_of_different_shapes_are_refused_when_the_stage_runs(bpe_llama_dir, tmp_path):
-    stages = [{"type": "calibrate"}, {**UNIFORM, "plain_checkpoint": False, "ignore": ["re:.*layers\\.0$"]},
-              {"type": "export_gguf"}]
-    with pytest.raises(RecipeError, match="every layer the same shape") as e:
-        run(write_recipe(tmp_path, text_recipe(bpe_llama_dir, "causal-lm", stages)), output=tmp_path / "out")
-    assert e.value.field == "stages[2].type"
+@pytest.mark.parametrize("change, words", [
+    ({"ignore": ["re:.*layers\\.0$"]}, "targets/ignore leave some blocks unpruned"),
+    ({"structure": "AL-AM"}, "structure AL-AM gives each layer its own sizes"),
+])
+def test_layers_of_different_shapes_are_refused_before_any_work(bpe_llama_dir, change, words):
+    stages = [{"type": "calibrate"}, {**UNIFORM, "plain_checkpoint": False, **change}, {"type": "export_gguf"}]
+    with pytest.raises(RecipeError, match="needs every layer the same shape") as e:
+        plan(parse_recipe(text_recipe(bpe_llama_dir, "causal-lm", stages)))
+    assert e.value.field == "stages[1]" and words in e.value.message
 
 
 @pytest.mark.parametrize("stages, field, words", [
