@@ -1,4 +1,4 @@
-"""Recovery on SmolLM2-135M: int4 (round-to-nearest, AWQ), W8A16, SmoothQuant W8A8, Wanda / SparseGPT
+"""Recovery on SmolLM2-135M: int4 (round-to-nearest, GPTQ, AWQ), W8A16, SmoothQuant W8A8, Wanda / SparseGPT
 at 50% and 2:4, FLAP 20%, and distillation after pruning, each a whole pipeline run.
 
 Protocol (the one of bench/quantization.py and bench/structured_pruning.py): SmolLM2-135M-Instruct
@@ -60,6 +60,8 @@ EXPORT = {"type": "export"}
 ROWS: dict[str, Callable[[], dict]] = {
     "dense": lambda: recipe("dense", [EXPORT]),
     "rtn-int4-g128": lambda: recipe("rtn-int4-g128", [EXPORT, INT4]),
+    "gptq-int4-g128": lambda: recipe("gptq-int4-g128", [{"type": "gptq", "bits": 4, "group_size": 128,
+                                                          "targets": BLOCKS}, EXPORT, INT4]),
     # AWQ's search runs every block once per alpha and scale group: 16 windows and 10 alphas keep it near 20 minutes.
     "awq-int4-g128": lambda: recipe("awq-int4-g128", [{"type": "awq", "group_size": 128, "grid": 10}, EXPORT, INT4],
                                     samples=16),
@@ -75,10 +77,11 @@ ROWS: dict[str, Callable[[], dict]] = {
     "wanda-2of4-distill": lambda: recipe("wanda-2of4-distill", [prune("wanda", "2:4"), DISTILL]),
 }
 
-PRUNING, QUANTIZATION = ("prune_weights", "prune_structured"), ("awq", "smoothquant", "quantize")
+PRUNING, QUANTIZATION = ("prune_weights", "prune_structured"), ("awq", "gptq", "smoothquant", "quantize")
 
 # Issue targets: (text, row, bound on the perplexity ratio to dense, or the row it must beat).
-TARGETS = [("AWQ int4 g128 <= 1.15x dense", "awq-int4-g128", 1.15),
+TARGETS = [("GPTQ int4 g128 <= 1.15x dense", "gptq-int4-g128", 1.15),
+           ("AWQ int4 g128 <= 1.15x dense", "awq-int4-g128", 1.15),
            ("SparseGPT 2:4 below Wanda 2:4", "sparsegpt-2of4", "wanda-2of4"),
            ("FLAP 20% + distillation <= 1.10x dense", "flap-20-distill", 1.10),
            ("Wanda 2:4 + distillation <= 1.5x dense", "wanda-2of4-distill", 1.5)]
