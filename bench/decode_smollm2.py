@@ -18,10 +18,11 @@ speedup against it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
-from common import SMOLLM2, run_recipe, stage, table, write_json
+from common import RESULTS, SMOLLM2, run_recipe, stage, table, write_json
 
 PROMPT, CACHE, NEW_TOKENS, PROMPTS = 128, 256, 32, 8
 FLAP = {"type": "prune_structured", "method": "flap", "ratio": 0.2}  # AL-AM: per-layer heads and widths
@@ -75,18 +76,28 @@ def record(name: str, label: str, m: dict, load: tuple[float, float]) -> dict:
             "wall_seconds": m["bench"]["wall_seconds"], "peak_rss_mb": m["bench"]["peak_rss_mb"]}
 
 
+PROTOCOL = {"model": SMOLLM2, "prompt_tokens": PROMPT, "cache_slots": CACHE, "new_tokens": NEW_TOKENS,
+            "prompts": PROMPTS, "threads": 2, "perplexity": "first 32 x 128-token windows of Pride and Prejudice "
+            "through the prefill graph", "calibration": "64 x 256 tokens of Northanger Abbey",
+            "speed": "ONNX Runtime CPU, dense and compressed graphs of the same run alternating prompt by prompt; a "
+                     "shared 2-core machine, load averages recorded per run"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = p.parse_args()
-    rows = []
+    path = RESULTS / "decode-smollm2.json"
     for name in args.configs:
         stages, label = CONFIGS[name]
         start = os.getloadavg()[0]
         t = time.perf_counter()
         m = run_recipe(recipe(f"decode-smollm2-{name}", stages), f"decode-smollm2-{name}")
-        rows.append(record(name, label, m, (start, os.getloadavg()[0])))
+        done = {r["config"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+        done[name] = record(name, label, m, (start, os.getloadavg()[0]))  # read late: rows of other invocations stay
+        write_json("decode-smollm2", {"protocol": PROTOCOL, "rows": [done[c] for c in CONFIGS if c in done]})
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+    rows = json.loads(path.read_text())["rows"]
     headers = ["config", "perplexity", "ONNX MB", "bytes ratio", "TTFT ms", "decode tok/s", "decode speedup",
                "of bytes limit", "KV heads", "greedy = transformers"]
     body = [[r["label"], r["perplexity"]["compressed"], round(r["onnx_bytes"]["compressed"] / 1e6, 1),
@@ -95,13 +106,6 @@ def main() -> None:
              f"{r['generation']['identical']}/{r['generation']['prompts']} ({r['generation']['prefix_agreement']:g})"]
             for r in rows]
     print(table(headers, body))
-    path = write_json("decode-smollm2", {
-        "protocol": {"model": SMOLLM2, "prompt_tokens": PROMPT, "cache_slots": CACHE, "new_tokens": NEW_TOKENS,
-                     "prompts": PROMPTS, "threads": 2, "perplexity": "first 32 x 128-token windows of Pride and "
-                     "Prejudice through the prefill graph", "calibration": "64 x 256 tokens of Northanger Abbey",
-                     "speed": "ONNX Runtime CPU, dense and compressed graphs of the same run alternating prompt by "
-                              "prompt; a shared 2-core machine, load averages recorded per run"},
-        "rows": rows})
     print(f"wrote {path}")
 
 
