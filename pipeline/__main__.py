@@ -111,10 +111,12 @@ def _command(args: argparse.Namespace) -> None:
 
 
 def _resumable(e: PipelineError) -> bool:
-    """Whether a failed run left a partial folder worth resuming (not after bad input, a failed push or the gate)."""
+    """Whether a failed run left a partial folder worth resuming (not after bad input, a failed push, the gate
+    or another run holding the output)."""
+    from core.lock import Locked
     from export.registry import RegistryError
 
-    return not isinstance(e, (RecipeError, RegistryError, GateRejected))
+    return not isinstance(e, (RecipeError, RegistryError, GateRejected, Locked))
 
 
 def _inspect(folder: Path, as_json: bool) -> None:

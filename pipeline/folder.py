@@ -1,7 +1,7 @@
 """The run folder while it is written, and what makes a killed run resumable.
 
-A run writes ``runs/.NAME.partial/`` and renames it to ``runs/NAME/`` when complete; ``--resume``
-continues the partial folder. A kill -9 at any moment leaves one that ``--resume`` completes to the
+A run holds ``runs/.NAME.lock``, writes ``runs/.NAME.partial/`` and renames it to ``runs/NAME/``
+when complete; ``--resume`` continues the partial folder. A kill -9 at any moment leaves one that ``--resume`` completes to the
 same artifacts, because:
 
 - a stage is complete once its record (``stages/NN-label/result.json``) exists, and the runner
@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import RecipeError
 from core.files import link_tree, remove_tree
+from core.lock import FolderLock
 
 from .manifest import artifacts
 
@@ -36,6 +38,12 @@ class RunFolder:
     def __init__(self, final: Path):
         self.final = final
         self.partial = final.parent / f".{final.name}.partial"
+
+    def lock(self, note: Callable[[str], None]) -> FolderLock:
+        """Held from before the partial folder is touched until the run (and its push) ends: a second
+        run on the same output refuses instead of deleting this one's partial folder (core/lock.py)."""
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        return FolderLock(self.final.parent / f".{self.final.name}.lock", f"run folder '{self.final}'", "output", note)
 
     def open(self, force: bool, resume: bool) -> bool:
         """Create (or, with resume, reuse) the partial folder; True when resuming."""

@@ -99,12 +99,19 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
     p = plan(recipe)
     events = events or Events(None)
     folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
-    resuming = folder.open(force, resume)
-    manifest = folder.committed(recipe.sha256(), p.source.sha256) if resuming else None
-    if manifest is None:
-        manifest = _execute(p, folder, resuming, events)
-    folder.drop_snapshots()
-    final = folder.finalize()
+    with folder.lock(events.log):
+        resuming = folder.open(force, resume)
+        manifest = folder.committed(recipe.sha256(), p.source.sha256) if resuming else None
+        if manifest is None:
+            manifest = _execute(p, folder, resuming, events)
+        folder.drop_snapshots()
+        final = folder.finalize()
+        _conclude(final, manifest, recipe, events)
+    return final
+
+
+def _conclude(final: Path, manifest: dict, recipe: Recipe, events: Events) -> None:
+    """Say what was written and the quality gate's verdict; publish an accepted run."""
     events.console.print(f"wrote {final}/ ({len(manifest['artifacts'])} files)", highlight=False)
     judged = manifest["verdict"]
     if judged is not None:
@@ -117,7 +124,6 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
                            field="evaluation.accept")
     if recipe.publish:
         _publish(final, recipe.publish.ref, events)
-    return final
 
 
 def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict:
