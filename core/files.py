@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -49,10 +48,10 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """``dst`` as a copy of ``src`` made of hard links (no bytes copied). Sound because no stage writes into
-    a file an earlier stage left: it replaces it (temp name, then rename), which leaves the linked copy as it was."""
+def copy_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of the file or folder ``src`` (copies, not hard links: ONNX refuses to load an
+    external-data file that has several links)."""
     if src.is_dir():
-        shutil.copytree(src, dst, copy_function=os.link)
+        shutil.copytree(src, dst)
     else:
-        os.link(src, dst)
+        shutil.copy2(src, dst)

@@ -6,11 +6,12 @@ same artifacts, because:
 
 - a stage is complete once its record (``stages/NN-label/result.json``) exists, and the runner
   writes it last, after the stage's files and its model snapshot (``model/``);
-- the files a stage leaves at the top of the run folder (model.onnx, build/, generation/, GGUF
-  files) may be rewritten by a later stage (quantize replaces model.onnx), so every stage first
-  keeps hard links of them as they were (``before/``; no bytes are copied). The first stage that
-  runs again in a resumed folder (after a kill, or with changed arguments) starts from exactly
-  those, whatever it had half written;
+- a stage may create files at the top of the run folder (model.onnx, build/, generation/, GGUF
+  files) and replace ones an earlier stage left (quantize replaces model.onnx and build/): every
+  stage first records the names there and keeps a copy of what it replaces (``before/``). The
+  first stage that runs again in a resumed folder (after a kill, or with changed arguments) puts
+  those back and removes what it had created, so it starts from the same files whatever it had
+  half written;
 - manifest.json is written last in the partial folder. Once it is there and matches the recipe and
   model (`committed`), only dropping the snapshots and the rename are left, and a resume does just
   that; until the rename, the partial folder holds everything a resume needs.
@@ -25,13 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import RecipeError
-from core.files import link_tree, remove_tree
+from core.files import copy_tree, remove_tree
 from core.lock import FolderLock
 
 from .manifest import artifacts
 
 RUNNER_OWN = frozenset({"stages", "events.jsonl", "recipe.yaml", "manifest.json", "report.md", "checkpoint"})
 MODEL, BEFORE = "model", "before"  # a stage folder's snapshots: for --resume only, never shipped
+ENTRIES = "entries.json"  # in before/: the top-level names when the stage began; the copies go in before/files/
 
 
 class RunFolder:
@@ -77,11 +79,11 @@ class RunFolder:
             path.unlink()
         return manifest if ok else None
 
-    def begin_stage(self, sdir: Path, first: bool, keep: bool) -> None:
-        """Prepare the folder of a stage about to run. ``first``: every stage before it was reused, so
-        the top-level files it kept when it began last time are still what it must start from (a
-        later stage's kept files are stale and go). ``keep``: an interrupted resumable stage keeps its
-        own files too."""
+    def begin_stage(self, sdir: Path, replaces: tuple[str, ...], first: bool, keep: bool) -> None:
+        """Prepare the folder of a stage about to run, which may replace the top-level entries ``replaces``.
+        ``first``: every stage before it was reused, so what it kept when it began last time is still
+        what it must start from (a later stage's is stale and goes). ``keep``: an interrupted
+        resumable stage keeps its own files too."""
         before = sdir / BEFORE
         if first and before.is_dir():
             self._restore(before)
@@ -95,19 +97,24 @@ class RunFolder:
         if not before.is_dir():
             tmp = sdir / f".{BEFORE}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for entry in self._stage_outputs():
-                link_tree(entry, tmp / entry.name)
+            (tmp / "files").mkdir(parents=True)
+            entries = self._stage_outputs()
+            for entry in entries:
+                if entry.name in replaces:
+                    copy_tree(entry, tmp / "files" / entry.name)
+            (tmp / ENTRIES).write_text(json.dumps([e.name for e in entries]))
             tmp.rename(before)
 
     def _restore(self, before: Path) -> None:
-        """Make the top-level stage outputs what ``before`` holds (idempotent, so a kill midway is harmless)."""
+        """Make the top-level stage outputs what they were when ``before`` was kept (idempotent, so a kill
+        midway is harmless)."""
+        names = set(json.loads((before / ENTRIES).read_text()))
         for entry in self._stage_outputs():
-            if not (before / entry.name).exists():
+            if entry.name not in names:
                 remove_tree(entry)
-        for kept in before.iterdir():
+        for kept in (before / "files").iterdir():
             remove_tree(self.partial / kept.name)
-            link_tree(kept, self.partial / kept.name)
+            copy_tree(kept, self.partial / kept.name)
 
     def _stage_outputs(self) -> list[Path]:
         return sorted(e for e in self.partial.iterdir() if e.name not in RUNNER_OWN and not e.name.startswith("."))

@@ -187,7 +187,7 @@ def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprin
     complete stage. ``first``: every stage before it was reused from a resumed folder."""
     # An interrupted resumable stage (everything before it reused) continues from its own folder.
     inside = first and stage.resumable and _started(sdir) == fingerprint
-    folder.begin_stage(sdir, first, keep=inside)
+    folder.begin_stage(sdir, stage.replaces, first, keep=inside)
     if stage.resumable and not inside:
         write_atomic(sdir / STARTED, fingerprint)
     ctx.events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")

@@ -51,6 +51,9 @@ class Stage(ABC):
     Args: ClassVar[Any]  # a StageArgs model, or a discriminated union of them (core/registry.py stage_args)
     changes_model: ClassVar[bool] = False
     rewrites_onnx: ClassVar[bool] = False  # edits the exported model.onnx (needs an export before it)
+    # top-level entries of the run folder an earlier stage wrote that this one replaces: the runner keeps
+    # copies while it runs, so that it can start again from them after a kill (pipeline/folder.py)
+    replaces: ClassVar[tuple[str, ...]] = ()
     settings: ClassVar[tuple[str, ...]] = ()  # recipe sections besides model/calibration its result depends on
     after_model_changes: ClassVar[bool] = False  # must follow every stage that changes the model
     compares_with_dense: ClassVar[bool] = False  # compares task outputs with the dense model's

@@ -56,6 +56,7 @@ class Quantize(Stage):
     type = "quantize"
     Args = stage_args(FORMATS, QuantizeBase)
     rewrites_onnx = True
+    replaces = ("model.onnx", "model.onnx.data", f"{DECODE}.onnx", "build")
     settings = ("export",)
 
     def __init__(self, args):
