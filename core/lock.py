@@ -43,7 +43,7 @@ class FolderLock:
         if seen is None and self._create():  # released in between
             return self
         owner = _owner(seen)
-        if owner is None or _alive(*owner):
+        if owner is None or alive(*owner):
             raise Locked(self._held_by(owner), field=self.field)
         with _flocked(self.path.parent):
             if self._read() == seen:
@@ -87,7 +87,7 @@ def _owner(text: str | None) -> tuple[int, str] | None:
         return None
 
 
-def _alive(pid: int, host: str) -> bool:
+def alive(pid: int, host: str) -> bool:
     """Whether the owner may still run: always, for another host (nothing here can tell)."""
     if host != socket.gethostname():
         return True

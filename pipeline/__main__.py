@@ -101,7 +101,9 @@ def _command(args: argparse.Namespace) -> None:
         from export.registry import pull
 
         r = pull(args.registry_ref, args.dir)
-        print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
+        engines = f" (and {r['engines']} engine files, plans as their engine.json records)" if r["engines"] else ""
+        print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, {r['bytes']:,} bytes: exactly the files its "
+              f"manifest.json declares{engines}, each with the declared size and sha256")
     elif args.command == "generate":
         from .generate import generate
 
