@@ -209,11 +209,14 @@ def push(run_dir: str | Path, ref: str) -> dict:
     body = json.dumps(oci).encode()  # the bytes (and so the digest) requests sends for json=oci
     store = _store(r)
     uploaded = 0
-    for path, d in [(manifest_path, config), *layers]:
-        if not store.has_blob(d):
-            store.put_blob(path, d)
-            uploaded += 1
-    store.put_manifest(oci, body, r.tag)
+    try:
+        for path, d in [(manifest_path, config), *layers]:
+            if not store.has_blob(d):
+                store.put_blob(path, d)
+                uploaded += 1
+        store.put_manifest(oci, body, r.tag)
+    except OSError as e:  # a folder registry this user may not write, or a full disk
+        raise RegistryError(f"cannot write to {r}: {e.strerror or e}; the tag is as it was") from None
     return {"ref": str(r), "digest": f"sha256:{hashlib.sha256(body).hexdigest()}", "files": len(files) + 1,
             "bytes": sum(d["size"] for _, d in layers) + config["size"], "uploaded_blobs": uploaded}
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from core.echo import clip, refuse_credentials
-from core.errors import GateRejected, PipelineError, RecipeError
+from core.errors import EnvironmentFailure, GateRejected, PipelineError, RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,11 +114,11 @@ def _command(args: argparse.Namespace) -> None:
 
 def _resumable(e: PipelineError) -> bool:
     """Whether a failed run left a partial folder worth resuming (not after bad input, a failed push, the gate
-    or another run holding the output)."""
+    or another run holding the output; a failure of the machine says itself how to go on)."""
     from core.lock import Locked
     from export.registry import RegistryError
 
-    return not isinstance(e, (RecipeError, RegistryError, GateRejected, Locked))
+    return not isinstance(e, (RecipeError, RegistryError, GateRejected, Locked, EnvironmentFailure))
 
 
 def _inspect(folder: Path, as_json: bool) -> None:

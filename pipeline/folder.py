@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import RecipeError
+from core.errors import EnvironmentFailure, RecipeError
 from core.files import copy_tree, remove_tree
 from core.lock import FolderLock
 
@@ -46,6 +46,15 @@ class RunFolder:
         run on the same output refuses instead of deleting this one's partial folder (core/lock.py)."""
         self.final.parent.mkdir(parents=True, exist_ok=True)
         return FolderLock(self.final.parent / f".{self.final.name}.lock", f"run folder '{self.final}'", "output", note)
+
+    def failure(self, e: OSError) -> EnvironmentFailure:
+        """The one line for a run the machine stopped (disk full, permissions), saying how to go on."""
+        what = f"{e.strerror or e} ('{e.filename}')" if e.filename else str(e.strerror or e)
+        if self.partial.is_dir():
+            return EnvironmentFailure(f"{what}; the partial run is kept in {self.partial}: free space or fix "
+                                      "permissions, then rerun with --resume", field="output")
+        return EnvironmentFailure(f"{what}; nothing was written: fix permissions or free space there, or choose "
+                                  "another --output", field="output")
 
     def open(self, force: bool, resume: bool) -> bool:
         """Create (or, with resume, reuse) the partial folder; True when resuming."""

@@ -99,14 +99,17 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
     p = plan(recipe)
     events = events or Events(None)
     folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
-    with folder.lock(events.log):
-        resuming = folder.open(force, resume)
-        manifest = folder.committed(recipe.sha256(), p.source.sha256) if resuming else None
-        if manifest is None:
-            manifest = _execute(p, folder, resuming, events)
-        folder.drop_snapshots()
-        final = folder.finalize()
-        _conclude(final, manifest, recipe, events)
+    try:
+        with folder.lock(events.log):
+            resuming = folder.open(force, resume)
+            manifest = folder.committed(recipe.sha256(), p.source.sha256) if resuming else None
+            if manifest is None:
+                manifest = _execute(p, folder, resuming, events)
+            folder.drop_snapshots()
+            final = folder.finalize()
+            _conclude(final, manifest, recipe, events)
+    except OSError as e:  # a full disk, a folder this user may not write
+        raise folder.failure(e) from None
     return final
 
 

@@ -121,6 +121,24 @@ def check_positions(recipe, model, seq_len: int, field: str) -> None:
                           f"use at most {limit}", field=field)
 
 
+def check_widths_left(recipe, args: StageArgs, model, adapter, chosen: set[str], m: int, needs: str, field: str,
+                      otherwise: str = "") -> None:
+    """A stage needing the input widths of the Linears ``chosen`` divisible by ``m`` (``needs``: N:M
+    sparsity, int4 groups) checks the widths earlier stages (structured pruning) can leave, not only
+    the unpruned model's: each is a multiple of what that stage guarantees (`StageArgs.width_multiples`).
+    ``otherwise``: a further way out the message offers."""
+    position = next((i for i, a in enumerate(recipe.stages) if a is args), 0)
+    for j, earlier in enumerate(recipe.stages[:position]):
+        bad = {n: k for n, k in earlier.width_multiples(model, adapter).items() if n in chosen and k % m}
+        if bad:
+            name, k = next(iter(bad.items()))
+            raise RecipeError(
+                f"stages[{j}] ({earlier.type}) can leave {len(bad)} targeted layers with input widths that are "
+                f"multiples of {k} but not of {m} (e.g. {name}), which {needs} needs: give stages[{j}] an align that "
+                f"is a multiple of {m} (MLP widths) or leave attention heads alone there (modules: mlp), or add "
+                f"those layers to this stage's 'ignore'{otherwise}", field=field)
+
+
 def graph_record(model: onnx.ModelProto, path: Path) -> dict:
     """What the manifest records about one graph file (its weight file's bytes count with the first graph)."""
     return {"path": path.name, "opset": opset(model), "ir_version": model.ir_version, **onnx_export.io_spec(model),

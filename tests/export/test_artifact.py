@@ -89,6 +89,8 @@ BAD = {
     "undeclared file": (_edit(_undeclared), "layer 'notes.txt' is not among the files manifest.json declares"),
     "size": (_edit(lambda oci: _layer(oci, "model.onnx").update(size=_layer(oci, "model.onnx")["size"] + 1)),
              "model.onnx: the layer (sha256:"),
+    "over 4 MiB": (lambda oci: json.dumps({**oci, "annotations": {"x": " " * (4 << 20)}}).encode(),
+                   "is larger than 4194304 bytes; refusing it"),
     "not JSON": (lambda oci: b"{not json", "is not a valid OCI image manifest (Invalid JSON"),
     "a list": (lambda oci: b"[]", "is not a valid OCI image manifest"),
     "no layers": (_edit(lambda oci: oci.pop("layers")), "is not a valid OCI image manifest (layers: Field required)"),
