@@ -134,7 +134,7 @@ def test_target_patterns_compile_once_per_select(monkeypatch):
 
 # --- secrets -------------------------------------------------------------------------------------
 
-def _files_with(folder: Path, secret: str, besides: Path) -> list[Path]:
+def _files_with(folder: Path, secret: str, besides: Path | None = None) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and p != besides and secret.encode() in p.read_bytes()]
 
 
@@ -177,6 +177,30 @@ def test_events_never_hold_a_credential(tmp_path, monkeypatch):
                 nested={"k": [Path(f"/x/hf_{SECRET}")]})
     text = (tmp_path / "events.jsonl").read_text()
     assert SECRET not in text and json.loads(text)["ref"] == "oci://***@h/r:t"
+
+
+def test_no_file_a_run_a_push_and_a_pull_write_holds_a_credential(bert_dir, tmp_path, monkeypatch):
+    """With registry credentials and a Hub token in the environment: a run that publishes to a folder
+    registry, a push and a pull; every file any of them wrote, and all they printed, is searched."""
+    secrets = ["pw-" + SECRET, "hf_" + SECRET[::-1]]
+    monkeypatch.setenv("EDGEPRUNE_REGISTRY_USER", "ci")
+    monkeypatch.setenv("EDGEPRUNE_REGISTRY_PASSWORD", secrets[0])
+    monkeypatch.setenv("HF_TOKEN", secrets[1])
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    reg = tmp_path / "registry"
+    recipe = write_recipe(tmp_path, {**base(bert_dir), "publish": {"ref": f"{reg}/model:v1"}})
+    printed = ""
+    for argv in (["run", str(recipe), "--output", str(tmp_path / "run")], ["push", str(tmp_path / "run"), f"{reg}/model:v2"],
+                 ["pull", f"{reg}/model:v2", str(tmp_path / "pulled")]):
+        code, out, err = cli(*argv)
+        assert code == 0, err
+        printed += out + err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"run/manifest.json", "run/events.jsonl", "registry/model/index.json", "pulled/model.onnx"} <= {
+        p.relative_to(tmp_path).as_posix() for p in written} and len(written) > 40
+    for secret in secrets:
+        assert secret not in printed
+        assert _files_with(tmp_path, secret) == []
 
 
 # --- remote code ---------------------------------------------------------------------------------
