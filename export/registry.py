@@ -209,14 +209,11 @@ def push(run_dir: str | Path, ref: str) -> dict:
     body = json.dumps(oci).encode()  # the bytes (and so the digest) requests sends for json=oci
     store = _store(r)
     uploaded = 0
-    try:
-        for path, d in [(manifest_path, config), *layers]:
-            if not store.has_blob(d):
-                store.put_blob(path, d)
-                uploaded += 1
-        store.put_manifest(oci, body, r.tag)
-    except OSError as e:  # a folder registry this user may not write, or a full disk
-        raise RegistryError(f"cannot write to {r}: {e.strerror or e}; the tag is as it was") from None
+    for path, d in [(manifest_path, config), *layers]:
+        if not store.has_blob(d):
+            store.put_blob(path, d)
+            uploaded += 1
+    store.put_manifest(oci, body, r.tag)
     return {"ref": str(r), "digest": f"sha256:{hashlib.sha256(body).hexdigest()}", "files": len(files) + 1,
             "bytes": sum(d["size"] for _, d in layers) + config["size"], "uploaded_blobs": uploaded}
 
@@ -324,14 +321,27 @@ class _FolderStore:
         return path.is_file() and path.stat().st_size == descriptor["size"] and \
             f"sha256:{sha256_path(path)}" == descriptor["digest"]
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:  # a folder this user may not write, or a full disk
+            raise RegistryError(f"cannot write to {self.root}: {e.strerror or e}; the tag is as it was") from None
+
     def put_blob(self, path: Path, descriptor: dict) -> None:
         target = self._blob(descriptor["digest"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temp_name(target)
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
+        with self._writing():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temp_name(target)
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
 
     def put_manifest(self, manifest: dict, body: bytes, tag: str) -> None:
+        with self._writing():
+            self._tag(body, tag)
+        self._drop_orphans()
+
+    def _tag(self, body: bytes, tag: str) -> None:
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
         blob = self._blob(digest)
         blob.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +359,6 @@ class _FolderStore:
             index["manifests"].append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body),
                                        "annotations": {"org.opencontainers.image.ref.name": tag}})
             write_atomic(index_path, json.dumps(index, indent=1))
-        self._drop_orphans()
 
     def _drop_orphans(self) -> None:
         """Temp files of pushes that were killed: their process, on this host, no longer runs."""

@@ -164,7 +164,7 @@ def test_oci_pull_stops_reading_past_the_declared_size(deploy_run, oci_registry,
     assert not (tmp_path / "out").exists()
 
 
-def test_pull_into_a_file_a_symlink_or_a_read_only_place_is_one_line(reg, tmp_path):
+def test_pull_into_a_file_a_symlink_a_full_folder_or_a_read_only_place_is_one_line(reg, tmp_path):
     ref = f"{reg}/minilm:v1"
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
@@ -172,10 +172,15 @@ def test_pull_into_a_file_a_symlink_or_a_read_only_place_is_one_line(reg, tmp_pa
     assert "'file' is a file" in assert_one_line(*cli("pull", ref, str(tmp_path / "file"))[::2]).replace(
         str(tmp_path) + "/", "")
     assert "is a symbolic link; pull into a new folder" in assert_one_line(*cli("pull", ref, str(tmp_path / "link"))[::2])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert "exists and is not empty; pull into a new folder" in assert_one_line(
+        *cli("pull", ref, str(tmp_path / "full"))[::2])
     line = assert_one_line(*cli("pull", ref, "/sys/edgeprune-pull")[::2], 1)  # read-only even for root
     assert line.startswith("error: DIR: could not write the pulled files to '/sys/edgeprune-pull': Operation not "
                            "permitted") or "Permission denied" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "link"] and not list((tmp_path / "empty").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "full", "link"]
+    assert not list((tmp_path / "empty").iterdir()) and [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
 
 
 def _copy(deploy_run: Path, tmp_path: Path) -> Path:
@@ -258,3 +263,9 @@ def test_folder_registry_drops_temp_files_of_killed_pushes(deploy_run, tmp_path)
     push(deploy_run, ref)
     assert list(blobs.glob(".*")) == [busy]
     pull(ref, tmp_path / "out")
+
+
+def test_push_to_a_folder_registry_it_cannot_write_is_one_line(deploy_run):
+    line = assert_one_line(*cli("push", str(deploy_run), "/sys/edgeprune-registry/minilm:v1")[::2], 1)
+    assert line.startswith("error: cannot write to /sys/edgeprune-registry/minilm: Operation not permitted") or \
+        "Permission denied" in line
