@@ -1,8 +1,8 @@
 """The run folder while it is written, and what makes a killed run resumable.
 
 A run holds ``runs/.NAME.lock``, writes ``runs/.NAME.partial/`` and renames it to ``runs/NAME/``
-when complete; ``--resume`` continues the partial folder. A kill -9 at any moment leaves one that ``--resume`` completes to the
-same artifacts, because:
+when complete; ``--resume`` continues the partial folder. A kill -9 at any moment leaves one that
+``--resume`` completes to the same artifacts, because:
 
 - a stage is complete once its record (``stages/NN-label/result.json``) exists, and the runner
   writes it last, after the stage's files and its model snapshot (``model/``);
@@ -78,11 +78,11 @@ class RunFolder:
         path = self.partial / "manifest.json"
         if not path.is_file():
             return None
-        manifest = json.loads(path.read_text())
         try:
+            manifest = json.loads(path.read_text())
             ok = (manifest["recipe"]["sha256"] == recipe_sha256 and manifest["model"]["sha256"] == model_sha256
                   and all(_has(self.partial / a["path"], a["bytes"]) for a in manifest["artifacts"]))
-        except (KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
             path.unlink()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def _after_quantize_places_graph():
     Path.replace = replace  # type: ignore[method-assign]
 
 
+def _while_dropping_snapshots():
+    """Kill as the first stage snapshot is being deleted, manifest.json written."""
+    original = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        path = Path(path)
+        partial = next((p for p in path.parents if p.name.endswith(".partial")), None)
+        if partial is not None and (partial / "manifest.json").is_file() and "stages" in path.parts and path.exists():
+            original(path, *args, **kwargs)
+            _die()
+        return original(path, *args, **kwargs)
+    shutil.rmtree = rmtree
+
+
 def _before_final_rename():
     original = Path.rename
 
@@ -96,6 +111,7 @@ POINTS = {
                                                 "resumed resumed resumed ran"),
     "finalisation: report written, manifest not yet": (lambda: _before_write("/manifest.json"),
                                                        "resumed resumed resumed resumed"),
+    "finalisation: manifest written, dropping the snapshots": (_while_dropping_snapshots, "ran ran ran ran"),
     "finalisation: before the final rename": (_before_final_rename, "ran ran ran ran"),
 }
 
