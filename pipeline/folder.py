@@ -74,7 +74,8 @@ class RunFolder:
 
     def committed(self, recipe_sha256: str, model_sha256: str) -> dict | None:
         """The partial folder's manifest when the run it records is complete for this recipe and model.
-        A manifest for other input is removed, so that it is never taken for this run's."""
+        A complete partial run for other input has dropped its snapshots, so it is no start for this
+        one: the folder is emptied."""
         path = self.partial / "manifest.json"
         if not path.is_file():
             return None
@@ -85,7 +86,8 @@ class RunFolder:
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
-            path.unlink()
+            remove_tree(self.partial)
+            self.partial.mkdir()
         return manifest if ok else None
 
     def begin_stage(self, sdir: Path, replaces: tuple[str, ...], first: bool, keep: bool) -> None:

@@ -144,3 +144,20 @@ def test_kill_9_then_resume_gives_the_same_artifacts(point, recipe, reference, t
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
         [a["path"] for a in manifest["artifacts"]] + ["manifest.json"])
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_complete_partial_run_resumed_with_another_recipe_starts_over(bert_dir, tmp_path):
+    """Its snapshots are gone (only the rename was left), so nothing in it may be reused: here the
+    quantize stage would otherwise start from the graph it had already quantized."""
+    stages = [{"type": "export"}, {"type": "quantize", "format": "fp16"}]
+    first = write_recipe(tmp_path, text_recipe(bert_dir, "feature-extraction", stages), "first.yaml")
+    stages[1]["rtol"] = 0.05
+    second = write_recipe(tmp_path, text_recipe(bert_dir, "feature-extraction", stages), "second.yaml")
+    out = tmp_path / "out"
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(first, out, "finalisation: before the final rename"))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL and (tmp_path / ".out.partial" / "manifest.json").is_file()
+    manifest = json.loads((run(second, output=out, resume=True) / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["ran", "ran"]
+    assert manifest["stages"][1]["params"]["rtol"] == 0.05
