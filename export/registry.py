@@ -352,8 +352,8 @@ class _FolderStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             write_atomic(self.root / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}))
             index_path = self.root / "index.json"
-            index = json.loads(index_path.read_text()) if index_path.is_file() else {"schemaVersion": 2,
-                                                                                     "manifests": []}
+            index = self._index().model_dump(mode="json", exclude_unset=True) if index_path.is_file() else \
+                {"schemaVersion": 2, "manifests": []}
             index["manifests"] = [m for m in index["manifests"]
                                   if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag]
             index["manifests"].append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body),
@@ -367,13 +367,17 @@ class _FolderStore:
             if pid.isdigit() and not alive(int(pid), host):
                 tmp.unlink(missing_ok=True)
 
-    def manifest(self, tag: str) -> tuple[bytes, str]:
-        index_path = self.root / "index.json"
+    def _index(self) -> _Index:
+        path = self.root / "index.json"
+        if not path.is_file():
+            return _Index(manifests=[])
         try:
-            index = _Index.model_validate_json(index_path.read_bytes()) if index_path.is_file() else _Index(manifests=[])
+            return _Index.model_validate_json(path.read_bytes())
         except ValidationError:
-            raise RegistryError(f"{index_path} is not a valid OCI index; refusing it") from None
-        for m in index.manifests:
+            raise RegistryError(f"{path} is not a valid OCI index; repair or remove it") from None
+
+    def manifest(self, tag: str) -> tuple[bytes, str]:
+        for m in self._index().manifests:
             if m.annotations.get("org.opencontainers.image.ref.name") == tag:
                 path = self._blob(m.digest)
                 if not path.is_file():

@@ -269,3 +269,14 @@ def test_push_to_a_folder_registry_it_cannot_write_is_one_line(deploy_run):
     line = assert_one_line(*cli("push", str(deploy_run), "/sys/edgeprune-registry/minilm:v1")[::2], 1)
     assert line.startswith("error: cannot write to /sys/edgeprune-registry/minilm: Operation not permitted") or \
         "Permission denied" in line
+
+
+def test_a_damaged_folder_registry_index_is_one_line(deploy_run, tmp_path):
+    ref = f"{tmp_path / 'reg'}/minilm:v1"
+    push(deploy_run, ref)
+    index = tmp_path / "reg" / "minilm" / "index.json"
+    for damage in ("{not json", '{"manifests": [{"digest": "sha256:../../x"}]}'):
+        index.write_text(damage)
+        for argv in (["push", str(deploy_run), ref], ["pull", ref, str(tmp_path / "out")]):
+            assert assert_one_line(*cli(*argv)[::2], 1) == f"error: {index} is not a valid OCI index; repair or remove it"
+        assert index.read_text() == damage and not (tmp_path / "out").exists()
