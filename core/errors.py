@@ -34,3 +34,10 @@ class GateRejected(PipelineError):
     the run folder is written and marked rejected, and it is not published."""
 
     exit_code = 1
+
+
+class EnvironmentFailure(PipelineError):
+    """The machine, not the input: a file it may not read, a folder it may not write, a full disk
+    (exit code 1). The message says what to do, including how to resume a run that was under way."""
+
+    exit_code = 1

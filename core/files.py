@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 
@@ -33,3 +34,24 @@ def now() -> str:
 
 def dump(obj) -> str:
     return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder so that a kill midway never leaves a half-deleted one under its name: it is renamed
+    to a hidden sibling first (and a sibling left by an earlier kill goes too)."""
+    doomed = path.with_name(f".{path.name}.removing")
+    if path.is_dir():
+        shutil.rmtree(doomed, ignore_errors=True)
+        path.rename(doomed)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """``dst`` as a copy of the file or folder ``src`` (copies, not hard links: ONNX refuses to load an
+    external-data file that has several links)."""
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)

@@ -26,31 +26,43 @@ import json
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import requests
 import requests.adapters
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from core.errors import PipelineError, RecipeError
+from core.errors import RecipeError
 from core.files import sha256_path, write_atomic
+from core.lock import alive
+
+from .artifact import (
+    GENERATION,
+    TITLE,
+    Descriptor,
+    RegistryError,
+    check_digest,
+    check_layers,
+    check_titles,
+    parse_declared,
+    parse_oci,
+    pushed_files,
+)
 
 VENDOR = "application/vnd.edgeprune"
 CONFIG_MEDIA_TYPE = f"{VENDOR}.manifest.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-TITLE = "org.opencontainers.image.title"
 ANNOTATION = "vnd.edgeprune"
 TIMEOUT_S = 30  # every HTTP request: connect and read
 _LOOPBACK = ("127.", "localhost", "[::1]")
-GENERATION = "generation"  # a decoder's tokenizer files and generation config (written by the export stage)
+CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 4 << 20  # what OCI registries accept for an image manifest
+MAX_CONFIG_BYTES = 64 << 20  # manifest.json: a few kilobytes in practice
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _REPO = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
-
-
-class RegistryError(PipelineError):
-    """A push or pull that could not complete (unreachable registry, digest mismatch, missing tag)."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -129,15 +141,8 @@ def _media_type(rel: str) -> str:
 
 
 def deployable_files(run_dir: Path) -> list[str]:
-    """The manifest's companions that make up the artifact: recipe, report, ONNX (a decoder's two graphs
-    and what ``pipeline generate`` reads: tokenizer, chat template, generation config), GGUF files, build
-    material, engines. Not the checkpoint (the ONNX is what deploys) nor the per-stage bookkeeping."""
-    top = [n for n in ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data")
-           if (run_dir / n).is_file()]
-    top += sorted(p.name for p in run_dir.glob("model-*.gguf"))
-    folders = sorted(p.relative_to(run_dir).as_posix() for d in (GENERATION, "build") for p in (run_dir / d).rglob("*")
-                     if p.is_file() and not any(part.startswith(".") for part in p.relative_to(run_dir).parts))
-    return top + folders
+    """The files push uploads, once the folder holds exactly what its manifest.json declares (export/artifact.py)."""
+    return pushed_files(run_dir, parse_declared((run_dir / "manifest.json").read_bytes(), str(run_dir)))
 
 
 def _annotations(run_dir: Path, rel: str, manifest: dict) -> dict:
@@ -176,21 +181,6 @@ def _manifest_annotations(manifest: dict) -> dict:
             f"{ANNOTATION}.target": str(trt.get("target")), f"{ANNOTATION}.tensorrt": str(trt.get("tensorrt"))}
 
 
-def _check_unchanged(run_dir: Path, layers: list[tuple[Path, dict]], manifest: dict) -> None:
-    """Refuse to push files that differ from what the run recorded (engines: from engine.json)."""
-    recorded = {a["path"]: a["sha256"] for a in manifest.get("artifacts", [])}
-    for _, d in layers:
-        rel = d["annotations"][TITLE]
-        expected = recorded.get(rel)
-        if expected is None and rel.startswith("build/engines/") and rel.endswith(".plan"):
-            info = run_dir / PurePosixPath(rel).parent / "engine.json"
-            engines = json.loads(info.read_text()).get("engines", []) if info.is_file() else []
-            expected = next((e["sha256"] for e in engines if e["plan"] == PurePosixPath(rel).name), None)
-        if expected is not None and d["digest"] != f"sha256:{expected}":
-            raise RegistryError(f"{rel} changed after the run recorded its sha256; rerun the pipeline or restore it",
-                                field="RUN_DIR")
-
-
 # -- push and pull ------------------------------------------------------------------------------
 
 def _descriptor(path: Path, media_type: str, annotations: dict | None = None) -> dict:
@@ -205,11 +195,14 @@ def push(run_dir: str | Path, ref: str) -> dict:
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise RecipeError(f"no manifest.json in '{run_dir}' (is it a finished run folder?)", field="RUN_DIR")
-    manifest = json.loads(manifest_path.read_text())
-    files = deployable_files(run_dir)
+    raw = manifest_path.read_bytes()
+    declared = parse_declared(raw, str(run_dir))
+    manifest = json.loads(raw)
+    files = pushed_files(run_dir, declared)
     layers = [(run_dir / rel, _descriptor(run_dir / rel, _media_type(rel), _annotations(run_dir, rel, manifest)))
               for rel in files]
-    _check_unchanged(run_dir, layers, manifest)
+    for rel, (_, d) in zip(files, layers):
+        check_digest(run_dir, rel, d["digest"], declared, "RUN_DIR")
     config = _descriptor(manifest_path, CONFIG_MEDIA_TYPE)
     oci = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [d for _, d in layers],
            "annotations": _manifest_annotations(manifest)}
@@ -226,58 +219,90 @@ def push(run_dir: str | Path, ref: str) -> dict:
 
 
 def pull(ref: str, dest: str | Path) -> dict:
+    """Pull into a new folder: exactly the files manifest.json declares, each streamed no further than
+    its declared size and checked against its sha256, moved into place only when all passed."""
     r, dest = _ref(ref), Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise RecipeError(f"'{dest}' exists and is not empty; pull into a new folder", field="DIR")
+    _check_dest(dest)
     store = _store(r)
     body, digest = store.manifest(r.tag)
     if digest is not None and f"sha256:{hashlib.sha256(body).hexdigest()}" != digest:
         raise RegistryError(f"the manifest of {r} does not match its digest {digest}; refusing it")
-    oci = json.loads(body)
+    oci = parse_oci(body, str(r))
+    if oci.config.mediaType != CONFIG_MEDIA_TYPE or oci.config.size > MAX_CONFIG_BYTES:
+        raise RegistryError(f"{r} is not an edgeprune artifact (its config blob is not a manifest.json); refusing it")
+    layers = [(layer.annotations.get(TITLE, ""), layer) for layer in oci.layers]
+    check_titles([t for t, _ in layers])
     partial = dest.parent / f".{dest.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
-        _fetch_verified(store, oci["config"], partial / "manifest.json", "manifest.json")
-        recorded = {a["path"]: a["sha256"] for a in json.loads((partial / "manifest.json").read_text())
-                    .get("artifacts", [])}
-        for layer in oci["layers"]:
-            rel = _safe_path(layer.get("annotations", {}).get(TITLE, ""))
-            _fetch_verified(store, layer, partial / rel, rel)
-            expected = recorded.get(rel)
-            if expected is not None and f"sha256:{expected}" != layer["digest"]:
-                raise RegistryError(f"{rel}: the artifact's digest {layer['digest']} differs from manifest.json's "
-                                    f"sha256:{expected}; refusing the pull")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        _fetch_verified(store, oci.config, partial / "manifest.json", "manifest.json")
+        declared = parse_declared((partial / "manifest.json").read_bytes(), str(r))
+        check_layers(layers, declared)
+        for title, layer in layers:
+            _fetch_verified(store, layer, partial / title, title)
+        for title, layer in layers:
+            check_digest(partial, title, layer.digest, declared, None)
         script = partial / "build" / "build_engine.sh"
         if script.is_file():
             script.chmod(0o755)
-    except BaseException:
+        if dest.exists():
+            dest.rmdir()
+        partial.rename(dest)
+    except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise RegistryError(f"could not write the pulled files to '{dest}': {e.strerror or e}; pull into a "
+                                "writable folder with enough space", field="DIR") from None
         raise
-    if dest.exists():
-        dest.rmdir()
-    partial.rename(dest)
-    return {"ref": str(r), "dest": str(dest), "files": len(oci["layers"]) + 1}
+    return {"ref": str(r), "dest": str(dest), "files": len(layers) + 1,
+            "bytes": oci.config.size + sum(layer.size for _, layer in layers),
+            "engines": sum(title not in declared for title, _ in layers)}
 
 
-def _safe_path(title: str) -> str:
-    p = PurePosixPath(title)
-    if not title or p.is_absolute() or ".." in p.parts or title == "manifest.json":
-        raise RegistryError(f"artifact layer has an unsafe or missing title {title!r}; refusing the pull")
-    return title
+def _check_dest(dest: Path) -> None:
+    if dest.is_symlink():
+        raise RecipeError(f"'{dest}' is a symbolic link; pull into a new folder", field="DIR")
+    if dest.exists() and not dest.is_dir():
+        raise RecipeError(f"'{dest}' is a file; pull into a new folder", field="DIR")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise RecipeError(f"'{dest}' exists and is not empty; pull into a new folder", field="DIR")
 
 
-def _fetch_verified(store, descriptor: dict, out: Path, name: str) -> None:
+def _fetch_verified(store, descriptor: Descriptor, out: Path, name: str) -> None:
+    """Stream one blob into ``out``, reading no further than its declared size, then check its digest."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    store.fetch_blob(descriptor["digest"], out)
-    got = f"sha256:{sha256_path(out)}"
-    if got != descriptor["digest"] or out.stat().st_size != descriptor["size"]:
-        raise RegistryError(f"{name}: downloaded content has {got} ({out.stat().st_size} bytes), the manifest "
-                            f"says {descriptor['digest']} ({descriptor['size']} bytes); refusing the pull")
+    h, size = hashlib.sha256(), 0
+    with store.blob(descriptor.digest) as chunks, open(out, "wb") as f:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > descriptor.size:
+                raise RegistryError(f"{name}: the registry sends more than the {descriptor.size} bytes the manifest "
+                                    "declares; refusing the pull")
+            h.update(chunk)
+            f.write(chunk)
+    got = f"sha256:{h.hexdigest()}"
+    if got != descriptor.digest or size != descriptor.size:
+        raise RegistryError(f"{name}: downloaded content has {got} ({size} bytes), the manifest "
+                            f"says {descriptor.digest} ({descriptor.size} bytes); refusing the pull")
+
+
+def _bounded(chunks, limit: int, what: str) -> bytes:
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk
+        if len(data) > limit:
+            raise RegistryError(f"{what} is larger than {limit} bytes; refusing it")
+    return bytes(data)
 
 
 def _store(r: Ref):
     return _OciStore(r) if r.kind == "oci" else _FolderStore(r)
+
+
+class _Index(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    manifests: list[Descriptor]
 
 
 class _FolderStore:
@@ -291,52 +316,92 @@ class _FolderStore:
         return self.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
 
     def has_blob(self, descriptor: dict) -> bool:
-        """Present with the right size, as a registry's HEAD says; pull verifies the content."""
+        """Present with the right content: a blob damaged on disk is uploaded again."""
         path = self._blob(descriptor["digest"])
-        return path.is_file() and path.stat().st_size == descriptor["size"]
+        return path.is_file() and path.stat().st_size == descriptor["size"] and \
+            f"sha256:{sha256_path(path)}" == descriptor["digest"]
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:  # a folder this user may not write, or a full disk
+            raise RegistryError(f"cannot write to {self.root}: {e.strerror or e}; the tag is as it was") from None
 
     def put_blob(self, path: Path, descriptor: dict) -> None:
         target = self._blob(descriptor["digest"])
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(target)
+        with self._writing():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temp_name(target)
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
 
     def put_manifest(self, manifest: dict, body: bytes, tag: str) -> None:
+        with self._writing():
+            self._tag(body, tag)
+        self._drop_orphans()
+
+    def _tag(self, body: bytes, tag: str) -> None:
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
         blob = self._blob(digest)
         blob.parent.mkdir(parents=True, exist_ok=True)
-        tmp = blob.with_name(f".{blob.name}.{os.getpid()}.tmp")
+        tmp = _temp_name(blob)
         tmp.write_bytes(body)
         tmp.replace(blob)
         with open(self.root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             write_atomic(self.root / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}))
             index_path = self.root / "index.json"
-            index = json.loads(index_path.read_text()) if index_path.is_file() else {"schemaVersion": 2,
-                                                                                     "manifests": []}
+            index = self._index().model_dump(mode="json", exclude_unset=True) if index_path.is_file() else \
+                {"schemaVersion": 2, "manifests": []}
             index["manifests"] = [m for m in index["manifests"]
                                   if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != tag]
             index["manifests"].append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body),
                                        "annotations": {"org.opencontainers.image.ref.name": tag}})
             write_atomic(index_path, json.dumps(index, indent=1))
 
+    def _drop_orphans(self) -> None:
+        """Temp files of pushes that were killed: their process, on this host, no longer runs."""
+        for tmp in (self.root / "blobs" / "sha256").glob(f".*{_TEMP}*"):
+            pid, _, host = tmp.name.partition(_TEMP)[2].partition("-")
+            if pid.isdigit() and not alive(int(pid), host):
+                tmp.unlink(missing_ok=True)
+
+    def _index(self) -> _Index:
+        path = self.root / "index.json"
+        if not path.is_file():
+            return _Index(manifests=[])
+        try:
+            return _Index.model_validate_json(path.read_bytes())
+        except ValidationError:
+            raise RegistryError(f"{path} is not a valid OCI index; repair or remove it") from None
+
     def manifest(self, tag: str) -> tuple[bytes, str]:
-        index_path = self.root / "index.json"
-        index = json.loads(index_path.read_text()) if index_path.is_file() else {"manifests": []}
-        for m in index["manifests"]:
-            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
-                path = self._blob(m["digest"])
+        for m in self._index().manifests:
+            if m.annotations.get("org.opencontainers.image.ref.name") == tag:
+                path = self._blob(m.digest)
                 if not path.is_file():
-                    raise RegistryError(f"{self.ref}: manifest blob {m['digest']} is missing")
-                return path.read_bytes(), m["digest"]
+                    raise RegistryError(f"{self.ref}: manifest blob {m.digest} is missing")
+                with open(path, "rb") as f:
+                    return _bounded(iter(lambda: f.read(CHUNK), b""), MAX_MANIFEST_BYTES, f"the manifest of {self.ref}"), \
+                        m.digest
         raise RegistryError(f"no tag '{tag}' in {self.root}")
 
-    def fetch_blob(self, digest: str, out: Path) -> None:
+    @contextlib.contextmanager
+    def blob(self, digest: str) -> Iterator[Iterator[bytes]]:
         path = self._blob(digest)
         if not path.is_file():
             raise RegistryError(f"{self.ref}: blob {digest} is missing")
-        shutil.copyfile(path, out)
+        with open(path, "rb") as f:
+            yield iter(lambda: f.read(CHUNK), b"")
+
+
+_TEMP = ".tmp-"
+
+
+def _temp_name(target: Path) -> Path:
+    """Beside ``target``, named after this process so that `_FolderStore._drop_orphans` knows when it is dead."""
+    return target.with_name(f".{target.name}{_TEMP}{os.getpid()}-{socket.gethostname()}")
 
 
 class _OciStore:
@@ -397,15 +462,19 @@ class _OciStore:
     def manifest(self, tag: str) -> tuple[bytes, str | None]:
         url = f"{self.registry.prefix}://{self.container.manifest_url(tag)}"
         with self._errors("reading the manifest"):
-            response = self.registry.do_request(url, "GET", headers={"Accept": OCI_MANIFEST})
-        if response.status_code == 404:
-            raise RegistryError(f"no tag '{tag}' in {self.ref.location}/{self.ref.repo}")
-        self._check(response, "reading the manifest")
-        return response.content, response.headers.get("Docker-Content-Digest")
+            with self.registry.do_request(url, "GET", headers={"Accept": OCI_MANIFEST}, stream=True) as response:
+                if response.status_code == 404:
+                    raise RegistryError(f"no tag '{tag}' in {self.ref.location}/{self.ref.repo}")
+                self._check(response, "reading the manifest")
+                body = _bounded(response.iter_content(CHUNK), MAX_MANIFEST_BYTES, f"the manifest of {self.ref}")
+                return body, response.headers.get("Docker-Content-Digest")
 
-    def fetch_blob(self, digest: str, out: Path) -> None:
+    @contextlib.contextmanager
+    def blob(self, digest: str) -> Iterator[Iterator[bytes]]:
         with self._errors(f"downloading {digest}"):
-            self.registry.download_blob(self.container, digest, str(out))
+            with self.registry.get_blob(self.container, digest, stream=True) as response:
+                self._check(response, f"downloading {digest}")
+                yield response.iter_content(CHUNK)
 
 
 class _TimeoutAdapter(requests.adapters.HTTPAdapter):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from core.echo import clip, refuse_credentials
-from core.errors import GateRejected, PipelineError, RecipeError
+from core.errors import EnvironmentFailure, GateRejected, PipelineError, RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,7 +101,9 @@ def _command(args: argparse.Namespace) -> None:
         from export.registry import pull
 
         r = pull(args.registry_ref, args.dir)
-        print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
+        engines = f" (and {r['engines']} engine files, plans as their engine.json records)" if r["engines"] else ""
+        print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, {r['bytes']:,} bytes: exactly the files its "
+              f"manifest.json declares{engines}, each with the declared size and sha256")
     elif args.command == "generate":
         from .generate import generate
 
@@ -111,10 +113,12 @@ def _command(args: argparse.Namespace) -> None:
 
 
 def _resumable(e: PipelineError) -> bool:
-    """Whether a failed run left a partial folder worth resuming (not after bad input, a failed push or the gate)."""
+    """Whether a failed run left a partial folder worth resuming (not after bad input, a failed push, the gate
+    or another run holding the output; a failure of the machine says itself how to go on)."""
+    from core.lock import Locked
     from export.registry import RegistryError
 
-    return not isinstance(e, (RecipeError, RegistryError, GateRejected))
+    return not isinstance(e, (RecipeError, RegistryError, GateRejected, Locked, EnvironmentFailure))
 
 
 def _inspect(folder: Path, as_json: bool) -> None:

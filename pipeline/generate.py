@@ -15,8 +15,8 @@ from typing import TextIO
 
 from core.errors import RecipeError
 from evaluation.generation import Generation, OrtDecoder, eos_ids
+from export.artifact import GENERATION
 from export.decoder import DECODE
-from export.registry import GENERATION
 
 
 def prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:

@@ -16,7 +16,7 @@ import yaml
 from yaml.events import CollectionStartEvent, NodeEvent
 
 from core.echo import clip, quote
-from core.errors import RecipeError
+from core.errors import EnvironmentFailure, RecipeError
 
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
@@ -70,7 +70,8 @@ def read_recipe_file(path: Path) -> Any:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as e:
-        raise RecipeError(f"cannot read {quote(str(path))}: {e.strerror}", field="recipe") from None
+        raise EnvironmentFailure(f"cannot read {quote(str(path))}: {e.strerror}; give this user read permission",
+                                 field="recipe") from None
     if len(data) > MAX_BYTES:
         raise RecipeError(f"the file is larger than {MAX_BYTES // 1024} KiB; a recipe is a short YAML file", field="recipe")
     try:

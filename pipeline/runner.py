@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from calibration.cache import StatsCache
 from core.errors import GateRejected, PipelineError, RecipeError
 from core.events import Events
-from core.files import dump, now, write_atomic
+from core.files import dump, now, remove_tree, write_atomic
 from evaluation.verdict import verdict
 from models import loading as models
 from models.adapters import Adapter, adapter_for
@@ -28,7 +27,8 @@ from stages import REGISTRY, Stage, StageResult, Table
 from stages.context import RunContext
 from tasks import TASKS
 
-from .manifest import SCHEMA, RunFolder, artifacts, environment
+from .folder import MODEL, RunFolder
+from .manifest import SCHEMA, environment
 from .recipe import Recipe, load_recipe
 from .report import render
 
@@ -97,11 +97,43 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
     """Run a recipe (or the recipe file at a path, loaded without remote code) into its run folder."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     p = plan(recipe)
-    folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
-    resuming = folder.open(force, resume)
-    work = folder.partial
-    write_atomic(work / "recipe.yaml", recipe.to_yaml())
     events = events or Events(None)
+    folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
+    try:
+        with folder.lock(events.log):
+            resuming = folder.open(force, resume)
+            manifest = folder.committed(recipe.sha256(), p.source.sha256) if resuming else None
+            if manifest is None:
+                manifest = _execute(p, folder, resuming, events)
+            folder.drop_snapshots()
+            final = folder.finalize()
+            _conclude(final, manifest, recipe, events)
+    except OSError as e:  # a full disk, a folder this user may not write
+        raise folder.failure(e) from None
+    return final
+
+
+def _conclude(final: Path, manifest: dict, recipe: Recipe, events: Events) -> None:
+    """Say what was written and the quality gate's verdict; publish an accepted run."""
+    events.console.print(f"wrote {final}/ ({len(manifest['artifacts'])} files)", highlight=False)
+    judged = manifest["verdict"]
+    if judged is not None:
+        events.console.print(judged["line"], highlight=False, markup=False)
+    if judged is not None and judged["accepted"] is False:
+        missed = "; ".join(f"{c['metric']} {c['value']:g} against {c['field']} {c['bound']:g}"
+                           for c in judged["checks"] if not c["ok"])
+        raise GateRejected(f"the artifact misses the quality gate ({missed}); {final}/ is marked rejected in "
+                           "manifest.json" + (" and was not published" if recipe.publish else ""),
+                           field="evaluation.accept")
+    if recipe.publish:
+        _publish(final, recipe.publish.ref, events)
+
+
+def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict:
+    """Every stage into the partial folder (reusing what a resumed one holds), then the files besides
+    them, and manifest.json last: the record that the partial folder is complete (pipeline/folder.py)."""
+    recipe, work = p.recipe, folder.partial
+    write_atomic(work / "recipe.yaml", recipe.to_yaml())
     events.path = work / "events.jsonl"
     events.emit("run_start", recipe=recipe.name, resume=resuming)
     events.log(f"[bold]{recipe.name}[/]: loading {recipe.model.source}")
@@ -123,65 +155,57 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
             if stage.type == "calibrate":
                 ctx.statistics.kinds = _statistics_wanted(recipe, i)
             sdir = folder.stage_dir(i, label)
-            record = _read_record(sdir) if reusable else None
+            record = _read_record(sdir, stage) if reusable else None
             if record is not None and record["fingerprint"] == fingerprint:
                 result = StageResult(record["metrics"], [Table(**t) for t in record["tables"]])
                 if stage.changes_model:
-                    ctx.model, _ = models.load_checkpoint(sdir / "model", task)
+                    ctx.model, _ = models.load_checkpoint(sdir / MODEL, task)
                 stage.restore(ctx, sdir, result)
                 status, seconds = "resumed", record["seconds"]
                 events.log(f"[bold]{label}[/]: complete in the partial run, reused")
                 events.emit("stage_reused")
             else:
-                # An interrupted resumable stage (everything before it reused) continues from its own folder.
-                inside = reusable and stage.resumable and _started(sdir) == fingerprint
-                reusable = False
-                if not inside:
-                    shutil.rmtree(sdir, ignore_errors=True)
-                    sdir.mkdir(parents=True)
-                    if stage.resumable:
-                        write_atomic(sdir / STARTED, fingerprint)
-                events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")
-                events.emit("stage_start", type=stage.type, params=stage.args.model_dump(mode="json"))
-                t = time.perf_counter()
-                result = stage.run(ctx, sdir)
-                seconds = round(time.perf_counter() - t, 3)
-                if stage.changes_model:
-                    models.save_checkpoint(ctx.model, ctx.preprocessor, sdir / "model", recipe.model.task)
-                write_atomic(sdir / "result.json", dump({
-                    "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
-                    "tables": [t.__dict__ for t in result.tables]}))
-                (sdir / STARTED).unlink(missing_ok=True)
-                status = "ran"
-                events.emit("stage_end", seconds=seconds, metrics=result.metrics)
+                result, seconds = _run_stage(ctx, stage, label, sdir, fingerprint, folder, first=reusable)
+                reusable, status = False, "ran"
             records.append({"name": label, "type": stage.type, "params": stage.args.model_dump(mode="json"),
                             "seconds": seconds, "status": status, "metrics": result.metrics})
             tables[label] = result.tables
         events.stage = None
         _drop_stale_stage_dirs(folder, p.labels)
-        folder.drop_snapshots()
+        remove_tree(work / "checkpoint")
         models.save_checkpoint(ctx.model, ctx.preprocessor, work / "checkpoint", recipe.model.task)
         manifest = _manifest(ctx, records, params_before)
         write_atomic(work / "report.md", render(manifest, tables))
         events.emit("run_end", seconds=round(time.perf_counter() - t0, 2))
-        manifest["artifacts"] = artifacts(work)
+        manifest["artifacts"] = folder.artifacts()
         write_atomic(work / "manifest.json", dump(manifest))
     finally:
         events.close()
-    final = folder.finalize()
-    events.console.print(f"wrote {final}/ ({len(manifest['artifacts'])} files)", highlight=False)
-    judged = manifest["verdict"]
-    if judged is not None:
-        events.console.print(judged["line"], highlight=False, markup=False)
-    if judged is not None and judged["accepted"] is False:
-        missed = "; ".join(f"{c['metric']} {c['value']:g} against {c['field']} {c['bound']:g}"
-                           for c in judged["checks"] if not c["ok"])
-        raise GateRejected(f"the artifact misses the quality gate ({missed}); {final}/ is marked rejected in "
-                           "manifest.json" + (" and was not published" if recipe.publish else ""),
-                           field="evaluation.accept")
-    if recipe.publish:
-        _publish(final, recipe.publish.ref, events)
-    return final
+    return manifest
+
+
+def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprint: str, folder: RunFolder,
+               first: bool) -> tuple[StageResult, float]:
+    """Run one stage; its record goes last, after its files and model snapshot, so it exists only for a
+    complete stage. ``first``: every stage before it was reused from a resumed folder."""
+    # An interrupted resumable stage (everything before it reused) continues from its own folder.
+    inside = first and stage.resumable and _started(sdir) == fingerprint
+    folder.begin_stage(sdir, stage.replaces, first, keep=inside)
+    if stage.resumable and not inside:
+        write_atomic(sdir / STARTED, fingerprint)
+    ctx.events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")
+    ctx.events.emit("stage_start", type=stage.type, params=stage.args.model_dump(mode="json"))
+    t = time.perf_counter()
+    result = stage.run(ctx, sdir)
+    seconds = round(time.perf_counter() - t, 3)
+    if stage.changes_model:
+        models.save_checkpoint(ctx.model, ctx.preprocessor, sdir / MODEL, ctx.recipe.model.task)
+    write_atomic(sdir / "result.json", dump({
+        "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
+        "tables": [t.__dict__ for t in result.tables]}))
+    (sdir / STARTED).unlink(missing_ok=True)
+    ctx.events.emit("stage_end", seconds=seconds, metrics=result.metrics)
+    return result, seconds
 
 
 def _publish(final: Path, ref: str, events: Events) -> None:
@@ -212,8 +236,11 @@ def _started(sdir: Path) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-def _read_record(sdir: Path) -> dict | None:
+def _read_record(sdir: Path, stage: Stage) -> dict | None:
+    """A complete stage's record, while what reusing it needs (its model snapshot) is there."""
     path = sdir / "result.json"
+    if stage.changes_model and not (sdir / MODEL / models.CHECKPOINT_META).is_file():
+        return None
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -221,7 +248,7 @@ def _drop_stale_stage_dirs(folder: RunFolder, labels: list[str]) -> None:
     keep = {folder.stage_dir(i, label).name for i, label in enumerate(labels)}
     for d in (folder.partial / "stages").glob("*"):
         if d.name not in keep:
-            shutil.rmtree(d)
+            remove_tree(d)
 
 
 def _params(model: torch.nn.Module) -> int:

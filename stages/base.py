@@ -56,6 +56,9 @@ class Stage(ABC):
     Args: ClassVar[Any]  # a StageArgs model, or a discriminated union of them (core/registry.py stage_args)
     changes_model: ClassVar[bool] = False
     rewrites_onnx: ClassVar[bool] = False  # edits the exported model.onnx (needs an export before it)
+    # top-level entries of the run folder an earlier stage wrote that this one replaces: the runner keeps
+    # copies while it runs, so that it can start again from them after a kill (pipeline/folder.py)
+    replaces: ClassVar[tuple[str, ...]] = ()
     settings: ClassVar[tuple[str, ...]] = ()  # recipe sections besides model/calibration its result depends on
     after_model_changes: ClassVar[bool] = False  # must follow every stage that changes the model
     compares_with_dense: ClassVar[bool] = False  # compares task outputs with the dense model's
@@ -121,6 +124,24 @@ def check_positions(recipe, model, seq_len: int, field: str) -> None:
     if TASKS[recipe.model.task].modality == "text" and isinstance(limit, int) and seq_len > limit:
         raise RecipeError(f"{seq_len} is more tokens than the model's {limit} positions (max_position_embeddings); "
                           f"use at most {limit}", field=field)
+
+
+def check_widths_left(recipe, args: StageArgs, model, adapter, chosen: set[str], m: int, needs: str, field: str,
+                      otherwise: str = "") -> None:
+    """A stage needing the input widths of the Linears ``chosen`` divisible by ``m`` (``needs``: N:M
+    sparsity, int4 groups) checks the widths earlier stages (structured pruning) can leave, not only
+    the unpruned model's: each is a multiple of what that stage guarantees (`StageArgs.width_multiples`).
+    ``otherwise``: a further way out the message offers."""
+    position = next((i for i, a in enumerate(recipe.stages) if a is args), 0)
+    for j, earlier in enumerate(recipe.stages[:position]):
+        bad = {n: k for n, k in earlier.width_multiples(model, adapter).items() if n in chosen and k % m}
+        if bad:
+            name, k = next(iter(bad.items()))
+            raise RecipeError(
+                f"stages[{j}] ({earlier.type}) can leave {len(bad)} targeted layers with input widths that are "
+                f"multiples of {k} but not of {m} (e.g. {name}), which {needs} needs: give stages[{j}] an align that "
+                f"is a multiple of {m} (MLP widths) or leave attention heads alone there (modules: mlp), or add "
+                f"those layers to this stage's 'ignore'{otherwise}", field=field)
 
 
 def graph_record(model: onnx.ModelProto, path: Path) -> dict:

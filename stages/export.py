@@ -15,8 +15,8 @@ from rich.markup import escape
 
 from export import decoder, token_graph
 from export import onnx as onnx_export
+from export.artifact import GENERATION
 from export.gate import MAIN, GateGraph, gate
-from export.registry import GENERATION
 from models.adapters import pretrained
 from tasks.decoder import check_decoder, is_cache
 

@@ -26,7 +26,7 @@ from export.gate import LayerSparsity
 from methods.weights import CRITERIA, Criterion
 from tasks import TASKS
 
-from .base import Stage, StageArgs, StageResult, Table
+from .base import Stage, StageArgs, StageResult, Table, check_widths_left
 from .context import RunContext
 
 
@@ -64,21 +64,7 @@ class PruneWeights(Stage):
             if bad:
                 raise RecipeError(f"{len(bad)} targeted layers have an input width not divisible by {m} "
                                   f"(e.g. {bad[0]}); add them to 'ignore'", field=f"{field}.pattern")
-            self._check_widths_left(recipe, model, adapter, chosen, m, field)
-
-    def _check_widths_left(self, recipe, model, adapter, chosen: dict[str, nn.Module], m: int, field: str) -> None:
-        """N:M needs every targeted input width divisible by M as it will be after earlier stages
-        (structured pruning), not only as the unpruned model has it."""
-        position = next((i for i, a in enumerate(recipe.stages) if a is self.args), 0)
-        for j, earlier in enumerate(recipe.stages[:position]):
-            bad = {n: k for n, k in earlier.width_multiples(model, adapter).items() if n in chosen and k % m}
-            if bad:
-                name, k = next(iter(bad.items()))
-                raise RecipeError(
-                    f"stages[{j}] ({earlier.type}) can leave {len(bad)} targeted layers with input widths that are "
-                    f"multiples of {k} but not of {m} (e.g. {name}), which {self.args.pattern} needs: give stages[{j}] "
-                    f"an align that is a multiple of {m} (MLP widths) or leave attention heads alone there "
-                    f"(modules: mlp), or add those layers to this stage's 'ignore'", field=f"{field}.pattern")
+            check_widths_left(recipe, self.args, model, adapter, set(chosen), m, self.args.pattern, f"{field}.pattern")
 
     def _targets(self, model: nn.Module, adapter, field: str) -> dict[str, nn.Module]:
         candidates = {name: model.get_submodule(name) for b in adapter.blocks(model) for name in b.linears}

@@ -39,6 +39,7 @@ from .base import (
     StageArgs,
     StageResult,
     Table,
+    check_widths_left,
     export_inputs,
     graph_record,
     parity_table,
@@ -56,6 +57,7 @@ class Quantize(Stage):
     type = "quantize"
     Args = stage_args(FORMATS, QuantizeBase)
     rewrites_onnx = True
+    replaces = ("model.onnx", "model.onnx.data", f"{DECODE}.onnx", "build")
     settings = ("export",)
 
     def __init__(self, args):
@@ -88,6 +90,10 @@ class Quantize(Stage):
         if isinstance(self.args, LayerArgs):
             chosen = self._targets(model, adapter, field)
             self.format.check_layers({n: m.in_features for n, m in chosen.items()}, field)
+            divisor = self.format.width_divisor()
+            if divisor is not None:
+                check_widths_left(recipe, self.args, model, adapter, set(chosen), divisor[0],
+                                  f"{self.format.describe()}", f"{field}.{divisor[1]}", divisor[2])
 
     def grid_layers(self, model, adapter, field):
         return set(self._targets(model, adapter, field)) if isinstance(self.args, LayerArgs) else set()

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import json
+import multiprocessing
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,7 +134,7 @@ def test_target_patterns_compile_once_per_select(monkeypatch):
 
 # --- secrets -------------------------------------------------------------------------------------
 
-def _files_with(folder: Path, secret: str, besides: Path) -> list[Path]:
+def _files_with(folder: Path, secret: str, besides: Path | None = None) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and p != besides and secret.encode() in p.read_bytes()]
 
 
@@ -173,6 +177,30 @@ def test_events_never_hold_a_credential(tmp_path, monkeypatch):
                 nested={"k": [Path(f"/x/hf_{SECRET}")]})
     text = (tmp_path / "events.jsonl").read_text()
     assert SECRET not in text and json.loads(text)["ref"] == "oci://***@h/r:t"
+
+
+def test_no_file_a_run_a_push_and_a_pull_write_holds_a_credential(bert_dir, tmp_path, monkeypatch):
+    """With registry credentials and a Hub token in the environment: a run that publishes to a folder
+    registry, a push and a pull; every file any of them wrote, and all they printed, is searched."""
+    secrets = ["pw-" + SECRET, "hf_" + SECRET[::-1]]
+    monkeypatch.setenv("EDGEPRUNE_REGISTRY_USER", "ci")
+    monkeypatch.setenv("EDGEPRUNE_REGISTRY_PASSWORD", secrets[0])
+    monkeypatch.setenv("HF_TOKEN", secrets[1])
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    reg = tmp_path / "registry"
+    recipe = write_recipe(tmp_path, {**base(bert_dir), "publish": {"ref": f"{reg}/model:v1"}})
+    printed = ""
+    for argv in (["run", str(recipe), "--output", str(tmp_path / "run")], ["push", str(tmp_path / "run"), f"{reg}/model:v2"],
+                 ["pull", f"{reg}/model:v2", str(tmp_path / "pulled")]):
+        code, out, err = cli(*argv)
+        assert code == 0, err
+        printed += out + err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {"run/manifest.json", "run/events.jsonl", "registry/model/index.json", "pulled/model.onnx"} <= {
+        p.relative_to(tmp_path).as_posix() for p in written} and len(written) > 40
+    for secret in secrets:
+        assert secret not in printed
+        assert _files_with(tmp_path, secret) == []
 
 
 # --- remote code ---------------------------------------------------------------------------------
@@ -251,6 +279,86 @@ def test_nm_after_aligned_structured_pruning_is_accepted(bert_dir):
     stages = [{"type": "calibrate"}, {"type": "prune_structured", "method": "magnitude-sp", "ratio": 0.2, "align": 8},
               {"type": "prune_weights", "method": "magnitude", "pattern": "2:4"}]
     assert plan(parse_recipe(text_recipe(bert_dir, "feature-extraction", stages))).labels[2] == "prune_weights"
+
+
+def _int4_after_structured(bert_dir, structured: dict, **int4) -> dict:
+    stages = [{"type": "calibrate"}, {"type": "prune_structured", "method": "magnitude-sp", "ratio": 0.2, **structured},
+              {"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 16, **int4}]
+    return text_recipe(bert_dir, "feature-extraction", stages, export={"tensorrt": {"target": "x86-trt10"}})
+
+
+@pytest.mark.parametrize("structured, words", [
+    ({"align": 1, "modules": "mlp"}, "multiples of 1 but not of 16 (e.g. encoder.layer.0.output.dense)"),
+    ({"align": 8, "modules": "attention"}, "multiples of 8 but not of 16 (e.g. encoder.layer.0.attention.output"),
+])
+def test_int4_groups_checked_against_widths_after_structured_pruning(bert_dir, tmp_path, structured, words):
+    """Group 16 divides the unpruned widths (32, 64); what structured pruning leaves may not be divisible."""
+    line = refused(write_recipe(tmp_path, _int4_after_structured(bert_dir, structured)), tmp_path)
+    assert line.startswith("error: stages[3].group_size: stages[1] (prune_structured) can leave") and words in line
+    assert line.endswith("or set 'partial_groups: true' (TensorRT support unverified)")
+
+
+def test_int4_after_aligned_structured_pruning_or_with_partial_groups_is_accepted(bert_dir):
+    for recipe in (_int4_after_structured(bert_dir, {"align": 16, "modules": "mlp"}),
+                   _int4_after_structured(bert_dir, {"align": 1}, partial_groups=True)):
+        assert plan(parse_recipe(recipe)).labels[3] == "quantize"
+
+
+# --- the environment -----------------------------------------------------------------------------
+
+def _as_another_user(argv: list[str], conn) -> None:
+    """The CLI in a forked child that, under root (who reads any file), first becomes nobody."""
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+    conn.send(cli(*argv))
+    os._exit(0)
+
+
+def test_an_unreadable_recipe_is_one_line_exit_1(bert_dir):
+    folder = Path(tempfile.mkdtemp())
+    try:
+        folder.chmod(0o755)
+        path = write_recipe(folder, base(bert_dir))
+        path.chmod(0)
+        receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+        child = multiprocessing.get_context("fork").Process(target=_as_another_user, args=(["validate", str(path)], send))
+        child.start()
+        code, _, err = receive.recv()
+        child.join()
+    finally:
+        shutil.rmtree(folder)
+    assert assert_one_line(code, err, 1) == f"error: recipe: cannot read '{path}': Permission denied; give this " \
+                                            "user read permission"
+
+
+def test_an_unwritable_output_is_one_line_saying_nothing_was_written(bert_dir, tmp_path):
+    code, _, err = cli("run", str(write_recipe(tmp_path, base(bert_dir))), "--output", "/sys/edgeprune-run/out")
+    assert assert_one_line(code, err, 1).startswith("error: output: Operation not permitted ('/sys/edgeprune-run'); "
+                                                    "nothing was written")
+
+
+def test_a_full_disk_during_a_run_is_one_line_saying_how_to_resume(bert_dir, tmp_path, monkeypatch):
+    import pipeline.runner
+
+    original = pipeline.runner.write_atomic
+
+    def full(path: Path, data) -> None:
+        if path.as_posix().endswith("01-prune_weights/result.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        original(path, data)
+
+    recipe, out = write_recipe(tmp_path, base(bert_dir)), tmp_path / "out"
+    monkeypatch.setattr(pipeline.runner, "write_atomic", full)
+    code, _, err = cli("run", str(recipe), "--output", str(out))
+    assert code == 1 and "Traceback" not in err and [ln for ln in err.splitlines() if "error" in ln] == [
+        err.splitlines()[-1]]  # the progress lines before it, then one error line
+    assert err.splitlines()[-1] == (
+        f"error: output: No space left on device ('{tmp_path}/.out.partial/stages/01-prune_weights/result.json'); "
+        f"the partial run is kept in {tmp_path}/.out.partial: free space or fix permissions, then rerun with --resume")
+    monkeypatch.setattr(pipeline.runner, "write_atomic", original)
+    assert cli("run", str(recipe), "--output", str(out), "--resume")[0] == 0
+    assert [s["status"] for s in json.loads((out / "manifest.json").read_text())["stages"]] == ["resumed", "ran", "ran"]
 
 
 # --- fast failure --------------------------------------------------------------------------------

@@ -110,6 +110,12 @@ class Format(ABC):
     def check_layers(self, widths: dict[str, int], field: str) -> None:
         """Plan-time checks against the targeted Linears (torch name -> input width); raise RecipeError."""
 
+    def width_divisor(self) -> tuple[int, str, str] | None:
+        """What every targeted input width must be a multiple of, as the widths earlier stages can leave
+        are checked (stages/base.py check_widths_left): (the number, the argument that sets it, the other
+        way out a message offers); None when any width will do."""
+        return None
+
     @abstractmethod
     def apply(self, model: onnx.ModelProto, nodes: dict[str, str], context: FormatContext) -> Rewritten:
         """Rewrite ``model`` (the exported float graph); ``nodes`` maps each targeted torch Linear to

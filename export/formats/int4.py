@@ -117,6 +117,11 @@ class Int4(Format):
                 f"use a group size that divides it, or set 'partial_groups: true' to give each row a shorter last "
                 f"group (valid ONNX; TensorRT support unverified)", field=f"{field}.group_size")
 
+    def width_divisor(self) -> tuple[int, str, str] | None:
+        if self.args.partial_groups:
+            return None
+        return self.args.group_size, "group_size", ", or set 'partial_groups: true' (TensorRT support unverified)"
+
     def apply(self, model: onnx.ModelProto, nodes: dict[str, str], context: FormatContext) -> Rewritten:
         g = self.args.group_size
         out, widths = int4_weight_only(model, list(nodes.values()), g, context.scales)
