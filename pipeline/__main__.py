@@ -1,4 +1,4 @@
-"""python -m pipeline run|validate|inspect|push|pull|generate
+"""python -m pipeline (or edgeprune) run|validate|inspect|push|pull|generate
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
@@ -20,7 +20,9 @@ from core.errors import GateRejected, PipelineError, RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    # The console script `edgeprune` and `python -m pipeline` are one command line; usage names the one typed.
+    prog = "edgeprune" if Path(sys.argv[0]).name == "edgeprune" else "python -m pipeline"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a recipe into runs/<name>/ (or --output)")
     r.add_argument("recipe")
