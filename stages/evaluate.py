@@ -19,6 +19,7 @@ from evaluation.size import size
 from models.loading import load_model
 from tasks import HeldOut
 
+from . import figures
 from .base import Stage, StageArgs, StageResult
 from .context import RunContext
 
@@ -56,6 +57,7 @@ class Evaluate(Stage):
             result["latency"] = latency(dense, comp, batches, spec.latency)
         if dense_path and ex.decoder is not None:
             result["generation"] = self._generation(ctx, dense_path, batches, disabled)
+        result["plots"] = figures.against_dense(folder, ctx.workdir, result)
         ctx.evaluation = result
         return StageResult(result)  # report.md renders the evaluation from the manifest
 

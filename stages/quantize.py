@@ -14,7 +14,6 @@ before export.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -203,8 +202,7 @@ class Quantize(Stage):
         metrics = {"format": self.args.format, "opset": info["opset"], "bytes": info["bytes"],
                    "quantized_ops": len(report.qdq.nodes), "parity": details["parity"],
                    "sparsity_check": report.sparsity, "tensorrt": tensorrt_headline(report.tensorrt)}
-        tables = [Table("Precision", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
-                                                        for k, v in details.items()
+        tables = [Table("Precision", ["key", "value"], [[k, v] for k, v in details.items()
                                                         if k not in ("checker", "parity", "fidelity")]),
                   Table("Quantized ops (Q/DQ placement)", ["module", "op", "scheme", "inputs"], rows),
                   parity_table("Parity with the float PyTorch model (ONNX Runtime, CPU)", details["parity"])]

@@ -1,0 +1,89 @@
+"""report.md as a reader sees it: formatted values (never a Python repr), figures beside it, no stale warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export import tensorrt
+from pipeline.report import fmt, md_table
+from pipeline.runner import run
+from stages.figures import dense_panels
+
+from ..conftest import text_recipe, write_recipe
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FLAP_INT8 = [{"type": "calibrate"},
+             {"type": "prune_structured", "method": "flap", "ratio": 0.2, "structure": "UL-UM", "align": 8},
+             {"type": "export"}, {"type": "quantize", "format": "int8"}, {"type": "evaluate"}]
+
+
+@pytest.fixture(scope="module")
+def flap_int8_run(bert_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flap_int8")
+    recipe = text_recipe(bert_dir, "feature-extraction", FLAP_INT8, evaluation={"lee": True})
+    return run(write_recipe(tmp, recipe), output=tmp / "run")
+
+
+def test_values_are_formatted_not_reprs():
+    assert fmt({"pearson": 0.65381234, "spearman": -0.5}) == "pearson 0.65381, spearman -0.5"
+    assert fmt([]) == "none" and fmt([2, 30522]) == "[2, 30522]" and fmt(["a", "b"]) == "a, b"
+    assert fmt(1234567) == "1,234,567" and fmt(64) == "64" and fmt(True) == "yes" and fmt(None) == ""
+    assert fmt(9.5367431640625e-07) == "9.5367e-07"
+    table = md_table(["key", "value"], [["calibration", {"method": "minmax", "shape": [2, 16]}]])
+    assert table.splitlines()[-1] == "| calibration | method minmax, shape [2, 16] |"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_links_its_figures_and_prints_no_repr(flap_int8_run):
+    report = (flap_int8_run / "report.md").read_text()
+    for png in ("stages/01-prune_structured/kept_per_layer.png", "stages/04-evaluate/against_dense.png"):
+        assert f"]({png})" in report
+        width, height = _png_size(flap_int8_run / png)
+        assert width >= 400 and height >= 300
+    assert not re.search(r"[{}]|\[\]|'\w+': ", report), "a dict, list or quoted repr reached report.md"
+    lee = next(line for line in report.splitlines() if line.startswith("| lee pearson |"))
+    ev = json.loads((flap_int8_run / "manifest.json").read_text())["evaluation"]
+    assert lee == f"| lee pearson | {fmt(ev['dense']['lee']['pearson'])} | {fmt(ev['compressed']['lee']['pearson'])} |"
+
+
+def test_layer_counts_before_and_after_are_recorded(flap_int8_run):
+    layers = json.loads((flap_int8_run / "manifest.json").read_text())["stages"][1]["metrics"]["layers"]
+    assert [(lay["heads_before"], lay["mlp_channels_before"], lay["mlp_channels"]) for lay in layers] == [(4, 64, 56)] * 2
+
+
+def test_panels_against_dense_follow_the_evaluation(flap_int8_run):
+    ev = json.loads((flap_int8_run / "manifest.json").read_text())["evaluation"]
+    panels = dense_panels(ev)
+    assert [p.title for p in panels] == ["lee pearson", "lee spearman", "mean_cosine", "min_cosine",
+                                         "latency (batch 2)", "ONNX MB"]
+    assert panels[2].values == [1.0, ev["comparison"]["mean_cosine"]]
+    assert panels[4].values == [ev["latency"]["dense"]["median_ms"], ev["latency"]["compressed"]["median_ms"]]
+    assert panels[5].values == [ev["size"]["dense"]["onnx_bytes"] / 1e6, ev["size"]["compressed"]["onnx_bytes"] / 1e6]
+
+
+def test_no_float32_weights_warning_after_int8(flap_int8_run):
+    """The export stage's float graph gets the advice to quantize; the quantized artifact does not."""
+    m = json.loads((flap_int8_run / "manifest.json").read_text())
+    assert m["onnx"]["tensorrt"]["warnings"] == []
+    float_graph = json.loads((flap_int8_run / "stages" / "02-export" / "tensorrt.json").read_text())
+    assert any("float32 weights" in w["message"] for w in float_graph["warnings"])
+    quantized = tensorrt.check(onnx.load(flap_int8_run / "model.onnx"), "jetson-orin-jp6")
+    assert not any("float32 weights" in w.message for w in quantized.warnings)
+
+
+def test_the_cache_holds_statistics_and_dense_graphs(flap_int8_run):
+    """README: statistics in stats/, the dense ONNX evaluate compares with in onnx/, under PIPELINE_CACHE."""
+    cache = Path(os.environ["PIPELINE_CACHE"])
+    assert list((cache / "stats").glob("*.safetensors")) and list((cache / "onnx").iterdir())
