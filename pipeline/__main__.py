@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a recipe with model.trust_remote_code: true run the Python code shipped with the model")
     v = sub.add_parser("validate", help="check a recipe (schema, model, data, targets) without running it")
     v.add_argument("recipe")
-    i = sub.add_parser("inspect", help="print a run folder's summary")
+    i = sub.add_parser("inspect", help="print a run folder's summary: tables and the summary panel")
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true", help="print manifest.json instead")
     pu = sub.add_parser("push", help="push a run folder to a registry: DIR/REPO:TAG or oci://HOST:PORT/REPO:TAG")
@@ -127,9 +127,11 @@ def _inspect(folder: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps(manifest, indent=2))
         return
-    from .report import summary
+    from rich.console import Console
 
-    print(summary(manifest), end="")
+    from .console import print_run
+
+    print_run(Console(), manifest, folder)
 
 
 if __name__ == "__main__":

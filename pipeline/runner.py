@@ -28,6 +28,7 @@ from stages import REGISTRY, Stage, StageResult, Table
 from stages.context import RunContext
 from tasks import TASKS
 
+from .console import summary_panel
 from .manifest import SCHEMA, RunFolder, artifacts, environment
 from .recipe import Recipe, load_recipe
 from .report import render
@@ -173,6 +174,7 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
     judged = manifest["verdict"]
     if judged is not None:
         events.console.print(judged["line"], highlight=False, markup=False)
+    events.console.print(summary_panel(manifest, final))
     if judged is not None and judged["accepted"] is False:
         missed = "; ".join(f"{c['metric']} {c['value']:g} against {c['field']} {c['bound']:g}"
                            for c in judged["checks"] if not c["ok"])

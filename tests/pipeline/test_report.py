@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import onnx
 import pytest
+from rich.console import Console
 
+from core.events import Events
 from export import tensorrt
+from pipeline.__main__ import main
+from pipeline.console import summary_rows
 from pipeline.report import fmt, md_table
 from pipeline.runner import run
 from stages.figures import dense_panels
@@ -25,10 +30,18 @@ FLAP_INT8 = [{"type": "calibrate"},
 
 
 @pytest.fixture(scope="module")
-def flap_int8_run(bert_dir, tmp_path_factory):
+def flap_int8_console(bert_dir, tmp_path_factory):
+    """The run folder and what the run printed (a recording console, 110 columns)."""
     tmp = tmp_path_factory.mktemp("flap_int8")
     recipe = text_recipe(bert_dir, "feature-extraction", FLAP_INT8, evaluation={"lee": True})
-    return run(write_recipe(tmp, recipe), output=tmp / "run")
+    console = Console(record=True, width=110, file=io.StringIO())
+    folder = run(write_recipe(tmp, recipe), output=tmp / "run", events=Events(None, console))
+    return folder, console.export_text()
+
+
+@pytest.fixture(scope="module")
+def flap_int8_run(flap_int8_console):
+    return flap_int8_console[0]
 
 
 def test_values_are_formatted_not_reprs():
@@ -87,3 +100,49 @@ def test_the_cache_holds_statistics_and_dense_graphs(flap_int8_run):
     """README: statistics in stats/, the dense ONNX evaluate compares with in onnx/, under PIPELINE_CACHE."""
     cache = Path(os.environ["PIPELINE_CACHE"])
     assert list((cache / "stats").glob("*.safetensors")) and list((cache / "onnx").iterdir())
+
+
+def test_console_ends_with_the_summary_panel(flap_int8_console):
+    folder, text = flap_int8_console
+    lines = text.rstrip().splitlines()
+    verdict = next(i for i, line in enumerate(lines) if line.startswith("verdict: "))
+    panel = "\n".join(lines[verdict:])
+    ev = json.loads((folder / "manifest.json").read_text())["evaluation"]
+    for label in ("quality vs dense", "speed vs dense", "size", "TensorRT", "gate", "artifact"):
+        assert f"│ {label} " in panel, label
+    assert f"mean_cosine {fmt(ev['comparison']['mean_cosine'])}" in panel and f"{folder}/ (model.onnx)" in panel
+    assert lines[-1].startswith("╰") and "no quality gate (set evaluation.accept)" in panel
+
+
+def test_summary_rows_state_the_gate_and_missing_stages(flap_int8_run):
+    m = json.loads((flap_int8_run / "manifest.json").read_text())
+    m["verdict"] = {"accepted": False, "line": "", "checks": [
+        {"field": "min_mean_cosine", "metric": "mean_cosine", "value": 0.9, "bound": 0.93, "ok": False}]}
+    rows = dict(summary_rows(m, flap_int8_run))
+    assert rows["gate"] == "REJECTED: mean_cosine 0.9 (>= 0.93 required)"
+    assert rows["TensorRT"] == "jetson-orin-jp6 (TensorRT 10.3.0): ready; build the engine on the device with " \
+                               "build/build_engine.sh"
+    speedup = m["evaluation"]["latency"]["speedup"]
+    assert rows["speed vs dense"].startswith(f"{speedup:.2f}x ({'faster' if speedup >= 1 else 'slower'} than dense)")
+    m["evaluation"] = m["verdict"] = m["onnx"] = None
+    rows = dict(summary_rows(m, flap_int8_run))
+    assert rows["quality vs dense"] == "not evaluated (add '- type: evaluate' last)"
+    assert rows["TensorRT"] == "no ONNX graph (add '- type: export')"
+    assert rows["gate"] == "no verdict (the run has no evaluate stage)"
+
+
+def test_long_steps_have_progress_bars(flap_int8_run):
+    """export, quantize and evaluate (with its latency loop) each report progress to the end."""
+    events = [json.loads(line) for line in (flap_int8_run / "events.jsonl").read_text().splitlines()]
+    last = {e["task"]: (e["completed"], e["total"]) for e in events if e["event"] == "progress"}
+    for task in ("export", "quantize int8", "evaluate", "latency runs"):
+        done, total = last[task]
+        assert done == total > 0, task
+    assert last["latency runs"][1] == 2 * (1 + 5)  # one warm-up and five timed runs of each graph
+
+
+def test_inspect_renders_tables_not_markdown(flap_int8_run, capsys):
+    assert main(["inspect", str(flap_int8_run)]) == 0
+    out = capsys.readouterr().out
+    assert "|---|" not in out and "**" not in out
+    assert "┃ metric" in out and "│ lee pearson" in out and "╰" in out
