@@ -35,6 +35,7 @@ class Point:
     label: str
     x: float
     y: float
+    reference: bool = False  # drawn grey (the dense model)
 
 
 def _figure(width: float, height: float) -> Any:
@@ -111,7 +112,8 @@ def front_plot(path: Path, points: Sequence[Point], front: Sequence[Point], titl
     """Every point labelled, the ``front`` (already ordered along x) joined by a red line."""
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
-    ax.scatter([p.x for p in points], [p.y for p in points], color=COMPRESSED, zorder=3)
+    ax.scatter([p.x for p in points], [p.y for p in points], color=[DENSE if p.reference else COMPRESSED for p in points],
+               zorder=3)
     if front:
         ax.plot([p.x for p in front], [p.y for p in front], color=FRONT, marker="o", fillstyle="none",
                 markersize=11, linewidth=1.2, label="Pareto front", zorder=2)
@@ -119,6 +121,7 @@ def front_plot(path: Path, points: Sequence[Point], front: Sequence[Point], titl
     for p in points:
         ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.ticklabel_format(useOffset=False)  # 0.9999, not "+1" and offsets
     ax.margins(x=0.15, y=0.12)
     ax.grid(alpha=0.3)
     _save(fig, path)

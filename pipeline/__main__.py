@@ -1,4 +1,4 @@
-"""python -m pipeline (or edgeprune) run|validate|inspect|push|pull|generate
+"""python -m pipeline (or edgeprune) run|validate|inspect|compare|push|pull|generate
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pull", help="pull a pushed run into a new folder, verifying every sha256")
     pl.add_argument("registry_ref")
     pl.add_argument("dir")
+    c = sub.add_parser("compare", help="finished runs side by side: one table, one quality-vs-latency plot "
+                                        "with the Pareto front")
+    c.add_argument("runs", nargs="+", metavar="RUN", type=Path)
+    c.add_argument("--out", type=Path, help="folder for compare.png and compare.md (default: compare.png here)")
+    c.add_argument("--metric", help="comparison metric on the quality axis (default: the task's first gate metric)")
     g = sub.add_parser("generate", help="write text with a decoder run's graphs (export.decoder) in ONNX Runtime")
     g.add_argument("run_dir", metavar="RUN_OR_DIR", help="a run folder or a pulled artifact")
     g.add_argument("--prompt", required=True)
@@ -104,6 +109,13 @@ def _command(args: argparse.Namespace) -> None:
 
         r = pull(args.registry_ref, args.dir)
         print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, every sha256 verified")
+    elif args.command == "compare":
+        from .compare import compare, print_table
+
+        if len(args.runs) < 2:
+            raise RecipeError("give two or more run folders to compare", field="runs")
+        rows, plot, metric = compare(args.runs, args.out, args.metric)
+        print_table(rows, metric, plot)
     elif args.command == "generate":
         from .generate import generate
 
