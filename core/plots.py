@@ -54,12 +54,13 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]], title: str,
-              xlabel: str, ylabel: str) -> None:
-    """One line per ``series`` entry (label -> y values over ``x``), written atomically as a PNG."""
+              xlabel: str, ylabel: str, markers: bool = False) -> None:
+    """One line per ``series`` entry (label -> y values over ``x``), written atomically as a PNG;
+    ``markers`` for a few measured points (the lines between them are not measurements)."""
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
     for label, y in series.items():
-        ax.plot(x, y, label=label, linewidth=1.5)
+        ax.plot(x, y, label=label, linewidth=1.5, marker="o" if markers else None)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
