@@ -61,6 +61,10 @@ def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]]
     ax = fig.add_subplot()
     for label, y in series.items():
         ax.plot(x, y, label=label, linewidth=1.5, marker="o" if markers else None)
+    if all(isinstance(v, int) for v in x):  # steps, token counts: no 2.5 on the axis
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:
