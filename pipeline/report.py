@@ -35,6 +35,10 @@ def fmt(v) -> str:
     return str(v)
 
 
+def threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
     def cell(v):
         return fmt(v).replace("|", "\\|")
@@ -128,7 +132,7 @@ def _eval_rows(ev: dict) -> list[list]:
         rows.append([k, ev["size"]["dense"][k], ev["size"]["compressed"].get(k)])
     lat = ev.get("latency")
     if lat:
-        rows.append([f"median latency ms (batch {lat['batch_size']}, {lat['threads']} threads)",
+        rows.append([f"median latency ms (batch {lat['batch_size']}, {threads(lat['threads'])})",
                      lat["dense"]["median_ms"], lat["compressed"]["median_ms"]])
         rows.append(["speedup", "", lat["speedup"]])
     gen = ev.get("generation")
@@ -136,7 +140,7 @@ def _eval_rows(ev: dict) -> list[list]:
         d, c = gen["dense"], gen["compressed"]
         rows.append([f"time to first token ms ({gen['prompt_tokens']}-token prompt, median of {gen['prompts']})",
                      d["first_token_ms"], c["first_token_ms"]])
-        rows.append([f"decode tokens/s ({gen['threads']} threads)", d["decode_tokens_per_s"], c["decode_tokens_per_s"]])
+        rows.append([f"decode tokens/s ({threads(gen['threads'])})", d["decode_tokens_per_s"], c["decode_tokens_per_s"]])
         rows.append(["decode speedup", "", gen.get("decode_speedup")])
         a = gen["agreement"]
         rows.append([f"greedy tokens as transformers generate ({gen['new_tokens']} new)", "",
