@@ -54,6 +54,10 @@ def _speed(ev: dict) -> str:
     s = lat["speedup"]
     text = (f"{s:.2f}x ({'faster' if s >= 1 else 'slower'} than dense): {fmt(lat['compressed']['median_ms'])} ms against "
             f"{fmt(lat['dense']['median_ms'])} ms (batch {lat['batch_size']}, {threads(lat['threads'])}, ONNX Runtime CPU)")
+    default = lat.get("ort_default_settings")
+    if default:
+        text += (f"; {default['speedup']:.2f}x in a default ONNX Runtime session (the artifact's settings switch "
+                 f"{', '.join(lat['disabled_optimizers'])} off)")
     gen = ev.get("generation")
     if gen and gen.get("decode_speedup"):
         text += f"; decode {gen['decode_speedup']:.2f}x"

@@ -135,6 +135,11 @@ def _eval_rows(ev: dict) -> list[list]:
         rows.append([f"median latency ms (batch {lat['batch_size']}, {threads(lat['threads'])})",
                      lat["dense"]["median_ms"], lat["compressed"]["median_ms"]])
         rows.append(["speedup", "", lat["speedup"]])
+        default = lat.get("ort_default_settings")
+        if default:  # the artifact's session settings switch optimizers off; a stock session gets this
+            rows.append([f"median latency ms, ONNX Runtime default session (with {', '.join(lat['disabled_optimizers'])}"
+                         " on)", default["dense"]["median_ms"], default["compressed"]["median_ms"]])
+            rows.append(["speedup, ONNX Runtime default session", "", default["speedup"]])
     gen = ev.get("generation")
     if gen:
         d, c = gen["dense"], gen["compressed"]

@@ -62,9 +62,9 @@ class Evaluate(Stage):
         bar.advance()
         if dense_path:
             bar.doing("latency, dense and compressed in turn")
-            timing = ctx.events.task("latency runs", total=runs(spec.latency))
-            result["latency"] = latency(dense, comp, batches, spec.latency, tick=timing.advance)
-            timing.done()
+            plain = (Runner(dense_tm, dense_path, spec.latency.threads),
+                     Runner(comp_tm, comp_path, spec.latency.threads)) if disabled else None
+            result["latency"] = self._latency(ctx, (dense, comp), plain, batches, disabled)
             bar.advance()
         if dense_path and ex.decoder is not None:
             bar.doing("time to first token, decode tokens/s")
@@ -74,6 +74,21 @@ class Evaluate(Stage):
         result["plots"] = figures.against_dense(folder, ctx.workdir, result)
         ctx.evaluation = result
         return StageResult(result)  # report.md renders the evaluation from the manifest
+
+    @staticmethod
+    def _latency(ctx: RunContext, tuned: tuple[Runner, Runner], plain: tuple[Runner, Runner] | None, batches,
+                 disabled: tuple[str, ...]) -> dict:
+        """Latency with the session settings the artifact records (onnx.onnxruntime), and, when those switch
+        optimizers off, with ONNX Runtime's defaults too: a consumer that ignores the settings gets that one."""
+        spec = ctx.recipe.evaluation.latency
+        timing = ctx.events.task("latency runs", total=runs(spec) * (2 if plain else 1))
+        out = latency(*tuned, batches, spec, tick=timing.advance)
+        if plain:
+            out["disabled_optimizers"] = list(disabled)
+            default = latency(*plain, batches, spec, tick=timing.advance)
+            out["ort_default_settings"] = {k: default[k] for k in ("dense", "compressed", "speedup")}
+        timing.done()
+        return out
 
     @staticmethod
     def _generation(ctx: RunContext, dense_path: Path, batches, disabled: tuple[str, ...]) -> dict:

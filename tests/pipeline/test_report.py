@@ -138,7 +138,20 @@ def test_long_steps_have_progress_bars(flap_int8_run):
     for task in ("export", "quantize int8", "evaluate", "latency runs"):
         done, total = last[task]
         assert done == total > 0, task
-    assert last["latency runs"][1] == 2 * (1 + 5)  # one warm-up and five timed runs of each graph
+    # one warm-up and five timed runs of each graph, with the int8 session settings and with ORT's defaults
+    assert last["latency runs"][1] == 2 * 2 * (1 + 5)
+
+
+def test_int8_speed_is_also_stated_for_a_default_session(flap_int8_console):
+    """The int8 artifact's sessions switch two ORT optimizers off; a consumer that ignores that sees the other number."""
+    folder, text = flap_int8_console
+    lat = json.loads((folder / "manifest.json").read_text())["evaluation"]["latency"]
+    assert lat["disabled_optimizers"] == ["MatMulAddFusion", "CommonSubexpressionElimination"]
+    default = lat["ort_default_settings"]
+    assert default["speedup"] == round(default["dense"]["median_ms"] / default["compressed"]["median_ms"], 3)
+    report = (folder / "report.md").read_text()
+    assert f"| speedup, ONNX Runtime default session |  | {fmt(default['speedup'])} |" in report
+    assert f"{default['speedup']:.2f}x in a default ONNX Runtime session" in " ".join(text.split()).replace("│ ", "")
 
 
 def test_inspect_renders_tables_not_markdown(flap_int8_run, capsys):
