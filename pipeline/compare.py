@@ -50,7 +50,9 @@ def compare(runs: list[Path], out: Path | None, metric: str | None = None) -> tu
     accept = TASKS[tasks.pop()].accept_metrics
     metric = metric or next(iter(accept.values()))
     lower = any(field.startswith("max_") and m == metric for field, m in accept.items())
-    rows = [_row(r, m, metric) for r, m in zip(runs, manifests)]
+    names = [r.name for r in runs]
+    names = names if len(set(names)) == len(names) else [str(r) for r in runs]  # runs/a/x and runs/b/x: the paths
+    rows = [_row(r, name, m, metric) for r, name, m in zip(runs, names, manifests)]
     points = [Point(r.name, r.latency_ms, r.quality) for r in rows]
     if len({r.model for r in rows}) == 1:
         points.append(Point("dense", statistics.median(r.dense_ms for r in rows), 1.0, reference=True))
@@ -86,13 +88,13 @@ def _manifest(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _row(run: Path, m: dict, metric: str) -> Row:
+def _row(run: Path, name: str, m: dict, metric: str) -> Row:
     ev = m.get("evaluation") or {}
     if "latency" not in ev:
         raise RecipeError(f"'{run}' has no latency measurement: compare needs runs with an export and an evaluate "
                           "stage", field="runs")
     comparison = ev.get("comparison", {})
-    if metric not in comparison:
+    if metric not in comparison or metric == "samples":
         able = ", ".join(k for k in comparison if k != "samples")
         raise RecipeError(f"'{run}' has no {metric!r}; its comparison metrics: {able}", field="--metric")
     lat, size = ev["latency"], ev["size"]
@@ -103,7 +105,7 @@ def _row(run: Path, m: dict, metric: str) -> Row:
         shown = f"{size['compressed']['params'] / 1e6:.2f} M params"
     judged = m.get("verdict") or {}
     gate = {True: "ACCEPTED", False: "REJECTED"}.get(judged.get("accepted"), "no gate")
-    return Row(run.name, " → ".join(filter(None, map(_stage, m["stages"]))), comparison[metric],
+    return Row(name, " → ".join(filter(None, map(_stage, m["stages"]))), comparison[metric],
                lat["compressed"]["median_ms"], lat["dense"]["median_ms"], lat["speedup"], shown, gate,
                m["model"]["sha256"])
 

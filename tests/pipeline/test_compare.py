@@ -80,3 +80,12 @@ def test_compare_refuses_what_it_cannot_compare(three_runs, tmp_path, capsys):
     assert err[2] == (f"error: runs: '{unevaluated}' has no latency measurement: compare needs runs with an export "
                       "and an evaluate stage")
     assert not (tmp_path / "compare.png").exists()
+
+
+def test_runs_with_one_folder_name_are_told_apart_by_path(three_runs, tmp_path):
+    from pipeline.compare import compare
+
+    twin = tmp_path / "elsewhere" / three_runs[0].name
+    shutil.copytree(three_runs[0], twin)
+    rows, _, _ = compare([three_runs[0], twin], tmp_path / "out")
+    assert [r[0] for r in rows] == [str(three_runs[0]), str(twin)]
