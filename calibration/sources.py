@@ -9,13 +9,16 @@ put there at install time by the Makefile (its provenance and why it is not in g
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from calibration.spec import DatasetSpec, DataSpec
+from calibration.spec import LOCAL_BUILDERS, DatasetSpec, DataSpec
 from core.errors import RecipeError
+from core.network import hub_unreachable
 
 DATA = Path(__file__).parent / "data"
 BUILTIN = {"calibration": "austen_northangerabbey.txt.gz", "evaluation": "austen_prideprejudice.txt.gz"}
@@ -50,10 +53,7 @@ def load_text(spec: DataSpec, role: str, field: str) -> TextData:
     if spec.source == "datasets":
         d = spec.required_dataset(field)
         rows = _dataset(d, field)
-        column = d.column
-        if column not in rows.column_names:
-            raise RecipeError(f"column {column!r} not in the dataset; columns: {', '.join(rows.column_names)}",
-                              field=f"{field}.dataset.column")
+        column = _column(d, rows.column_names, False, field)
         return TextData("\n\n".join(str(t) for t in rows[column] if t),
                         f"datasets:{d.name}/{d.config or '-'}[{d.split}].{column}")
     raise RecipeError(f"source {spec.source!r} holds images; this task needs text (builtin, files or datasets)",
@@ -76,10 +76,7 @@ def load_images(spec: DataSpec, field: str) -> ImageData:
     if spec.source == "datasets":
         d = spec.required_dataset(field)
         rows = _dataset(d, field)
-        column = d.column if d.column in rows.column_names else "image"
-        if column not in rows.column_names:
-            raise RecipeError(f"no image column {d.column!r}; columns: {', '.join(rows.column_names)}",
-                              field=f"{field}.dataset.column")
+        column = _column(d, rows.column_names, True, field)
         labels = list(rows[d.label_column]) if d.label_column else None
         return ImageData([im.convert("RGB") for im in rows[column]], labels, None,
                          f"datasets:{d.name}/{d.config or '-'}[{d.split}].{column}")
@@ -110,14 +107,68 @@ def image_files(path: str, field: str) -> list[Path]:
     return files
 
 
-def _dataset(d: DatasetSpec, field: str):
+def _column(d: DatasetSpec, columns: list[str], images: bool, field: str) -> str:
+    """The column a task reads (images: ``column``, else one named "image"); the label column must exist too."""
+    column = d.column if d.column in columns or not images else "image"
+    if column not in columns:
+        raise RecipeError(f"{'no image column' if images else 'column'} {d.column!r} in split {d.split!r}; "
+                          f"columns: {', '.join(columns)}", field=f"{field}.dataset.column")
+    if d.label_column is not None and d.label_column not in columns:
+        raise RecipeError(f"label column {d.label_column!r} not in split {d.split!r}; columns: {', '.join(columns)}",
+                          field=f"{field}.dataset.label_column")
+    return column
+
+
+def check_dataset(spec: DataSpec, images: bool, field: str) -> None:
+    """Before any run folder exists: a `datasets` source's files, split and column are there. Local files are
+    loaded here (datasets caches them for the run); a hub dataset is asked for its splits and features (no
+    data downloaded), and refused at once when the Hub cannot be reached."""
+    d = spec.required_dataset(field)
+    if d.name in LOCAL_BUILDERS:
+        for pattern in [d.data_files] if isinstance(d.data_files, str) else d.data_files or []:
+            if not glob.glob(str(Path(pattern).expanduser())):
+                raise RecipeError(f"no such file {pattern!r}", field=f"{field}.dataset.data_files")
+        splits: dict[str, list[str] | None] = {k: v.column_names for k, v in _dataset(d, field, every_split=True).items()}
+    else:
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise RecipeError(f"dataset {d.name!r} would come from the Hugging Face Hub, which is out of reach "
+                              f"({unreachable}): read local files with name: text (or json, csv, parquet) and "
+                              "data_files, or run where the Hub can be reached", field=f"{field}.dataset.name")
+        splits = _hub_splits(d, field)
+    if splits and d.split not in splits:
+        raise RecipeError(f"split {d.split!r} not in the dataset; splits: {', '.join(splits)}",
+                          field=f"{field}.dataset.split")
+    columns = splits.get(d.split)
+    if columns is not None:
+        _column(d, columns, images, field)
+
+
+def _hub_splits(d: DatasetSpec, field: str) -> dict[str, list[str] | None]:
+    """Split names and columns from a hub dataset's metadata; empty when it states none."""
+    import datasets
+
+    try:
+        info = datasets.load_dataset_builder(d.name, d.config).info
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RecipeError(f"could not read dataset {d.name!r} (config {d.config!r}): {first}",
+                          field=f"{field}.dataset") from None
+    columns = list(info.features) if info.features else None
+    return {name: columns for name in info.splits or {}}
+
+
+def _dataset(d: DatasetSpec, field: str, every_split: bool = False) -> Any:
+    """The recipe's split of the dataset, or with ``every_split`` all of them (a DatasetDict)."""
     try:
         import datasets
     except ImportError:
         raise RecipeError("source 'datasets' needs the datasets package: pip install 'edgeprune[datasets]'",
                           field=f"{field}.source") from None
+    datasets.disable_progress_bars()  # "Generating train split" on stderr would precede a one-line error
     try:
-        return datasets.load_dataset(d.name, d.config, split=d.split, data_files=d.data_files)
+        return datasets.load_dataset(d.name, d.config, split=None if every_split else d.split,
+                                     data_files=d.data_files)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RecipeError(f"could not load dataset {d.name!r} (config {d.config!r}, split {d.split!r}): {first}",

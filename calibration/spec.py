@@ -9,6 +9,10 @@ from pydantic import Field, model_validator
 from core.errors import RecipeError
 from core.spec import Section
 
+# `datasets` builders that read local files (``data_files``); any other name is a hub dataset, whose
+# data_files are paths inside its repository.
+LOCAL_BUILDERS = ("text", "json", "csv", "parquet", "arrow", "imagefolder")
+
 
 class DatasetSpec(Section):
     """A `datasets` dataset: ``load_dataset(name, config, split=split, data_files=data_files)[column]``.

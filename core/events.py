@@ -78,6 +78,10 @@ class ProgressTask:
         self.progress.update(self.id, advance=n, description=shown)
         self.events.emit("progress", task=self.description, completed=self.completed, total=self.total, **fields)
 
+    def doing(self, what: str) -> None:
+        """Name the step now running, for a bar over a few long steps (export's trace, then its checks)."""
+        self.progress.update(self.id, description=f"{self.description}: {what}")
+
     def done(self) -> None:
         if self.events._progress is self.progress:  # not closed since (an error ends the run's bars)
             self.progress.remove_task(self.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 from calibration.batches import Batches
 
@@ -13,12 +14,19 @@ from .spec import LatencySpec
 LATENCY_ROUNDS = 5
 
 
-def latency(dense: Runner, compressed: Runner, batches: Batches, spec: LatencySpec) -> dict:
-    """Median milliseconds and throughput of each on the first batch, and the speedup."""
+def runs(spec: LatencySpec) -> int:
+    """How many times `latency` runs a graph, warm-up included, both graphs together (a progress bar's total)."""
+    return 2 * (spec.warmup + max(1, spec.iterations // LATENCY_ROUNDS) * LATENCY_ROUNDS)
+
+
+def latency(dense: Runner, compressed: Runner, batches: Batches, spec: LatencySpec,
+            tick: Callable[[], None] = lambda: None) -> dict:
+    """Median milliseconds and throughput of each on the first batch, and the speedup; ``tick`` after each run."""
     inputs = batches.batches[0].inputs
     for run in (dense, compressed):
         for _ in range(spec.warmup):
             run(inputs)
+            tick()
     times = {"dense": [], "compressed": []}
     per_round = max(1, spec.iterations // LATENCY_ROUNDS)
     for _ in range(LATENCY_ROUNDS):
@@ -27,6 +35,7 @@ def latency(dense: Runner, compressed: Runner, batches: Batches, spec: LatencySp
                 t = time.perf_counter()
                 run(inputs)
                 times[key].append(time.perf_counter() - t)
+                tick()
     batch = batches.batches[0].size
     out = {"threads": spec.threads, "batch_size": batch, "runs": per_round * LATENCY_ROUNDS}
     for key, ts in times.items():

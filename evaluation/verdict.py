@@ -8,9 +8,23 @@ each ``evaluation.accept`` field bounds (``Task.accept_metrics``; "max_" fields 
 
 from __future__ import annotations
 
-from tasks import Task
+from typing import TYPE_CHECKING
 
-from .spec import AcceptSpec
+if TYPE_CHECKING:  # the report imports this module and must not pull torch in with the tasks
+    from tasks import Task
+
+    from .spec import AcceptSpec
+
+
+def flat_metrics(values: dict) -> dict[str, float]:
+    """A side's numeric metrics with one level of nesting named out ({"lee": {"pearson": x}} -> "lee pearson"),
+    as the report's table and figure show them."""
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        for name, x in (v.items() if isinstance(v, dict) else [("", v)]):
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                out[f"{k} {name}" if name else k] = x
+    return out
 
 
 def _speed(evaluation: dict) -> dict:

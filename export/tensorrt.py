@@ -76,6 +76,9 @@ class Readiness:
                 "sparsity": self.sparsity}
 
 
+REDUCED_PRECISION = {"FLOAT16", "BFLOAT16", "INT8", "UINT8", "INT4", "UINT4", "FLOAT8E4M3FN"}
+
+
 def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
     t = TARGETS[target] if isinstance(target, str) else target
     graph = _Graph(model)
@@ -84,7 +87,10 @@ def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
                     *qdq_findings(model, t.quantized_types), *type_findings(graph, t)):
         (r.warnings if finding.check == "warning" else r.errors).append(finding)
     r.weights = weight_summary(model)
-    if r.weights["bytes_by_type"].get("FLOAT"):
+    stored = r.weights["bytes_by_type"]
+    # Only an unquantized graph: after a quantize stage the float32 left (embeddings, layers it was told to
+    # keep) is what the recipe chose, and the warning's advice would be wrong.
+    if stored.get("FLOAT") and not set(stored) & REDUCED_PRECISION:
         r.warnings.append(Finding("warning", None, "float32 weights: a strongly typed build keeps them FP32 (TF32 "
                                                    "math); a quantize stage emits FP16/INT8 in the ONNX"))
     r.sparsity = sparsity_layers(model)

@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +25,11 @@ from torch import nn
 from core.echo import clip
 from core.errors import RecipeError
 from core.files import sha256_path
+from core.network import hub_unreachable
 
-from .spec import ModelSpec
+from .spec import ModelSpec, hub_id_shaped
 
 CHECKPOINT_META = "pipeline_checkpoint.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def cache_dir() -> Path:
@@ -87,10 +86,23 @@ def resolve_source(spec: ModelSpec) -> Source:
         path = Path(ref).expanduser()
     if path.exists():
         return _local_source(spec, path)
-    if _HUB_ID.match(ref) and not ref.startswith(("package:", ".", "/")):
-        return _hub_source(spec)
-    raise RecipeError(f"no such file or folder {str(path)!r} (give a local folder, a .gguf file, "
-                      "a hub id like org/name, or package:<module>/<path>)", field="model.source")
+    if not hub_id_shaped(ref) or path.parent.is_dir():  # models/x with a models/ folder here is a path, not a hub id
+        raise RecipeError(f"{_missing(path)} (give a local folder, a .gguf file, a hub id like org/name, or "
+                          "package:<module>/<path>)", field="model.source")
+    return _hub_source(spec)
+
+
+def _missing(path: Path) -> str:
+    """'no such file or folder' with what the nearest existing folder holds, when that says more than the cwd."""
+    parent = path.parent
+    while parent != parent.parent and not parent.exists():
+        parent = parent.parent
+    text = f"no such file or folder {str(path)!r}"
+    if parent.is_dir() and parent != Path(".") and parent != parent.parent:
+        names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+        shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+        text += f"; {str(parent)!r} holds: {shown or 'nothing'}"
+    return text
 
 
 def _local_source(spec: ModelSpec, path: Path) -> Source:
@@ -143,15 +155,25 @@ def _gguf_architecture(path: Path) -> str:
 
 
 def _hub_source(spec: ModelSpec) -> Source:
+    """A hub id's config; without network and without a cached copy, an error at once (no retries)."""
+    from huggingface_hub import try_to_load_from_cache
     from transformers import AutoConfig
 
+    not_local = f"{spec.source!r} is not a local folder (relative paths are read from the recipe's folder)"
+    unreachable = hub_unreachable()
+    if unreachable and not isinstance(try_to_load_from_cache(spec.source, "config.json", revision=spec.revision), str):
+        raise RecipeError(f"{not_local}, and the Hugging Face Hub is out of reach ({unreachable}) with no cached copy: "
+                          "point model.source at a local model folder, use package:<module>/<path> for weights "
+                          "inside an installed Python package, or run where the Hub can be reached",
+                          field="model.source")
     try:
         config = AutoConfig.from_pretrained(spec.source, revision=spec.revision,
                                             trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # network, auth, missing repo: all end here
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise RecipeError(f"{spec.source!r} is not a local path and could not be fetched from the Hugging Face "
-                          f"Hub ({first}); download it and point model.source at the folder", field="model.source") from None
+        raise RecipeError(f"{not_local}, and the Hugging Face Hub does not give it ({first}): fix the folder name or "
+                          "the hub id, or download the model and point model.source at its folder",
+                          field="model.source") from None
     return Source("hub", spec.source, None, config.model_type)
 
 

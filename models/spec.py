@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 from pydantic import Field
@@ -11,6 +12,12 @@ from core.spec import Section
 # The task names, here because models/ sits below tasks/ (whose registry must list the same: a test checks).
 TaskName = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id_shaped(ref: str) -> bool:
+    """``org/name``: a hub id, or a relative path of two parts (only the file system can tell which)."""
+    return bool(_HUB_ID.match(ref))
 
 
 class ModelSpec(Section):

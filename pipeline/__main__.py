@@ -1,4 +1,4 @@
-"""python -m pipeline run|validate|inspect|push|pull|generate
+"""python -m pipeline (or edgeprune) run|validate|inspect|compare|push|pull|generate
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
@@ -20,7 +20,9 @@ from core.errors import EnvironmentFailure, GateRejected, PipelineError, RecipeE
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    # The console script `edgeprune` and `python -m pipeline` are one command line; usage names the one typed.
+    prog = "edgeprune" if Path(sys.argv[0]).name == "edgeprune" else "python -m pipeline"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a recipe into runs/<name>/ (or --output)")
     r.add_argument("recipe")
@@ -31,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a recipe with model.trust_remote_code: true run the Python code shipped with the model")
     v = sub.add_parser("validate", help="check a recipe (schema, model, data, targets) without running it")
     v.add_argument("recipe")
-    i = sub.add_parser("inspect", help="print a run folder's summary")
+    i = sub.add_parser("inspect", help="print a run folder's summary: tables and the summary panel")
     i.add_argument("run_dir")
     i.add_argument("--json", action="store_true", help="print manifest.json instead")
     pu = sub.add_parser("push", help="push a run folder to a registry: DIR/REPO:TAG or oci://HOST:PORT/REPO:TAG")
@@ -40,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pull", help="pull a pushed run into a new folder, verifying every sha256")
     pl.add_argument("registry_ref")
     pl.add_argument("dir")
+    c = sub.add_parser("compare", help="finished runs side by side: one table, one quality-vs-latency plot "
+                                        "with the Pareto front")
+    c.add_argument("runs", nargs="+", metavar="RUN", type=Path)
+    c.add_argument("--out", type=Path, help="folder for compare.png and compare.md (default: compare.png here)")
+    c.add_argument("--metric", help="comparison metric on the quality axis (default: the task's first gate metric)")
     g = sub.add_parser("generate", help="write text with a decoder run's graphs (export.decoder) in ONNX Runtime")
     g.add_argument("run_dir", metavar="RUN_OR_DIR", help="a run folder or a pulled artifact")
     g.add_argument("--prompt", required=True)
@@ -104,6 +111,13 @@ def _command(args: argparse.Namespace) -> None:
         engines = f" (and {r['engines']} engine files, plans as their engine.json records)" if r["engines"] else ""
         print(f"pulled {r['ref']} into {r['dest']}: {r['files']} files, {r['bytes']:,} bytes: exactly the files its "
               f"manifest.json declares{engines}, each with the declared size and sha256")
+    elif args.command == "compare":
+        from .compare import compare, print_table
+
+        if len(args.runs) < 2:
+            raise RecipeError("give two or more run folders to compare", field="runs")
+        rows, plot, metric = compare(args.runs, args.out, args.metric)
+        print_table(rows, metric, plot)
     elif args.command == "generate":
         from .generate import generate
 
@@ -129,9 +143,11 @@ def _inspect(folder: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps(manifest, indent=2))
         return
-    from .report import summary
+    from rich.console import Console
 
-    print(summary(manifest), end="")
+    from .console import print_run
+
+    print_run(Console(), manifest, folder)
 
 
 if __name__ == "__main__":

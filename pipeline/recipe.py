@@ -17,13 +17,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from calibration.spec import CalibrationSpec
+from calibration.spec import LOCAL_BUILDERS, CalibrationSpec
 from core.echo import clip, quote, refuse_credentials
 from core.errors import RecipeError
 from core.spec import Section
 from evaluation.spec import EvaluationSpec
 from export.spec import ExportSpec
-from models.spec import ModelSpec
+from models.spec import ModelSpec, hub_id_shaped
 
 from .recipe_file import read_recipe_file
 
@@ -83,8 +83,37 @@ RemoteCode = Literal["refuse", "allow", "skip"]
 
 
 def load_recipe(path: str | Path, remote_code: RemoteCode = "refuse") -> Recipe:
-    """The validated recipe of a file (see `parse_recipe` for ``remote_code``)."""
-    return parse_recipe(read_recipe_file(Path(path)), remote_code)
+    """The validated recipe of a file (see `parse_recipe` for ``remote_code``), its relative paths made
+    absolute against the file's folder (`resolve_paths`)."""
+    path = Path(path)
+    return resolve_paths(parse_recipe(read_recipe_file(path), remote_code), path.resolve().parent)
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Relative paths in a recipe file mean its folder, wherever the command runs. ``org/name`` stays a
+    hub id unless ``base/org/name`` exists or ``base/org`` is a folder (then it is a path, and a missing
+    one is reported as such)."""
+    def local(p: str) -> str:
+        return p if Path(p).expanduser().is_absolute() else str(base / p)
+
+    source = recipe.model.source
+    model = recipe.model
+    if not source.startswith("package:") and not source.startswith("~") and not Path(source).is_absolute():
+        path = base / source
+        if not hub_id_shaped(source) or path.exists() or path.parent.is_dir():
+            model = model.model_copy(update={"source": str(path)})
+    sections = {"model": model}
+    for key in ("calibration", "evaluation"):
+        spec = getattr(recipe, key)
+        update: dict[str, Any] = {}
+        if spec.path is not None:
+            update["path"] = local(spec.path)
+        d = spec.dataset
+        if d is not None and d.name in LOCAL_BUILDERS and d.data_files is not None:
+            files = [local(f) for f in d.data_files] if isinstance(d.data_files, list) else local(d.data_files)
+            update["dataset"] = d.model_copy(update={"data_files": files})
+        sections[key] = spec.model_copy(update=update)
+    return recipe.model_copy(update=sections)
 
 
 def parse_recipe(raw: Any, remote_code: RemoteCode = "refuse") -> Recipe:

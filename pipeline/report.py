@@ -1,13 +1,47 @@
-"""report.md from the manifest and the stages' tables; `inspect` prints the same summary."""
+"""report.md from the manifest and the stages' tables; `inspect` prints the same overview.
+
+`overview` is the run at a glance as data (facts, tables, verdict); `summary` writes it as Markdown
+and the terminal renders it with rich (pipeline/console.py). Every cell goes through `fmt`, so a
+report never shows a Python repr: dicts become ``key value`` pairs, floats five significant digits.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from evaluation.verdict import flat_metrics
 
 CACHE_TENSORS = ("past_key_values.", "present.")  # a decoder graph's per-layer cache (tasks/decoder.py names them)
 
 
+def fmt(v) -> str:
+    """One value as a reader wants it: no quotes, braces or 17-digit floats."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        return f"{v:.5g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {fmt(x)}" for k, x in v.items()) or "none"
+    if isinstance(v, (list, tuple)):
+        if not v:
+            return "none"
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):  # a shape: [1, 30522]
+            return "[" + ", ".join(str(x) if isinstance(x, int) else fmt(x) for x in v) + "]"
+        return ", ".join(fmt(x) for x in v)
+    return str(v)
+
+
+def threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
     def cell(v):
-        return "" if v is None else str(v).replace("|", "\\|")
+        return fmt(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows[:limit]]
@@ -16,36 +50,57 @@ def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
     return "\n".join(lines)
 
 
-def summary(manifest: dict, with_verdict: bool = True) -> str:
-    """The run at a glance; it ends with the verdict line when the run was evaluated."""
+@dataclass
+class Overview:
+    """The run at a glance: a title, facts (one line each), tables (title, headers, rows), the verdict."""
+
+    title: str
+    facts: list[str]
+    tables: list[tuple[str, list[str], list[list]]] = field(default_factory=list)
+    verdict: str | None = None
+
+
+def overview(manifest: dict) -> Overview:
     m = manifest["model"]
-    lines = [f"# Run `{manifest['name']}`", "",
-             f"- model: `{m['source']}` ({m['architecture']}, task {m['task']}), sha256 `{m['sha256'][:16]}…`",
-             f"- parameters: {m['params_before']:,} → {m['params_after']:,} "
-             f"(non-zero after: {m['nonzero_params_after']:,})",
-             f"- created {manifest['created']} with edgeprune {manifest['environment']['packages'].get('edgeprune')}"]
+    facts = [f"model: {m['source']} ({m['architecture']}, task {m['task']}), sha256 {m['sha256'][:16]}…",
+             f"parameters: {m['params_before']:,} → {m['params_after']:,} (non-zero after: {m['nonzero_params_after']:,})",
+             f"created {manifest['created']} with edgeprune {manifest['environment']['packages'].get('edgeprune')}"]
     onnx = manifest.get("onnx")
     if onnx:
         ins, outs = _io(onnx["inputs"]), _io(onnx["outputs"])
         p = onnx["parity"]
-        lines.append(f"- ONNX opset {onnx['opset']}, IR {onnx['ir_version']}: inputs {ins}; outputs {outs}; "
+        facts.append(f"ONNX opset {onnx['opset']}, IR {onnx['ir_version']}: inputs {ins}; outputs {outs}; "
                      f"parity max abs {p['max_abs_err']:.3g}, max rel {p['max_rel_err']:.3g}")
-        trt = onnx.get("tensorrt")
-        if trt:
-            engine = trt["build"]["engine"]
-            built = (f"engines {', '.join(e['engine'] for e in engine['engines'])} ({engine['gpu']})" if engine["built"]
-                     else "no engine built here")
-            lines.append(f"- TensorRT {trt['tensorrt']} ({trt['target']}): {'ready' if trt['ok'] else 'NOT ready'}, "
-                         f"{trt['sparse_2_4_layers']} 2:4 sparse layers, {built}; build material in build/")
-    lines += ["", "| stage | type | seconds | summary |", "|---|---|---|---|"]
-    for s in manifest["stages"]:
-        lines.append(f"| {s['name']} | {s['type']} | {s['seconds']} | {_headline(s)} |")
+        if onnx.get("tensorrt"):
+            facts.append(tensorrt_line(onnx["tensorrt"]))
+    stages = [[s["name"], s["type"], s["seconds"], _headline(s)] for s in manifest["stages"]]
+    out = Overview(f"Run {manifest['name']}", facts, [("Stages", ["stage", "type", "seconds", "summary"], stages)])
     ev = manifest.get("evaluation")
     if ev:
-        lines += ["", f"Evaluation ({ev['backend']}, {ev['data']['origin']}):", ""]
-        lines.append(md_table(["metric", "dense", "compressed"], _eval_rows(ev)))
-    if with_verdict:
-        lines += _verdict(manifest)
+        out.tables.append((f"Evaluation ({ev['backend']}, {ev['data']['origin']})", ["metric", "dense", "compressed"],
+                           _eval_rows(ev)))
+    judged = manifest.get("verdict")
+    out.verdict = judged["line"] if judged else None
+    return out
+
+
+def tensorrt_line(trt: dict) -> str:
+    engine = trt["build"]["engine"]
+    built = (f"engines {', '.join(e['engine'] for e in engine['engines'])} ({engine['gpu']})" if engine["built"]
+             else "no engine built here")
+    return (f"TensorRT {trt['tensorrt']} ({trt['target']}): {'ready' if trt['ok'] else 'NOT ready'}, "
+            f"{trt['sparse_2_4_layers']} 2:4 sparse layers, {built}; build material in build/")
+
+
+def summary(manifest: dict, with_verdict: bool = True) -> str:
+    """The overview as Markdown; it ends with the verdict line when the run was evaluated."""
+    o = overview(manifest)
+    lines = [f"# Run `{manifest['name']}`", "", *(f"- {f}" for f in o.facts)]
+    for i, (title, headers, rows) in enumerate(o.tables):
+        lines += [""] if i == 0 else ["", f"{title}:", ""]
+        lines.append(md_table(headers, rows))
+    if with_verdict and o.verdict:
+        lines += ["", f"**{o.verdict}**"]
     return "\n".join(lines) + "\n"
 
 
@@ -59,45 +114,38 @@ def _io(tensors: list[dict]) -> str:
     return text
 
 
-def _verdict(manifest: dict) -> list[str]:
-    judged = manifest.get("verdict")
-    return ["", f"**{judged['line']}**"] if judged else []
-
-
 def _headline(stage: dict) -> str:
     m = stage["metrics"]
-    keys = ("method", "structure", "pattern", "achieved_ratio", "achieved_sparsity", "samples", "origin", "parity",
-            "cache", "comparison")
-    parts = []
-    for k in keys:
-        if k in m:
-            v = m[k]
-            if isinstance(v, dict):
-                v = ", ".join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
-            parts.append(f"{k}: {v}")
+    keys = ("method", "structure", "pattern", "format", "achieved_ratio", "achieved_sparsity", "samples", "origin",
+            "steps", "loss_first", "loss_last", "parity", "cache", "comparison")
+    parts = [f"{k}: {fmt(m[k])}" for k in keys if k in m]
     if stage.get("status") == "resumed":
         parts.append("(resumed)")
     return "; ".join(parts)
 
 
 def _eval_rows(ev: dict) -> list[list]:
-    rows = []
-    for key in sorted(set(ev["dense"]) | set(ev["compressed"])):
-        rows.append([key, ev["dense"].get(key), ev["compressed"].get(key)])
+    dense, comp = flat_metrics(ev["dense"]), flat_metrics(ev["compressed"])
+    rows = [[key, dense.get(key), comp.get(key)] for key in sorted(set(dense) | set(comp))]
     rows += [[k, "", v] for k, v in ev.get("comparison", {}).items()]
     for k in ev.get("size", {}).get("dense", {}):
         rows.append([k, ev["size"]["dense"][k], ev["size"]["compressed"].get(k)])
     lat = ev.get("latency")
     if lat:
-        rows.append([f"median latency ms (batch {lat['batch_size']}, {lat['threads']} threads)",
+        rows.append([f"median latency ms (batch {lat['batch_size']}, {threads(lat['threads'])})",
                      lat["dense"]["median_ms"], lat["compressed"]["median_ms"]])
         rows.append(["speedup", "", lat["speedup"]])
+        default = lat.get("ort_default_settings")
+        if default:  # the artifact's session settings switch optimizers off; a stock session gets this
+            rows.append([f"median latency ms, ONNX Runtime default session (with {', '.join(lat['disabled_optimizers'])}"
+                         " on)", default["dense"]["median_ms"], default["compressed"]["median_ms"]])
+            rows.append(["speedup, ONNX Runtime default session", "", default["speedup"]])
     gen = ev.get("generation")
     if gen:
         d, c = gen["dense"], gen["compressed"]
         rows.append([f"time to first token ms ({gen['prompt_tokens']}-token prompt, median of {gen['prompts']})",
                      d["first_token_ms"], c["first_token_ms"]])
-        rows.append([f"decode tokens/s ({gen['threads']} threads)", d["decode_tokens_per_s"], c["decode_tokens_per_s"]])
+        rows.append([f"decode tokens/s ({threads(gen['threads'])})", d["decode_tokens_per_s"], c["decode_tokens_per_s"]])
         rows.append(["decode speedup", "", gen.get("decode_speedup")])
         a = gen["agreement"]
         rows.append([f"greedy tokens as transformers generate ({gen['new_tokens']} new)", "",
@@ -114,7 +162,7 @@ def render(manifest: dict, tables: dict[str, list]) -> str:
             parts.append(f"\n## {s['name']}: {t.title}\n\n{md_table(t.headers, t.rows)}\n")
         for title, path in s["metrics"].get("plots", {}).items():
             parts.append(f"\n## {s['name']}: {title}\n\n![{title}]({path})\n")
-    verdict = _verdict(manifest)
-    if verdict:
-        parts.append("\n## Verdict\n" + "\n".join(verdict) + "\n")
+    judged = manifest.get("verdict")
+    if judged:
+        parts.append(f"\n## Verdict\n\n**{judged['line']}**\n")
     return "".join(parts)

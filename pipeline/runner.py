@@ -27,6 +27,7 @@ from stages import REGISTRY, Stage, StageResult, Table
 from stages.context import RunContext
 from tasks import TASKS
 
+from .console import summary_panel
 from .folder import MODEL, RunFolder
 from .manifest import SCHEMA, environment
 from .recipe import Recipe, load_recipe
@@ -119,6 +120,7 @@ def _conclude(final: Path, manifest: dict, recipe: Recipe, events: Events) -> No
     judged = manifest["verdict"]
     if judged is not None:
         events.console.print(judged["line"], highlight=False, markup=False)
+    events.console.print(summary_panel(manifest, final))
     if judged is not None and judged["accepted"] is False:
         missed = "; ".join(f"{c['metric']} {c['value']:g} against {c['field']} {c['bound']:g}"
                            for c in judged["checks"] if not c["ok"])

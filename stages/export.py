@@ -55,6 +55,8 @@ class Export(Stage):
         inputs = export_inputs(ctx)
         path = ctx.workdir / "model.onnx"
         t0 = time.perf_counter()
+        bar = ctx.events.task("export", total=2)  # two long, opaque steps: the bar shows which and for how long
+        bar.doing("torch.onnx dynamo trace" + (" (prefill and decode graphs)" if ex.decoder else ""))
         if ex.decoder is None:
             protos = [onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)]
             examples = [inputs]
@@ -68,8 +70,12 @@ class Export(Stage):
         paths = [path, path.with_name(f"{decoder.DECODE}.onnx")]
         graphs = [GateGraph(name, proto, p, p, module, exs, {**graph_record(proto, p), "exporter": "torch.onnx dynamo"},
                             ex.rtol) for name, proto, p, exs in zip(names, protos, paths, examples)]
+        bar.advance()
+        bar.doing("parity with PyTorch, TensorRT readiness")
         reports = gate(graphs, ctx.sparsity, ex.tensorrt, folder, field="export", rtol_field="export.rtol",
                        target_field="export.tensorrt.target", log=lambda m: ctx.events.log(escape(m)))
+        bar.advance()
+        bar.done()
         for g, r in zip(graphs, reports):
             g.info.update(parity={**r.parity.as_dict(), "rtol": ex.rtol}, sparsity_check=r.sparsity, tensorrt=r.tensorrt)
         info = graphs[0].info

@@ -30,6 +30,7 @@ from methods.structured.bias import compensation
 from models.adapters import Block, BlockShape, head_channels
 from models.plain import plain_form
 
+from . import figures
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
 
@@ -144,8 +145,10 @@ class PruneStructured(Stage):
         after = self._prunable(ctx.model, after_blocks)
         form = plain_form(ctx.model, ctx.adapter)
         checkpoint = "plain transformers" if form.plain else f"tasks.load_checkpoint only: {form.reason}"
-        return self._report(score, shapes_before, after_blocks, before, after, source, checkpoint,
-                            time.perf_counter() - t0)
+        result = self._report(score, shapes_before, after_blocks, before, after, source, checkpoint,
+                              time.perf_counter() - t0)
+        result.metrics["plots"] = figures.kept_per_layer(folder, ctx.workdir, result.metrics["layers"])
+        return result
 
     @staticmethod
     def _hidden(model, block: Block) -> int:
@@ -198,7 +201,9 @@ class PruneStructured(Stage):
                    "bias_compensation": args.bias_compensation, "square_attention": args.square_attention,
                    "statistics": source, "seconds": round(seconds, 3), "checkpoint": checkpoint,
                    "layers": [{"block": b.index, "heads": b.num_heads, "kv_heads": b.num_kv_heads,
-                               "mlp_channels": b.intermediate_size} for b in blocks]}
+                               "mlp_channels": b.intermediate_size, "heads_before": shapes_before[b.index][0],
+                               "kv_heads_before": shapes_before[b.index][1],
+                               "mlp_channels_before": shapes_before[b.index][2]} for b in blocks]}
         return StageResult(metrics, [Table("Kept per layer", ["block", "heads", "KV heads", "MLP channels"], rows)])
 
 

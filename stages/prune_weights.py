@@ -26,6 +26,7 @@ from export.gate import LayerSparsity
 from methods.weights import CRITERIA, Criterion
 from tasks import TASKS
 
+from . import figures
 from .base import Stage, StageArgs, StageResult, Table, check_widths_left
 from .context import RunContext
 
@@ -92,7 +93,7 @@ class PruneWeights(Stage):
         else:
             info = self._sequential(ctx, chosen, criterion, prune)
         seconds = time.perf_counter() - t0
-        return self._report(ctx, chosen, seconds, info)
+        return self._report(ctx, folder, chosen, seconds, info)
 
     def _sequential(self, ctx: RunContext, chosen: dict[str, nn.Module], criterion: Criterion, prune) -> dict:
         """Wanda's protocol: statistics of block l see blocks < l already pruned; cached on disk."""
@@ -122,7 +123,8 @@ class PruneWeights(Stage):
                          gradients=ctx.statistics.gradients_key if criterion.needs_gradients else None,
                          criterion=criterion.cache_fields())
 
-    def _report(self, ctx: RunContext, chosen: dict[str, nn.Module], seconds: float, info: dict) -> StageResult:
+    def _report(self, ctx: RunContext, folder: Path, chosen: dict[str, nn.Module], seconds: float,
+                info: dict) -> StageResult:
         rows, zeros, total = [], 0, 0
         for name, module in chosen.items():
             w = module.weight.data
@@ -134,5 +136,6 @@ class PruneWeights(Stage):
         metrics = {"method": self.args.method, "pattern": self.args.pattern,
                    "target_sparsity": round(self.args.target_sparsity, 6), "achieved_sparsity": round(overall, 6),
                    "layers": len(chosen), "pruned_weights": zeros, "targeted_weights": total,
-                   "seconds_pruning": round(seconds, 3), **info}
+                   "seconds_pruning": round(seconds, 3), **info,
+                   "plots": figures.sparsity_per_layer(folder, ctx.workdir, {row[0]: row[2] for row in rows})}
         return StageResult(metrics, [Table("Sparsity per layer", ["layer", "shape", "sparsity"], rows)])

@@ -14,7 +14,6 @@ before export.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -114,11 +113,19 @@ class Quantize(Stage):
             candidates = self._candidates(ctx.model, ctx.adapter)
             chosen = self._targets(ctx.model, ctx.adapter, f"stages[{ctx.stage_index}]")
             details.update({"layers": len(chosen), "kept_float": sorted(set(candidates) - set(chosen))})
+        bar = ctx.events.task(f"quantize {self.args.format}", total=len(ctx.onnx.graphs) + 1)
         # A decoder's prefill and decode graphs hold the same weights: the same rewrite of each keeps them equal.
-        rewritten = [self._rewrite(ctx, path, folder, work) for _, path in ctx.onnx.graphs]
+        rewritten = []
+        for _, path in ctx.onnx.graphs:
+            bar.doing(f"rewriting {path.name}")
+            rewritten.append(self._rewrite(ctx, path, folder, work))
+            bar.advance()
         details.update(rewritten[0].details)
         details["seconds"] = round(time.perf_counter() - t0, 3)
+        bar.doing("checker, parity, TensorRT readiness")
         result = self._check_and_place(ctx, folder, work, [r.model for r in rewritten], details)
+        bar.advance()
+        bar.done()
         shutil.rmtree(work)
         return result
 
@@ -209,8 +216,7 @@ class Quantize(Stage):
         metrics = {"format": self.args.format, "opset": info["opset"], "bytes": info["bytes"],
                    "quantized_ops": len(report.qdq.nodes), "parity": details["parity"],
                    "sparsity_check": report.sparsity, "tensorrt": tensorrt_headline(report.tensorrt)}
-        tables = [Table("Precision", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
-                                                        for k, v in details.items()
+        tables = [Table("Precision", ["key", "value"], [[k, v] for k, v in details.items()
                                                         if k not in ("checker", "parity", "fidelity")]),
                   Table("Quantized ops (Q/DQ placement)", ["module", "op", "scheme", "inputs"], rows),
                   parity_table("Parity with the float PyTorch model (ONNX Runtime, CPU)", details["parity"])]

@@ -14,20 +14,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator
 
 from core.errors import RecipeError
 from core.registry import stage_args
 from export.trt_targets import TOPK_MAX_K
 from methods.tokens import SELECTORS
-from methods.tokens.base import Build, Env, Method, block_index
+from methods.tokens.base import Build, Env, Method, block_index, check_keep
 from methods.tokens.pruner import Placement, TokenPruner
 from models import loading as models
 from tasks import TASKS
 
+from . import token_sweep
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
 
@@ -38,6 +40,9 @@ class TokenPruneBase(StageArgs):
     type: Literal["token_prune"]
     layer: int  # block (0-based; negative counts from the end) whose output is pruned
     output: bool = False  # end the encoder at `layer` and output the selected patches (before a projector)
+    # other keeps measured on the calibration images for report.md's quality-against-K table and figure
+    # (one pass over them each; stages/token_sweep.py)
+    sweep: list[Annotated[int | float, BeforeValidator(check_keep)]] = []
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class TokenPrune(Stage):
 
     @classmethod
     def needs_calibration(cls, args):
-        return "data" if SELECTORS[args.method].calibration_images else False
+        return "data" if SELECTORS[args.method].calibration_images or args.sweep else False
 
     @classmethod
     def describe(cls, args):
@@ -103,7 +108,9 @@ class TokenPrune(Stage):
         if TASKS[task].modality != "images" or adapter.vision_tokens(model) is None:
             raise RecipeError(f"token pruning needs a vision encoder with a patch grid (ViT, CLIP vision tower); "
                               f"task {task!r} on a {adapter.family} model has none", field=f"{field}.type")
-        self._resolve(model, adapter, field)
+        r = self._resolve(model, adapter, field)
+        for i, keep in enumerate(a.sweep):
+            keep_count(keep, r.patches, f"{field}.sweep[{i}]")
         if a.output and not TASKS[task].embeds:
             raise RecipeError("output: true ends the encoder at its feature layer (before a VLM projector); "
                               "it needs task image-feature-extraction", field=f"{field}.output")
@@ -115,6 +122,7 @@ class TokenPrune(Stage):
         env = self._env(ctx)
         calibration = self.selector.calibrate(self.args, env, _Probe(ctx, r.placement, r.patches), r.keep)
         k = r.keep if calibration is None else calibration.keep
+        measured = self._sweep(ctx, r, env, k) if self.args.sweep else None
         pruner = _install(ctx, r.placement, self.selector.build(self.args, k, env))
         metrics = {**pruner.describe(), "seconds": round(time.perf_counter() - t0, 3)}
         rows = [[setting, value] for setting, value in pruner.describe().items()]
@@ -122,7 +130,21 @@ class TokenPrune(Stage):
         if calibration is not None:
             metrics[self.args.method] = calibration.metrics
             tables.append(Table(calibration.title, calibration.headers, calibration.rows))
+        if measured is not None:
+            table, metrics["plots"] = token_sweep.report(measured, folder, ctx.workdir)
+            metrics["sweep"] = {name: {str(kk): v for kk, v in values.items()} for name, values in measured.items()}
+            tables.append(table)
         return StageResult(metrics, tables)
+
+    def _sweep(self, ctx: RunContext, r: Resolved, env: Env, k: int) -> dict[str, dict[int, float]]:
+        """Quality against K on the calibration images (the recipe's K and every ``sweep`` keep)."""
+        probe = _Probe(ctx, r.placement, r.patches)
+        _, unpruned = probe.unpruned(self.selector.build(self.args, r.patches, env), lambda t: t[:, :0])
+        keeps = {k, *(keep_count(x, r.patches, "stages.sweep") for x in self.args.sweep)} - {r.patches}
+        outputs = {kk: probe.outputs(self.selector.build(self.args, kk, env)) for kk in sorted(keeps)}
+        labels = [b.labels for b in ctx.calibration]
+        return token_sweep.sweep(sorted(keeps), r.patches, unpruned, outputs,
+                                 None if any(y is None for y in labels) else torch.cat(labels), not ctx.task.embeds)
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         r = self._resolve(ctx.model, ctx.adapter, "stages")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibration.batches import Batches, first_images, random_images
-from calibration.sources import MODALITY, image_files, load_images, text_files
+from calibration.sources import MODALITY, check_dataset, image_files, load_images, text_files
 from calibration.spec import DataSpec
 from core.errors import RecipeError
 from models.spec import ModelSpec
@@ -66,6 +66,8 @@ class Task(ABC):
             text_files(spec.required_path(field), field)
         elif spec.source == "images":
             image_files(spec.required_path(field), field)
+        elif spec.source == "datasets":
+            check_dataset(spec, self.modality == "images", field)
 
     def check_evaluation(self, spec) -> None:
         """Before any work: what the evaluate stage will read (``spec``: the EvaluationSpec)."""

@@ -47,13 +47,19 @@ class SelectorArgs(BaseModel):
                 able = ", ".join(n for n, c in SELECTORS.members().items() if c.Args.calibrates_keep)
                 raise ValueError("keep is required: a count of patch tokens (e.g. 49) or a ratio in (0, 1] "
                                  f"(only {able} can calibrate it)")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"keep {v!r} is neither a count of patch tokens (e.g. 49) nor a ratio in (0, 1]")
-        elif isinstance(v, int) and v < 1:
-            raise ValueError(f"keep {v} keeps no token: give a count >= 1 or a ratio in (0, 1]")
-        elif isinstance(v, float) and not 0 < v <= 1:
-            raise ValueError(f"keep {v} is not a ratio in (0, 1]; write a count as an integer (e.g. keep: 49)")
-        return v
+            return v
+        return check_keep(v)
+
+
+def check_keep(v):
+    """A keep value: a count >= 1 or a ratio in (0, 1] (the recipe's ``keep``, and each of the stage's ``sweep``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"keep {v!r} is neither a count of patch tokens (e.g. 49) nor a ratio in (0, 1]")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"keep {v} keeps no token: give a count >= 1 or a ratio in (0, 1]")
+    if isinstance(v, float) and not 0 < v <= 1:
+        raise ValueError(f"keep {v} is not a ratio in (0, 1]; write a count as an integer (e.g. keep: 49)")
+    return v
 
 
 def block_index(value: int, n: int, field: str) -> int:

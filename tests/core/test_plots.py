@@ -32,3 +32,15 @@ def test_line_plot_writes_a_png_headless_without_pyplot(tmp_path):
     assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (640, 360)  # figsize 6.4 x 3.6 in at 100 dpi
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # the temp file was renamed, not left
+
+
+def test_bar_panels_give_each_metric_its_own_scale(tmp_path):
+    """One panel per metric, 230 px each: perplexity and milliseconds never share an axis."""
+    from core.plots import Panel, bar_panels
+
+    path = tmp_path / "panels.png"
+    bar_panels(path, [Panel("perplexity", ["dense", "compressed"], [22.4, 28.5]),
+                      Panel("latency", ["dense", "compressed"], [12.0, 8.0], " ms"),
+                      Panel("MB", ["dense", "compressed"], [90.9, 65.5])], "against dense")
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and struct.unpack(">II", data[16:24]) == (690, 340)

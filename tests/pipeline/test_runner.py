@@ -53,7 +53,10 @@ def test_run_folder_layout_and_manifest(bert_run):
     events = [json.loads(line) for line in (bert_run / "events.jsonl").read_text().splitlines()]
     assert [e["stage"] for e in events if e["event"] == "stage_end"] == ["calibrate", "prune_weights", "export", "evaluate"]
     assert any(e["event"] == "progress" for e in events) and events[-1]["event"] == "run_end"
-    assert "## prune_weights: Sparsity per layer" in (bert_run / "report.md").read_text()
+    report = (bert_run / "report.md").read_text()
+    assert "## prune_weights: Sparsity per layer" in report
+    assert "![sparsity per layer](stages/01-prune_weights/sparsity_per_layer.png)" in report
+    assert (bert_run / "stages/01-prune_weights/sparsity_per_layer.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_exported_weights_keep_2_of_4_along_k(bert_run):

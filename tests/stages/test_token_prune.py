@@ -206,3 +206,31 @@ def test_describe_uses_the_selectors_fuse_default():
 
     assert describe(method="trim", prompt="a cat") == "trim keep calibrated after layer -2 +fused"
     assert describe(method="divprune", keep=0.25, output=True) == "divprune keep 0.25 output of layer -2"
+
+
+def test_sweep_reports_quality_against_k(vit_dir, images_dir, tmp_path):
+    """Top-1 agreement with the unpruned ViT and accuracy (the images have class folders) at each K, the
+    recipe's K included; K = N is the unpruned encoder; a table and a figure in report.md."""
+    stages = [{"type": "calibrate"},
+              {"type": "token_prune", "method": "cls_attention", "layer": 0, "keep": 0.5, "sweep": [0.25, 2]}]
+    out = run(write_recipe(tmp_path, image_recipe(vit_dir, images_dir, "image-classification", stages)),
+              output=tmp_path / "run")
+    metrics = json.loads((out / "manifest.json").read_text())["stages"][1]["metrics"]
+    agreement, accuracy = metrics["sweep"]["top-1 agreement with unpruned"], metrics["sweep"]["top-1 accuracy"]
+    assert list(agreement) == list(accuracy) == ["2", "4", "8", "16"] and agreement["16"] == 1.0
+    assert all(0.0 <= v <= 1.0 for v in [*agreement.values(), *accuracy.values()])
+    report = (out / "report.md").read_text()
+    assert "## token_prune: quality against K (calibration images)\n\n| K | top-1 agreement with unpruned | top-1 accuracy |" \
+        in report
+    assert "](stages/01-token_prune/quality_vs_k.png)" in report
+    assert (out / "stages" / "01-token_prune" / "quality_vs_k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("sweep, field, says", [([0], "stages[1].sweep[0]", "keeps no token"),
+                                                 ([40], "stages[1].sweep[0]", "more than the 16 patch tokens")])
+def test_sweep_values_are_checked(vit_dir, images_dir, sweep, field, says):
+    stages = [{"type": "calibrate"}, {"type": "token_prune", "method": "cls_attention", "layer": 0, "keep": 4,
+                                      "sweep": sweep}]
+    with pytest.raises(RecipeError) as e:
+        plan(parse_recipe(image_recipe(vit_dir, images_dir, "image-classification", stages)))
+    assert e.value.field == field and says in e.value.message

@@ -34,8 +34,10 @@ def test_paths_are_checked_and_datasets_give_either(tmp_path, images_dir):
     with pytest.raises(RecipeError, match="has no images"):
         TASKS["image-classification"].check_data(CalibrationSpec(source="images", path=str(tmp_path)), "calibration")
     TASKS["image-classification"].check_data(CalibrationSpec(source="images", path=str(images_dir)), "calibration")
-    for task in TASKS.values():
-        task.check_data(CalibrationSpec(source="datasets", dataset={"name": "text"}), "calibration")
+    (tmp_path / "d.txt").write_text("a line of text\n")
+    for task in TASKS.values():  # datasets give either modality: the column decides
+        task.check_data(CalibrationSpec(source="datasets", dataset={"name": "text", "data_files": str(tmp_path / "d.txt")}),
+                        "calibration")
 
 
 def test_pool_mean_ignores_padding_and_cls_takes_the_first_token():
