@@ -12,7 +12,8 @@ Writes bench/results/<output>.json; step budget 0 is the recipe without distilla
 defaults are the default recipe's own distill stage; the committed distill-minilm.json adds a
 100-step run over every parameter (``--steps 100 --lr 1e-4 --targets 're:.*'``), and
 distill-layer-minilm.json compares ``--layer-loss 0 1`` (block-output terms over all 6 blocks) at 60 steps;
-distill-fp32-minilm.json (``--float --steps 0 60 150``) measures the distilled model before export and INT8.
+distill-fp32-minilm.json (``--float --steps 0 60 150``) measures the distilled model before export and INT8;
+distill-flap50-minilm.json (``--ratio 0.5 --steps 0 60``) prunes half of the Linear parameters instead of a fifth.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from common import ROOT, run_recipe, stage, table, write_json
 
 
 def recipe(path: str, steps: int, lr: float, batch_size: int, targets: list[str], layer_loss: float,
-           float_only: bool) -> dict:
+           float_only: bool, ratio: float | None) -> dict:
     base = yaml.safe_load((ROOT / path).read_text())
+    if ratio is not None:  # every structured stage's ratio
+        base["stages"] = [{**s, "ratio": ratio} if s["type"] == "prune_structured" else s for s in base["stages"]]
+        base["evaluation"].pop("accept", None)  # the recipe's gate was set for its own ratio
     dropped = ("distill", "export", "quantize") if float_only else ("distill",)
     base["stages"] = [s for s in base["stages"] if s["type"] not in dropped]
     if float_only:  # evaluated in PyTorch fp32: what the pruned, distilled model keeps before any int8 rounding
         base["evaluation"] = {k: v for k, v in base["evaluation"].items() if k not in ("latency", "accept")}
     base["name"] = f"{base['name']}-distill{steps}" + (f"-layer{layer_loss:g}" if layer_loss else "") + \
-        ("-fp32" if float_only else "")
+        ("-fp32" if float_only else "") + \
+        (f"-ratio{ratio:g}" if ratio is not None else "")
     if steps:
         at = max(i for i, s in enumerate(base["stages"]) if s["type"].startswith("prune_")) + 1
         layers = {"layer_loss": layer_loss} if layer_loss else {}
@@ -51,13 +56,15 @@ def main() -> None:
     ap.add_argument("--layer-loss", nargs="+", type=float, default=[0.0],
                     help="weights of the block-output term (all blocks); each step budget runs with each")
     ap.add_argument("--output", default="distill-minilm", help="bench/results/<output>.json")
+    ap.add_argument("--ratio", type=float, help="set every structured pruning stage's ratio")
     ap.add_argument("--float", action="store_true", dest="float_only",
                     help="drop export and quantize: the distilled model's own quality in PyTorch fp32")
     args = ap.parse_args()
     rows, runs = [], []
     budgets = [(steps, w) for steps in args.steps for w in (args.layer_loss if steps else [0.0])]
     for steps, layer_loss in budgets:
-        r = recipe(args.recipe, steps, args.lr, args.batch_size, args.targets, layer_loss, args.float_only)
+        r = recipe(args.recipe, steps, args.lr, args.batch_size, args.targets, layer_loss, args.float_only,
+                   args.ratio)
         m = run_recipe(r, r["name"])
         ev = m["evaluation"]
         distill = stage(m, "distill") if steps else None
@@ -74,7 +81,8 @@ def main() -> None:
     print(table(["distill steps", "layer loss", "mean cos", "min cos", "Lee pearson", "distill s", "pipeline s",
                  "speedup"], rows))
     print(write_json(args.output, {"recipe": f"{args.recipe}, distill stage after the last pruning stage as listed"
-                                             + (", export and quantize removed (PyTorch fp32)" if args.float_only else ""),
+                                             + (", export and quantize removed (PyTorch fp32)" if args.float_only else "")
+                                             + (f", structured ratio {args.ratio:g}" if args.ratio is not None else ""),
                                    "runs": runs}))
 
 
