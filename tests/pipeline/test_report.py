@@ -14,12 +14,12 @@ import pytest
 from rich.console import Console
 
 from core.events import Events
+from evaluation.figures import dense_panels
 from export import tensorrt
 from pipeline.__main__ import main
 from pipeline.console import summary_rows
 from pipeline.report import fmt, md_table
 from pipeline.runner import run
-from stages.figures import dense_panels
 
 from ..conftest import text_recipe, write_recipe
 

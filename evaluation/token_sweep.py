@@ -1,4 +1,4 @@
-"""The token_prune stage's ``sweep``: quality against K on the calibration images, for report.md.
+"""The token_prune stage's ``sweep`` (stages/token_prune.py): quality against K on the calibration images, for report.md.
 
 One pass over the calibration images per K (the selector rebuilt at that K, placed as the recipe
 places it), compared with the unpruned encoder: for a classifier the top-1 agreement with it and,
@@ -15,8 +15,6 @@ import torch
 
 from core.plots import line_plot
 from methods.tokens.trim import mean_cosine
-
-from .base import Table
 
 TITLE = "quality against K (calibration images)"
 
@@ -36,11 +34,13 @@ def sweep(keeps: list[int], patches: int, unpruned: np.ndarray, outputs: dict[in
     return out
 
 
-def report(result: dict[str, dict[int, float]], folder: Path, workdir: Path) -> tuple[Table, dict[str, str]]:
-    """The table and the figure (PNG in the stage folder, linked from report.md)."""
+def report(result: dict[str, dict[int, float]], folder: Path,
+           workdir: Path) -> tuple[list[str], list[list], dict[str, str]]:
+    """The table's headers and rows (titled TITLE) and the figure (PNG in the stage folder, linked from
+    report.md)."""
     ks = sorted(next(iter(result.values())))
-    table = Table(TITLE, ["K", *result], [[k, *(values[k] for values in result.values())] for k in ks])
+    headers, rows = ["K", *result], [[k, *(values[k] for values in result.values())] for k in ks]
     path = folder / "quality_vs_k.png"
     line_plot(path, ks, {name: [values[k] for k in ks] for name, values in result.items()}, TITLE,
               "K (patch tokens kept)", "fraction", markers=True)
-    return table, {TITLE: path.relative_to(workdir).as_posix()}
+    return headers, rows, {TITLE: path.relative_to(workdir).as_posix()}
