@@ -1,8 +1,9 @@
 """What a pushed artifact is made of, and the checks that make it complete or refused.
 
 A run folder's manifest.json declares every file of the run with its size and sha256
-(``artifacts``). The artifact is the deployable part of that set (`deployable`: recipe, report,
-graphs, GGUF files, generation/ and build/; not the checkpoint nor the per-stage bookkeeping),
+(``artifacts``). The artifact is the deployable part of that set (`deployable`: recipe, report and
+the figures it links (``stages/*/*.png``), graphs, GGUF files, preprocessor/, generation/ and build/;
+not the checkpoint nor the rest of the per-stage bookkeeping),
 with manifest.json itself as the OCI config blob. The one kind of file that may be there without
 being declared is a TensorRT engine built later on the device by build/build_engine.sh, under
 ``build/engines/<key>/``: its plans must be the ones the engine.json beside them records.
@@ -27,9 +28,11 @@ from core.echo import quote
 from core.errors import PipelineError
 
 TITLE = "org.opencontainers.image.title"
-GENERATION = "generation"  # a decoder's tokenizer files and generation config (written by the export stage)
+PREPROCESSOR = "preprocessor"  # the tokenizer or image processor config the graph's inputs need (export stage)
+GENERATION = "generation"  # a decoder's generation config (export stage); its tokenizer is in preprocessor/
 ENGINES = "build/engines/"
 _TOP = ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data")
+_FOLDERS = (PREPROCESSOR, GENERATION, "build", "stages")
 
 
 class RegistryError(PipelineError):
@@ -103,16 +106,18 @@ def deployable(rel: str) -> bool:
         return False
     if len(parts) == 1:
         return rel in _TOP or (rel.startswith("model-") and rel.endswith(".gguf"))
-    return parts[0] in (GENERATION, "build")
+    if parts[0] == "stages":  # report.md's figures, so that its links work where it is pulled
+        return len(parts) == 3 and rel.endswith(".png")
+    return parts[0] in (PREPROCESSOR, GENERATION, "build")
 
 
 def _order(rel: str) -> tuple:
-    """Top-level files first (graphs after recipe and report), then GGUF files, generation/, build/."""
+    """Top-level files first (graphs after recipe and report), then GGUF files, the folders, figures last."""
     if rel in _TOP:
         return 0, _TOP.index(rel), rel
     if "/" not in rel:
         return 1, 0, rel
-    return 2, 0 if rel.startswith(GENERATION) else 1, rel
+    return 2, _FOLDERS.index(PurePosixPath(rel).parts[0]), rel
 
 
 def pushed_files(run_dir: Path, declared: dict[str, Declared]) -> list[str]:

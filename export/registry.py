@@ -41,6 +41,7 @@ from core.lock import alive
 
 from .artifact import (
     GENERATION,
+    PREPROCESSOR,
     TITLE,
     Descriptor,
     RegistryError,
@@ -137,6 +138,10 @@ def _media_type(rel: str) -> str:
                 "engine.json": f"{VENDOR}.trt.engineinfo.v1+json"}.get(p.name, f"{VENDOR}.trt.buildlog.v1")
     if p.parts[0] == GENERATION:
         return f"{VENDOR}.generation.v1"
+    if p.parts[0] == PREPROCESSOR:
+        return f"{VENDOR}.preprocessor.v1"
+    if p.suffix == ".png":
+        return "image/png"
     return f"{VENDOR}.file.v1"
 
 

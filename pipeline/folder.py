@@ -6,8 +6,8 @@ when complete; ``--resume`` continues the partial folder. A kill -9 at any momen
 
 - a stage is complete once its record (``stages/NN-label/result.json``) exists, and the runner
   writes it last, after the stage's files and its model snapshot (``model/``);
-- a stage may create files at the top of the run folder (model.onnx, build/, generation/, GGUF
-  files) and replace ones an earlier stage left (quantize replaces model.onnx and build/): every
+- a stage may create files at the top of the run folder (model.onnx, build/, preprocessor/,
+  generation/, GGUF files) and replace ones an earlier stage left (quantize replaces model.onnx and build/): every
   stage first records the names there and keeps a copy of what it replaces (``before/``). The
   first stage that runs again in a resumed folder (after a kill, or with changed arguments) puts
   those back and removes what it had created, so it starts from the same files whatever it had

@@ -1,9 +1,9 @@
 """``python -m pipeline generate RUN_OR_DIR --prompt ...``: a decoder run (or its pulled artifact) writes text.
 
 Everything comes from the folder: the prefill and decode graphs, the ONNX Runtime settings the run
-recorded, and under generation/ the tokenizer, its chat template and the generation config (the
-end-of-sequence ids). Tokens stream to stdout as they come; time to first token and decode speed go
-to stderr.
+recorded, the tokenizer and its chat template under preprocessor/ and the generation config (the
+end-of-sequence ids) under generation/. Tokens stream to stdout as they come; time to first token and
+decode speed go to stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TextIO
 
 from core.errors import RecipeError
 from evaluation.generation import Generation, OrtDecoder, eos_ids
-from export.artifact import GENERATION
+from export.artifact import GENERATION, PREPROCESSOR
 from export.decoder import DECODE
 
 
@@ -51,14 +51,14 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, temper
 
     out, err = out or sys.stdout, err or sys.stderr
     folder = Path(run_dir)
-    needed = [folder / "model.onnx", folder / f"{DECODE}.onnx", folder / GENERATION]
+    needed = [folder / "model.onnx", folder / f"{DECODE}.onnx", folder / PREPROCESSOR, folder / GENERATION]
     if not all(p.exists() for p in needed):
-        raise RecipeError(f"'{folder}' is not a decoder run: it needs model.onnx, {DECODE}.onnx and {GENERATION}/ "
-                          "(run a causal-lm recipe with export.decoder)", field="RUN_OR_DIR")
+        raise RecipeError(f"'{folder}' is not a decoder run: it needs model.onnx, {DECODE}.onnx, {PREPROCESSOR}/ "
+                          f"and {GENERATION}/ (run a causal-lm recipe with export.decoder)", field="RUN_OR_DIR")
     manifest = folder / "manifest.json"
     recorded = (json.loads(manifest.read_text()).get("onnx") or {}) if manifest.is_file() else {}
     disabled = tuple(recorded.get("onnxruntime", {}).get("disabled_optimizers", ()))
-    tokenizer = AutoTokenizer.from_pretrained(folder / GENERATION)
+    tokenizer = AutoTokenizer.from_pretrained(folder / PREPROCESSOR)
     eos = eos_ids(GenerationConfig.from_pretrained(folder / GENERATION))
     ids = prompt_ids(tokenizer, prompt, raw)
     decoder = OrtDecoder(folder / "model.onnx", threads, disabled)

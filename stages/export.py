@@ -1,8 +1,10 @@
 """Export stage: model.onnx at the recipe's static shapes, through the one gate (export/gate.py).
 
 With ``export.decoder`` (causal LMs) model.onnx is the prefill graph and decode.onnx the one-token
-decode graph over the same static KV cache and weight file (export/decoder.py), and the tokenizer,
-chat template and generation config go to generation/ for ``pipeline generate``.
+decode graph over the same static KV cache and weight file (export/decoder.py), and the generation
+config goes to generation/ for ``pipeline generate``. Every export writes the model's tokenizer (with
+its chat template) or image processor config to preprocessor/, so that a pulled artifact can prepare
+its graph's inputs on its own.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from rich.markup import escape
 
 from export import decoder, token_graph
 from export import onnx as onnx_export
-from export.artifact import GENERATION
+from export.artifact import GENERATION, PREPROCESSOR
 from export.gate import MAIN, GateGraph, gate
 from models.adapters import pretrained
 from tasks.decoder import check_decoder, is_cache
@@ -64,8 +66,9 @@ class Export(Stage):
             steps = [module.step(i) for i in inputs]
             protos = list(decoder.export(module, inputs[0], steps[0], path, ex.opset))
             examples = [inputs, steps]
-            _write_generation(ctx)
+            pretrained(ctx.model).generation_config.save_pretrained(ctx.workdir / GENERATION)
         seconds_export = time.perf_counter() - t0
+        ctx.preprocessor.save_pretrained(ctx.workdir / PREPROCESSOR)
         names = [MAIN, decoder.DECODE][:len(protos)]
         paths = [path, path.with_name(f"{decoder.DECODE}.onnx")]
         graphs = [GateGraph(name, proto, p, p, module, exs, {**graph_record(proto, p), "exporter": "torch.onnx dynamo"},
@@ -79,6 +82,7 @@ class Export(Stage):
         for g, r in zip(graphs, reports):
             g.info.update(parity={**r.parity.as_dict(), "rtol": ex.rtol}, sparsity_check=r.sparsity, tensorrt=r.tensorrt)
         info = graphs[0].info
+        info["preprocessor"] = PREPROCESSOR
         if ex.decoder is not None:
             info[decoder.DECODE] = graphs[1].info
             info["decoder"] = {"prefill_len": ex.seq_len, "max_len": ex.decoder.max_len,
@@ -115,10 +119,3 @@ def _io_rows(graph: str, kind: str, tensors: list[dict]) -> list[list]:
              for (dtype, shape), names in cache.items()]
     return rows
 
-
-def _write_generation(ctx: RunContext) -> None:
-    """What ``pipeline generate`` needs besides the graphs: tokenizer, its config and chat template, and the
-    generation config (end-of-sequence ids); shipped and pushed with them."""
-    where = ctx.workdir / GENERATION
-    ctx.preprocessor.save_pretrained(where)
-    pretrained(ctx.model).generation_config.save_pretrained(where)

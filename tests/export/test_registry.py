@@ -45,7 +45,8 @@ def test_what_is_pushed(deploy_run):
     files = _pushed_files(deploy_run)
     assert files[:3] == ["recipe.yaml", "report.md", "model.onnx"]
     assert {"build/build_spec.json", "build/build_engine.sh", "build/golden/inputs.json"} <= set(files)
-    assert not any(f.startswith(("checkpoint/", "stages/")) for f in files)
+    assert {"preprocessor/tokenizer.json", "stages/01-prune_weights/sparsity_per_layer.png"} <= set(files)
+    assert not any(f.startswith("checkpoint/") or (f.startswith("stages/") and not f.endswith(".png")) for f in files)
 
 
 def test_folder_registry_round_trip_idempotent_and_tamper_proof(deploy_run, tmp_path):

@@ -89,14 +89,15 @@ def test_build_material_and_engines_for_both_graphs(flap_run, tmp_path):
 
 def test_generate_after_push_and_pull(flap_run, tmp_path, capsys):
     files = deployable_files(flap_run)
-    assert {"decode.onnx", "model.onnx.data", "generation/tokenizer.json", "generation/generation_config.json",
+    assert {"decode.onnx", "model.onnx.data", "preprocessor/tokenizer.json", "generation/generation_config.json",
             "build/golden/decode/inputs.json"} <= set(files)
+    assert not any(f.startswith("generation/tokenizer") for f in files)  # the tokenizer once, in preprocessor/
     assert push(flap_run, f"{tmp_path}/registry/tiny:v1")["files"] == len(files) + 1
     pull(f"{tmp_path}/registry/tiny:v1", tmp_path / "pulled")
     pulled = tmp_path / "pulled"
     assert {"decode.onnx", "model.onnx.data"} <= {p.name for p in pulled.iterdir()}
-    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= \
-        {p.name for p in (pulled / "generation").iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (pulled / "preprocessor").iterdir()}
+    assert {p.name for p in (pulled / "generation").iterdir()} == {"generation_config.json"}
     out, err = io.StringIO(), io.StringIO()
     here = generate(flap_run, "the quick brown fox", max_new_tokens=10, out=out, err=err)
     assert len(here.tokens) == 10 and out.getvalue().strip() and "first token after" in err.getvalue()
