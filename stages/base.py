@@ -126,14 +126,20 @@ def check_positions(recipe, model, seq_len: int, field: str) -> None:
                           f"use at most {limit}", field=field)
 
 
+def earlier_stages(recipe, args: StageArgs) -> list[tuple[int, StageArgs]]:
+    """The recipe's stages before the one with ``args``, with their indices: what a plan-time check
+    looks at for shapes those stages will leave."""
+    position = next((i for i, a in enumerate(recipe.stages) if a is args), 0)
+    return list(enumerate(recipe.stages[:position]))
+
+
 def check_widths_left(recipe, args: StageArgs, model, adapter, chosen: set[str], m: int, needs: str, field: str,
                       otherwise: str = "") -> None:
     """A stage needing the input widths of the Linears ``chosen`` divisible by ``m`` (``needs``: N:M
     sparsity, int4 groups) checks the widths earlier stages (structured pruning) can leave, not only
     the unpruned model's: each is a multiple of what that stage guarantees (`StageArgs.width_multiples`).
     ``otherwise``: a further way out the message offers."""
-    position = next((i for i, a in enumerate(recipe.stages) if a is args), 0)
-    for j, earlier in enumerate(recipe.stages[:position]):
+    for j, earlier in earlier_stages(recipe, args):
         bad = {n: k for n, k in earlier.width_multiples(model, adapter).items() if n in chosen and k % m}
         if bad:
             name, k = next(iter(bad.items()))

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from core.errors import RecipeError, StageFailed
 from export import gguf
 
-from .base import Stage, StageArgs, StageResult, Table, export_inputs
+from .base import Stage, StageArgs, StageResult, Table, earlier_stages, export_inputs
 from .context import RunContext
 
 
@@ -46,8 +46,7 @@ class ExportGguf(Stage):
         if recipe.model.task != "causal-lm":
             raise RecipeError(f"GGUF export is for causal LMs, not task {recipe.model.task!r}", field="model.task")
         gguf.check_model(model, adapter, f"{field}.type")
-        position = next(i for i, a in enumerate(recipe.stages) if a is self.args)
-        for j, earlier in enumerate(recipe.stages[:position]):
+        for j, earlier in earlier_stages(recipe, self.args):
             reason = earlier.shape_spread(model, adapter)
             if reason:
                 raise RecipeError(f"GGUF's llama architecture needs every layer the same shape, and stages[{j}] "
