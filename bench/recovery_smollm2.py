@@ -78,6 +78,8 @@ ROWS: dict[str, Callable[[], dict]] = {
     # ten times the budget (about 7 s a step on 2 quiet cores): 120 windows of 512 tokens, each window about twice
     "flap-20-distill-120": lambda: recipe("flap-20-distill-120", [FLAP, {**DISTILL, "steps": 120, "warmup_steps": 12,
                                                                          "checkpoint_every": 40}]),
+    "wanda-2of4-distill-120": lambda: recipe("wanda-2of4-distill-120", [prune("wanda", "2:4"), {
+        **DISTILL, "steps": 120, "warmup_steps": 12, "checkpoint_every": 40}]),
 }
 
 PRUNING, QUANTIZATION = ("prune_weights", "prune_structured"), ("awq", "gptq", "smoothquant", "quantize")
@@ -88,7 +90,8 @@ TARGETS = [("GPTQ int4 g128 <= 1.15x dense", "gptq-int4-g128", 1.15),
            ("SparseGPT 2:4 below Wanda 2:4", "sparsegpt-2of4", "wanda-2of4"),
            ("FLAP 20% + distillation <= 1.10x dense", "flap-20-distill", 1.10),
            ("FLAP 20% + distillation (120 steps) <= 1.10x dense", "flap-20-distill-120", 1.10),
-           ("Wanda 2:4 + distillation <= 1.5x dense", "wanda-2of4-distill", 1.5)]
+           ("Wanda 2:4 + distillation <= 1.5x dense", "wanda-2of4-distill", 1.5),
+           ("Wanda 2:4 + distillation (120 steps) <= 1.5x dense", "wanda-2of4-distill-120", 1.5)]
 
 
 def seconds(manifest: dict, types: tuple[str, ...]) -> float | None:
