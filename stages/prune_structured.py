@@ -51,12 +51,8 @@ class PruneStructuredBase(StageArgs):
         return widths
 
     def shape_spread(self, model, adapter):
-        args: StructuredArgs = self  # type: ignore[assignment]
-        if args.adaptive:
-            return f"structure {args.structure} gives each layer its own sizes (use UL-UM or UL-MM)"
-        if len(_blocks(args, model, adapter, "stages")) != len(adapter.blocks(model)):
-            return "targets/ignore leave some blocks unpruned (remove them)"
-        return None
+        spread = _spread(self, model, adapter)  # type: ignore[arg-type]
+        return spread[1] if spread else None
 
 
 class PruneStructured(Stage):
@@ -90,20 +86,18 @@ class PruneStructured(Stage):
             raise RecipeError(f"align {self.args.align} exceeds an MLP width ({min(widths)}); use a smaller align",
                               field=f"{field}.align")
         if self.args.plain_checkpoint:
-            self._check_plain(model, adapter, blocks, field)
+            self._check_plain(model, adapter, field)
 
-    def _check_plain(self, model: nn.Module, adapter, blocks: list[Block], field: str) -> None:
+    def _check_plain(self, model: nn.Module, adapter, field: str) -> None:
         """Refuse, before any work, what would keep the result from being an ordinary transformers
         checkpoint: per-layer sizes (an AL structure, or blocks left out), sizes the family's config
         cannot state, or a compensation bias it cannot state. The last two are found by pruning a
         meta-device copy of every block by one unit and asking models/plain.py."""
         args = self.args
-        if args.adaptive:
-            raise RecipeError(f"plain_checkpoint needs every layer pruned alike, and {args.structure} gives each layer "
-                              "its own sizes: use structure UL-UM or UL-MM", field=f"{field}.structure")
-        if len(blocks) != len(adapter.blocks(model)):
-            raise RecipeError("plain_checkpoint needs every block pruned alike, and targets/ignore leave some out: "
-                              "remove targets and ignore", field=f"{field}.targets")
+        spread = _spread(args, model, adapter)
+        if spread:
+            raise RecipeError(f"plain_checkpoint needs every layer pruned alike, and {spread[1]}",
+                              field=f"{field}.{spread[0]}")
         sized = plain_form(_probe(model, adapter, args, biases=False), adapter)
         if not sized.plain:
             fix = "prune MLP channels only (modules: mlp)" if args.attention and sized.blocker == "sizes" else \
@@ -211,6 +205,15 @@ def _blocks(args, model: nn.Module, adapter, field: str) -> list[Block]:
     blocks = adapter.blocks(model)
     chosen = select({b.prefix: b.module for b in blocks}, args.targets, args.ignore, field)
     return [b for b in blocks if b.prefix in chosen]
+
+
+def _spread(args, model: nn.Module, adapter) -> tuple[str, str] | None:
+    """(field, why and the fix) when the blocks may differ in shape after this prune, else None."""
+    if args.adaptive:
+        return "structure", f"structure {args.structure} gives each layer its own sizes: use structure UL-UM or UL-MM"
+    if len(_blocks(args, model, adapter, "stages")) != len(adapter.blocks(model)):
+        return "targets", "targets/ignore leave some blocks unpruned: remove targets and ignore"
+    return None
 
 
 def _probe(model: nn.Module, adapter, args, biases: bool) -> nn.Module:
