@@ -1,4 +1,4 @@
-"""Random-K (vlm.md §6): the baseline every selector must beat — K patches chosen on the host, per image.
+"""Random-K (docs/methods/token-pruning.md §12): the baseline every selector must beat — K patches chosen on the host.
 
 The indices are a graph input, ``keep_idx`` [B, K] int64 (distinct patch indices in [0, N), any
 order: the graph sorts them into raster order), so the host draws a fresh subset per image, seeded
