@@ -51,7 +51,8 @@ def image_recipe(model_dir, images_dir, task, stages, **export):
 
 # Every selector that runs on a plain ViT goes through the export checks; extra fields where its defaults test less.
 STAGE_CASES = {name: {} for name, cls in SELECTORS.members().items() if not (cls.calibration_images or cls.text_tower)}
-STAGE_CASES |= {"cls_attention": {"fuse": True}, "hiprune": {"alpha": 0.6, "object_layer": 0}}
+STAGE_CASES |= {"cls_attention": {"fuse": True}, "hiprune": {"alpha": 0.6, "object_layer": 0},
+                "visionzip": {"fuse": True, "contextual": 2}}
 
 
 def test_every_plain_selector_is_exported_below():
