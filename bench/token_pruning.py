@@ -11,9 +11,12 @@ Accuracy: the Fashion-MNIST ViT and CLIP-style models of bench/fashion_mnist.py 
 first use), pruned after block 2 and after block 4 (= layer -2) of 6, top-1 on the test images
 (the CLIP model zero-shot against "a photo of a {class}" captions) in PyTorch, with the exported
 graph's ONNX Runtime top-1 compared at keep 25%. TRIM's K is also calibrated through the pipeline
-(stage token_prune on 200 training images).
+(stage token_prune on 200 training images). Random-K gets a fresh subset per image, seeded by
+(seed, image id), through its ``keep_idx`` input: mean and spread over three seeds. ``--methods``
+picks the selectors; accuracy rows of a partial run merge into the existing JSON.
 
     python bench/token_pruning.py [--parts speed accuracy] [--encoders vit-b16 clip-l14-336] [--iterations 10]
+    python bench/token_pruning.py --parts accuracy --methods visionzip cdpruner random --test-images 2000
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from common import RESULTS, run_recipe, table, write_json
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
 from methods.tokens.base import Method
+from methods.tokens.cdpruner import CDPruner
 from methods.tokens.cls_attention import ClsAttention
 from methods.tokens.divprune import DivPrune
 from methods.tokens.global_attention import GlobalAttention
@@ -44,7 +48,9 @@ from methods.tokens.hiprune import OBJECT_FRACTION as HIPRUNE_OBJECT_FRACTION
 from methods.tokens.hiprune import HiPrune
 from methods.tokens.hiprune import anchor_count as hiprune_anchors
 from methods.tokens.pruner import Placement, TokenPruner
+from methods.tokens.random import RandomK, draw
 from methods.tokens.trim import Trim
+from methods.tokens.visionzip import REFERENCE_RATIO, VisionZip, contextual_count
 from models.adapters import adapter_for
 from models.spec import ModelSpec
 from tasks import TASKS, TaskModel
@@ -54,7 +60,8 @@ SPEED_KEEPS = (0.25, 0.11, 0.05)
 ACCURACY_KEEPS = (0.5, 0.25, 0.11, 0.05)
 ROUNDS = 5
 TASK = "image-feature-extraction"
-TRIM_PROMPT = "a photo of a"
+TRIM_PROMPT = "a photo of a"  # also CDPruner's instruction
+RANDOM_SEEDS = (0, 1, 2)  # random-K: a fresh subset per image, seeded by (seed, image id), mean and spread over these
 
 
 def encoder(name: str):
@@ -69,19 +76,26 @@ def encoder(name: str):
 
 
 def method(name: str, k: int, model, sign: float = 1.0, alpha: float = 0.1) -> Method:
-    if name == "trim":
-        return Trim(k, sign, adapter_for(model.config.model_type, TASK).joint_space(model))
+    if name in ("trim", "cdpruner"):
+        return {"trim": Trim, "cdpruner": CDPruner}[name](k, sign, adapter_for(model.config.model_type, TASK)
+                                                         .joint_space(model))
     if name == "hiprune":
         return HiPrune(k, hiprune_anchors(k, alpha))
-    return {"cls_attention": ClsAttention, "global_attention": GlobalAttention, "divprune": DivPrune}[name](k)
+    if name == "visionzip":
+        return VisionZip(k, contextual_count(k, REFERENCE_RATIO))
+    return {"cls_attention": ClsAttention, "global_attention": GlobalAttention, "divprune": DivPrune,
+            "random": RandomK}[name](k)
 
 
 def install(model, name: str, k: int, layer: int, fuse: bool, output: bool = False, sign: float = 1.0,
             alpha: float = 0.1, text: torch.Tensor | None = None) -> TokenPruner:
+    """The selector in place; its extra inputs default to ``text`` (text_embeds) and one seeded subset (keep_idx)."""
     adapter = adapter_for(model.config.model_type, TASK)
     object_layer = round(layer * HIPRUNE_OBJECT_FRACTION) if name == "hiprune" else None
-    return TokenPruner(model, adapter, method(name, k, model, sign, alpha), Placement(layer, fuse, output, object_layer),
-                       defaults={"text_embeds": text} if text is not None else None)
+    chosen = method(name, k, model, sign, alpha)
+    patches = adapter.vision_tokens(model).patches
+    defaults = {n: {"text_embeds": text, "keep_idx": draw(patches, k, 0)[None]}[n] for n in chosen.inputs}
+    return TokenPruner(model, adapter, chosen, Placement(layer, fuse, output, object_layer), defaults=defaults)
 
 
 def export(model, folder: Path, tag: str, x: torch.Tensor) -> tuple[Path, int]:
@@ -137,7 +151,7 @@ def speed(name: str, iterations: int, methods: list[str], threads: int) -> dict:
                 pruner = install(model, m, k, layer, fuse=m == "trim", output=at_output, text=text)
                 tag = f"{m}-{keep}{'-output' if at_output else ''}"
                 paths[tag], flops = export(model, folder, tag, x)
-                feeds[tag] = {"pixel_values": x.numpy(), **({"text_embeds": text.numpy()} if m == "trim" else {})}
+                feeds[tag] = {"pixel_values": x.numpy(), **{n: pruner.default(n, 1).numpy() for n in pruner.input_names}}
                 info[tag] = {"keep": keep, "k": k, "tokens_out": pruner.tokens_out, "flops": flops}
                 pruner.remove()
             ms = time_group(paths, feeds, iterations, threads)
@@ -168,25 +182,35 @@ class TestSet:
         images, labels = fm.load("test")
         self.x, self.labels = fm.pixels(images[:n]), labels[:n]
 
-    def batches(self, size: int = 1000):
+    def batches(self, size: int = 1000, random_k: tuple[int, int] | None = None):
+        """{input: tensor} batches; ``random_k`` = (K, seed) adds random-K's ``keep_idx``, one subset per image."""
         for i in range(0, len(self.labels), size):
-            yield self.x[i:i + size]
+            batch = {"pixel_values": self.x[i:i + size]}
+            if random_k is not None:
+                k, seed = random_k
+                batch["keep_idx"] = torch.stack([per_image_subset(PATCHES, k, seed, i + j)
+                                                 for j in range(len(batch["pixel_values"]))])
+            yield batch
+
+
+def per_image_subset(patches: int, k: int, seed: int, image: int) -> torch.Tensor:
+    """vlm.md §6: a uniform subset of K patches for one image, seeded by (seed, image id)."""
+    return torch.from_numpy(np.sort(np.random.default_rng([seed, image]).permutation(patches)[:k]))
 
 
 @torch.no_grad()
-def predictions(tm: TaskModel, data: TestSet, classify) -> np.ndarray:
-    return np.concatenate([classify(tm(*tm.example({"pixel_values": x}))[0]) for x in data.batches()])
+def predictions(tm: TaskModel, data: TestSet, classify, random_k=None) -> np.ndarray:
+    return np.concatenate([classify(tm(*tm.example(b))[0]) for b in data.batches(random_k=random_k)])
 
 
 @torch.no_grad()
-def onnx_predictions(tm: TaskModel, data: TestSet, classify, folder: Path) -> np.ndarray:
-    x0 = next(data.batches())
+def onnx_predictions(tm: TaskModel, data: TestSet, classify, folder: Path, random_k=None) -> np.ndarray:
     path = folder / "check.onnx"
-    onnx_export.export(tm, tm.example({"pixel_values": x0}), path, tm.input_names, tm.output_names, 18)
+    onnx_export.export(tm, tm.example(next(data.batches())), path, tm.input_names, tm.output_names, 18)
     sess = onnx_export.session(path, threads=1)
     out = []
-    for x in data.batches():
-        feed = {n: t.numpy() for n, t in zip(tm.input_names, tm.example({"pixel_values": x}))}
+    for b in data.batches(random_k=random_k):
+        feed = {n: t.numpy() for n, t in zip(tm.input_names, tm.example(b))}
         out.append(classify(torch.from_numpy(sess.run(None, feed)[0])))
     return np.concatenate(out)
 
@@ -195,13 +219,17 @@ def onnx_predictions(tm: TaskModel, data: TestSet, classify, folder: Path) -> np
 VARIANTS = [("cls_attention", "cls_attention", False, 1.0, 0.1), ("cls_attention +fused", "cls_attention", True, 1.0, 0.1),
             ("global_attention", "global_attention", False, 1.0, 0.1),
             ("global_attention +fused", "global_attention", True, 1.0, 0.1), ("divprune", "divprune", False, 1.0, 0.1),
-            ("hiprune", "hiprune", False, 1.0, 0.1), ("hiprune alpha=0.5", "hiprune", False, 1.0, 0.5)]
-TRIM_VARIANTS = [("trim (paper sign)", "trim", True, 1.0, 0.1), ("trim (released-code sign)", "trim", True, -1.0, 0.1)]
+            ("hiprune", "hiprune", False, 1.0, 0.1), ("hiprune alpha=0.5", "hiprune", False, 1.0, 0.5),
+            ("visionzip", "visionzip", False, 1.0, 0.1), ("random", "random", False, 1.0, 0.1)]
+TRIM_VARIANTS = [("trim (paper sign)", "trim", True, 1.0, 0.1), ("trim (released-code sign)", "trim", True, -1.0, 0.1),
+                 ("cdpruner (paper sign)", "cdpruner", False, 1.0, 0.1),
+                 ("cdpruner (released-code sign)", "cdpruner", False, -1.0, 0.1)]
 ACCURACY_LAYERS = (LAYER, 4)  # block 4 of 6 = layer -2, the feature layer a LLaVA projector reads
 PATCHES = 49
 
 
-def accuracy(data: TestSet) -> dict:
+def accuracy(data: TestSet, methods: list[str]) -> dict:
+    """Top-1 of every variant of ``methods`` at each keep, both models, both layers (rows merge into the JSON)."""
     from transformers import CLIPModel, ViTForImageClassification
 
     vit_dir, clip_dir = fm.ensure("vit"), fm.ensure("clip")
@@ -213,40 +241,67 @@ def accuracy(data: TestSet) -> dict:
         classes = F.normalize(clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
         prompt = clip.get_text_features(input_ids=tokenizer([TRIM_PROMPT], return_tensors="pt")["input_ids"]).pooler_output
     vision = vision_tower(clip_dir)
-    models = {"vit": (vit, "image-classification", lambda out: out.argmax(-1).numpy(), VARIANTS),
-              "clip": (vision, TASK, lambda emb: (emb @ classes.T).argmax(-1).numpy(), VARIANTS + TRIM_VARIANTS)}
+    chosen = [v for v in VARIANTS if v[1] in methods]
+    models = {"vit": (vit, "image-classification", lambda out: out.argmax(-1).numpy(), chosen),
+              "clip": (vision, TASK, lambda emb: (emb @ classes.T).argmax(-1).numpy(),
+                       chosen + [v for v in TRIM_VARIANTS if v[1] in methods])}
     dense = {kind: float((predictions(TaskModel(m, ModelSpec(source="x", task=t)), data, c) == data.labels).mean())
              for kind, (m, t, c, _) in models.items()}
-    results = {"dense": dense}
+    results: dict = {"dense": dense}
     with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:
         for layer in ACCURACY_LAYERS:
             rows = []
             for kind, (model, task, classify, variants) in models.items():
                 rows.append([kind, "unpruned", f"{dense[kind]:.4f}", "", "", "", "", ""])
                 for label, name, fuse, sign, alpha in variants:
-                    accs, check = [], ""
-                    for keep in ACCURACY_KEEPS:
-                        pruner = install(model, name, round(keep * PATCHES), layer, fuse, sign=sign, alpha=alpha,
-                                         text=prompt if name == "trim" else None)
-                        tm = TaskModel(model, ModelSpec(source="x", task=task))
-                        pred = predictions(tm, data, classify)
-                        accs.append(float((pred == data.labels).mean()))
-                        if keep == 0.25 and sign > 0:
-                            check = f"{(onnx_predictions(tm, data, classify, Path(tmp)) == pred).mean():.4f}"
-                        pruner.remove()
-                    rows.append(["", label, "", *[f"{a:.4f} ({a / dense[kind]:.1%})" for a in accs], check])
-                    results[f"{kind}/layer{layer}/{label}"] = {"accuracy": dict(zip(map(str, ACCURACY_KEEPS), accs)),
-                                                               "onnx_agreement_at_0.25": check}
-            conditional = trim_class_conditional(vision, clip, tokenizer, data, classes, layer)
-            rows.append(["", "trim (prompt 'a photo of a {class}', per class)", "",
-                         *[f"{a:.4f} ({a / dense['clip']:.1%})" for a in conditional], ""])
-            results[f"clip/layer{layer}/trim class-conditional"] = dict(zip(map(str, ACCURACY_KEEPS), conditional))
+                    t0 = time.time()
+                    run = Variant(model, task, classify, data, Path(tmp), layer, prompt)
+                    accs, check, seeds = run.measure(name, fuse, sign, alpha)
+                    cells = [f"{a:.4f} ({a / dense[kind]:.1%})" + (f" ±{np.std(s):.4f}" if seeds else "")
+                             for a, s in zip(accs, seeds or accs)]
+                    shown = f"{label} (mean of {len(RANDOM_SEEDS)} seeds ± std)" if seeds else label
+                    rows.append(["", shown, "", *cells, check])
+                    results[f"{kind}/layer{layer}/{label}"] = {
+                        "accuracy": dict(zip(map(str, ACCURACY_KEEPS), accs)), "onnx_agreement_at_0.25": check,
+                        **({"per_seed": dict(zip(map(str, ACCURACY_KEEPS), seeds))} if seeds else {}),
+                        "seconds": round(time.time() - t0, 1)}
+            if "trim" in methods:
+                conditional = trim_class_conditional(vision, clip, tokenizer, data, classes, layer)
+                rows.append(["", "trim (prompt 'a photo of a {class}', per class)", "",
+                             *[f"{a:.4f} ({a / dense['clip']:.1%})" for a in conditional], ""])
+                results[f"clip/layer{layer}/trim class-conditional"] = dict(zip(map(str, ACCURACY_KEEPS), conditional))
             print(f"\nFashion-MNIST test set ({len(data.labels)} images), top-1 (retained vs unpruned), pruned after "
                   f"block {layer} of 6, {PATCHES} patches; keep 50/25/11/5% = "
                   f"{', '.join(str(round(k * PATCHES)) for k in ACCURACY_KEEPS)} tokens")
             print(table(["model", "method", "unpruned", *[f"keep {k:.0%}" for k in ACCURACY_KEEPS],
                          "ONNX = PyTorch @25%"], rows), flush=True)
     return results
+
+
+class Variant:
+    """One model at one pruning layer, measured with a selector at every keep."""
+
+    def __init__(self, model, task: str, classify, data: TestSet, folder: Path, layer: int, prompt: torch.Tensor):
+        self.model, self.task, self.classify, self.data = model, task, classify, data
+        self.folder, self.layer, self.prompt = folder, layer, prompt
+
+    def measure(self, name: str, fuse: bool, sign: float, alpha: float) -> tuple[list[float], str, list | None]:
+        """(top-1 per keep, ONNX agreement at keep 25% for the positive sign, per-seed top-1 for random-K)."""
+        accs, check, per_seed = [], "", []
+        for keep in ACCURACY_KEEPS:
+            k = round(keep * PATCHES)
+            pruner = install(self.model, name, k, self.layer, fuse, sign=sign, alpha=alpha, text=self.prompt)
+            tm = TaskModel(self.model, ModelSpec(source="x", task=self.task))
+            draws = [(k, seed) for seed in RANDOM_SEEDS] if name == "random" else [None]
+            preds = [predictions(tm, self.data, self.classify, d) for d in draws]
+            seeds = [float((p == self.data.labels).mean()) for p in preds]
+            accs.append(float(np.mean(seeds)))
+            per_seed.append(seeds)
+            if keep == 0.25 and sign > 0:
+                onnx = onnx_predictions(tm, self.data, self.classify, self.folder, draws[0])
+                check = f"{(onnx == preds[0]).mean():.4f}"
+            pruner.remove()
+        return accs, check, per_seed if name == "random" else None
 
 
 def vision_tower(clip_dir: Path):
@@ -302,7 +357,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["speed", "accuracy"], choices=["speed", "accuracy"])
     ap.add_argument("--encoders", nargs="+", default=["vit-b16", "clip-l14-336"], choices=["vit-b16", "clip-l14-336"])
-    ap.add_argument("--methods", nargs="+", default=["cls_attention", "global_attention", "divprune", "hiprune", "trim"])
+    ap.add_argument("--methods", nargs="+", default=["cls_attention", "global_attention", "divprune", "hiprune", "trim",
+                                                      "visionzip", "cdpruner", "random"],
+                    help="selectors to run (speed, and the accuracy rows, which merge into the existing JSON)")
     ap.add_argument("--iterations", type=int, default=10, help="timed runs per graph (split over 5 rounds)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ap.add_argument("--test-images", type=int, default=10_000, help="Fashion-MNIST test images for accuracy")
@@ -317,12 +374,13 @@ def main() -> None:
     if "speed" in args.parts:
         out.setdefault("speed", {})
         for name in args.encoders:
-            methods = [m for m in args.methods if m != "trim" or name.startswith("clip")]
+            methods = [m for m in args.methods if m not in ("trim", "cdpruner") or name.startswith("clip")]
             out["speed"][name] = speed(name, args.iterations, methods, args.threads)
     if "accuracy" in args.parts:
-        out["accuracy"] = accuracy(TestSet(args.test_images))
+        out.setdefault("accuracy", {}).update(accuracy(TestSet(args.test_images), args.methods))
         out["test_images"] = min(args.test_images, 10_000)
-        out["trim_calibration"] = trim_calibration()
+        if "trim" in args.methods:
+            out["trim_calibration"] = trim_calibration()
     print(f"\nwrote {write_json('token_pruning', out)}")
 
 

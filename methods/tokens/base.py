@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -88,6 +88,15 @@ class Tap:
         return self.x_out[:, self.prefix:]
 
 
+class Selection(NamedTuple):
+    """What a selector returns for one batch."""
+
+    index: torch.Tensor  # [B, k] patch indices, ascending (raster order)
+    weights: torch.Tensor | None = None  # [B, N] weights of the fused token; None: plain mean of the dropped patches
+    tokens: torch.Tensor | None = None  # [B, k, D] the token each index stands for; None: the patch itself (VisionZip
+    # merges other patches into some of its tokens)
+
+
 @dataclass(frozen=True)
 class Env:
     """What a selector is built against: the encoder, and what the stage loaded because the selector asked."""
@@ -134,7 +143,7 @@ class Probe(Protocol):
 
 
 class Method(ABC):
-    """Selects ``k`` patch indices [B, k] in raster order; ``weights`` [B, N] weight the fused token (None: plain mean)."""
+    """Selects ``k`` patch indices [B, k] in raster order, and the tokens that stand for them (`Selection`)."""
 
     name: ClassVar[str]
     Args: ClassVar[type[SelectorArgs]]
@@ -146,8 +155,8 @@ class Method(ABC):
         self.k = k
 
     @abstractmethod
-    def select(self, tap: Tap) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(indices [B, k] ascending, fused-token weights [B, N] or None)."""
+    def select(self, tap: Tap) -> Selection:
+        """The k indices ascending, the fused token's weights, and any tokens other than the patches themselves."""
 
     @classmethod
     def validate(cls, args: SelectorArgs, spec: ModelSpec, model: nn.Module, adapter: Adapter, field: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from .attention import cls_attention
-from .base import SELECTORS, Method, SelectorArgs
+from .base import SELECTORS, Method, Selection, SelectorArgs
 from .select import top_k_raster
 
 
@@ -22,4 +22,4 @@ class ClsAttention(Method):
 
     def select(self, tap):
         score = cls_attention(tap.model, tap.block, tap.x_in, tap.prefix)
-        return top_k_raster(score, self.k), score
+        return Selection(top_k_raster(score, self.k), score)

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base import SELECTORS, Method, SelectorArgs
+from .base import SELECTORS, Method, Selection, SelectorArgs
 from .select import raster_order
 
 
@@ -38,4 +38,4 @@ class DivPrune(Method):
             m = torch.where(positions == pick, -1.0, m)
             pick = m.argmax(dim=-1, keepdim=True)
             picks.append(pick)
-        return raster_order(torch.cat(picks, dim=-1)), None
+        return Selection(raster_order(torch.cat(picks, dim=-1)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from .attention import global_attention
-from .base import SELECTORS, Method, SelectorArgs
+from .base import SELECTORS, Method, Selection, SelectorArgs
 from .select import top_k_raster
 
 
@@ -23,4 +23,4 @@ class GlobalAttention(Method):
 
     def select(self, tap):
         score = global_attention(tap.model, tap.block, tap.x_in, tap.prefix)
-        return top_k_raster(score, self.k), score
+        return Selection(top_k_raster(score, self.k), score)

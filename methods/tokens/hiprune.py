@@ -17,7 +17,7 @@ from pydantic import Field
 from core.errors import RecipeError
 
 from .attention import global_attention
-from .base import SELECTORS, Build, Env, Method, SelectorArgs, block_index
+from .base import SELECTORS, Build, Env, Method, Selection, SelectorArgs, block_index
 from .select import top_k_raster
 
 OBJECT_FRACTION = 8 / 22  # the reference's object layer 9 of LLaVA's feature layer 23 (1-based)
@@ -67,4 +67,4 @@ class HiPrune(Method):
             neighbours = torch.cat([a, a - 1, a + 1, a - w, a + w], dim=-1).clamp(0, n - 1)
             chosen = (neighbours.unsqueeze(-1) == torch.arange(n, device=a.device)).to(deep.dtype).amax(dim=1)
             score = deep + 2.0 * chosen
-        return top_k_raster(score, self.k), deep
+        return Selection(top_k_raster(score, self.k), deep)

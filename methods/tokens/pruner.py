@@ -1,8 +1,9 @@
 """Putting a token selector into a Hugging Face vision encoder, so the ONNX export traces it.
 
 Forward hooks leave the weights and the module tree as they are (checkpoints save unchanged):
-after block ``layer`` the selector keeps [CLS] and K patches in raster order (+ one fused token),
-and the later blocks run on that shorter sequence; their attention mask is dropped, because a
+after block ``layer`` the selector keeps [CLS] and K patches in raster order, or the K tokens it
+made for them (VisionZip), (+ one fused token), and the later blocks run on that shorter
+sequence; their attention mask is dropped, because a
 vision encoder attends to every token and the mask transformers materialises while tracing is
 sized for the unpruned sequence. With ``output`` the encoder instead ends at ``layer``
 (LLaVA-style, before the projector): the graph outputs the selected patch features and their
@@ -100,8 +101,8 @@ class TokenPruner:
     def _after_block(self, module, args, kwargs, out):
         tap = Tap(self.model, self.block, _hidden(args, kwargs), out, self.prefix, self.cols, self._inputs,
                   self._object_score)
-        idx, weights = self.method.select(tap)
-        parts = [gather_rows(tap.patches, idx)]
+        idx, weights, tokens = self.method.select(tap)
+        parts = [gather_rows(tap.patches, idx) if tokens is None else tokens]
         if self.placement.fuse:
             parts.append(fused_token(tap.patches, idx, weights))
         self.last_index = idx

@@ -21,8 +21,12 @@ def top_k_raster(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def raster_order(idx: torch.Tensor) -> torch.Tensor:
-    order = (-idx.float()).topk(idx.shape[-1], dim=-1, largest=True, sorted=True).indices
-    return idx.gather(-1, order)
+    return idx.gather(-1, raster_permutation(idx))
+
+
+def raster_permutation(idx: torch.Tensor) -> torch.Tensor:
+    """[B, k]: the positions of ``idx`` that put it in ascending order (to reorder tokens made alongside it)."""
+    return (-idx.float()).topk(idx.shape[-1], dim=-1, largest=True, sorted=True).indices
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -17,48 +17,26 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
-from torch import nn
+from pydantic import Field
 
-from core.errors import RecipeError
-from models.loading import model_config, resolve_source
-from tasks import TASKS
-
-from .base import SELECTORS, Build, Calibration, Method, SelectorArgs
+from .base import SELECTORS, Calibration, Selection
+from .prompted import SIGNS, PromptArgs, Prompted
 from .select import top_k_raster
-from .text import TEXT_FILE, Companion, TextEncoder
 from .trim_iqr import counts, fixed_k, summary
-
-SIGNS = {"paper": 1.0, "released_code": -1.0}
 
 
 @SELECTORS.register
-class Trim(Method):
+class Trim(Prompted):
     name = "trim"
-    inputs = ("text_embeds",)
+    sign_field = "similarity_sign"
     calibration_images = True
-    text_tower = True
 
-    class Args(SelectorArgs):
+    class Args(PromptArgs):
         calibrates_keep = True
         method: Literal["trim"]
         fuse: bool = True
-        prompt: str | None = Field(default=None, validate_default=True)  # the text the patches are scored against
         percentile: float = Field(default=90.0, gt=0, le=100)  # K = this percentile of the calibration counts
         similarity_sign: Literal["paper", "released_code"] = "paper"  # keep most (paper) or least similar
-        text_len: int = Field(default=77, ge=2, le=4096)  # static token length of the text graph
-
-        @field_validator("prompt")
-        @classmethod
-        def _prompt(cls, v):
-            if not v:
-                raise ValueError("trim needs the text the image tokens are scored against "
-                                 "(e.g. prompt: 'a photo of a dog')")
-            return v
-
-    def __init__(self, k: int, sign: float, joint: tuple[nn.Module, nn.Module]):
-        super().__init__(k)
-        self.sign, self.norm, self.projection = sign, *joint
 
     def similarity(self, patches: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """[B, N]: raw dot product of each projected patch with the (unnormalised) text embedding."""
@@ -67,31 +45,7 @@ class Trim(Method):
 
     def select(self, tap):
         prob = torch.softmax(self.sign * self.similarity(tap.patches, tap.inputs["text_embeds"]), dim=-1)
-        return top_k_raster(prob, self.k), None
-
-    @classmethod
-    def validate(cls, args, spec, model, adapter, field):
-        """A CLIP vision tower with its projection, from a full CLIPModel whose text tower fits ``text_len``."""
-        if adapter.joint_space(model) is None:
-            raise RecipeError("trim scores patches in CLIP's image-text space: it needs a CLIP vision tower "
-                              "with its projection (task image-feature-extraction on a CLIP model)",
-                              field=f"{field}.method")
-        source = resolve_source(spec)
-        if source.model_type != "clip":
-            raise RecipeError(f"trim needs CLIP's text tower, and {spec.source!r} is a "
-                              f"{source.model_type!r} checkpoint: give a full CLIPModel", field=f"{field}.method")
-        text = model_config(spec, source, TASKS["feature-extraction"])
-        if args.text_len > text.max_position_embeddings:
-            raise RecipeError(f"text_len {args.text_len} is longer than the text tower's "
-                              f"{text.max_position_embeddings} positions", field=f"{field}.text_len")
-
-    @classmethod
-    def build(cls, args, k, env):
-        """The prompt's embedding is the default ``text_embeds`` input; the text tower a graph next to model.onnx."""
-        text = TextEncoder(*env.text, args.text_len)
-        ids = text.ids([args.prompt]).expand(env.batch, -1)
-        method = cls(k, SIGNS[args.similarity_sign], env.adapter.joint_space(env.model))
-        return Build(method, {"text_embeds": text.embed([args.prompt])}, (Companion(TEXT_FILE, text, (ids,)),))
+        return Selection(top_k_raster(prob, self.k))
 
     @classmethod
     def calibrate(cls, args, env, probe, keep):

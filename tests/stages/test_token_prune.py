@@ -51,7 +51,8 @@ def image_recipe(model_dir, images_dir, task, stages, **export):
 
 # Every selector that runs on a plain ViT goes through the export checks; extra fields where its defaults test less.
 STAGE_CASES = {name: {} for name, cls in SELECTORS.members().items() if not (cls.calibration_images or cls.text_tower)}
-STAGE_CASES |= {"cls_attention": {"fuse": True}, "hiprune": {"alpha": 0.6, "object_layer": 0}}
+STAGE_CASES |= {"cls_attention": {"fuse": True}, "hiprune": {"alpha": 0.6, "object_layer": 0},
+                "visionzip": {"fuse": True, "contextual": 2}}
 
 
 def test_every_plain_selector_is_exported_below():
@@ -143,6 +144,38 @@ def test_stage_trim_calibrates_k_and_exports_the_text_graph(clip_dir, clip, clip
     np.testing.assert_allclose(got[0], t[0].numpy(), atol=1e-5)
 
 
+def test_stage_cdpruner_exports_k_greedy_steps_with_the_text_input(clip_dir, images_dir, tmp_path):
+    stages = [{"type": "token_prune", "method": "cdpruner", "layer": -2, "output": True, "keep": 6,
+               "prompt": "a photo of stripes", "text_len": 16}, {"type": "export"}]
+    out = run(write_recipe(tmp_path, image_recipe(clip_dir, images_dir, "image-feature-extraction", stages)),
+              output=tmp_path / "out")
+    m = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in m["onnx"]["inputs"]] == ["pixel_values", "text_embeds"]
+    assert [o["shape"] for o in m["onnx"]["outputs"]] == [[2, 6, 32], [2, 6]]
+    tp = m["onnx"]["token_pruning"]
+    assert tp["index_parity"] == "identical" and tp["topk_k"] == [6] and m["onnx"]["tensorrt"]["ok"]
+    assert m["onnx"]["parity"]["max_rel_err"] <= 1e-4 and tp["companions"][0]["path"] == "text_encoder.onnx"
+    proto = onnx.load(out / "model.onnx")
+    assert onnx_export.static_shape_problems(proto) == []
+    assert sum(n.op_type == "ArgMax" for n in proto.graph.node) == 6  # one per greedy step, unrolled
+
+
+def test_stage_random_reads_its_indices_from_the_host(vit_dir, images_dir, tmp_path):
+    stages = [{"type": "token_prune", "method": "random", "layer": 1, "keep": 5, "output": True, "seed": 2},
+              {"type": "export"}]
+    out = run(write_recipe(tmp_path, image_recipe(vit_dir, images_dir, "image-feature-extraction", stages)),
+              output=tmp_path / "out")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["onnx"]["inputs"][1] == {"name": "keep_idx", "dtype": "int64", "shape": [2, 5]}
+    sess = onnx_export.session(out / "model.onnx")
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    given = np.array([[14, 3, 8, 0, 9], [1, 2, 3, 4, 15]])
+    features, idx = sess.run(None, {"pixel_values": x, "keep_idx": given})
+    np.testing.assert_array_equal(idx, np.sort(given, axis=-1))
+    _, other = sess.run(None, {"pixel_values": x, "keep_idx": given[::-1].copy()})
+    np.testing.assert_array_equal(other, np.sort(given[::-1], axis=-1))
+
+
 def bad(recipe, match, field):
     with pytest.raises(RecipeError, match=match) as e:
         plan(parse_recipe(recipe))
@@ -175,6 +208,9 @@ def test_other_recipe_errors(vit_dir, clip_dir, bert_dir, images_dir):
     bad(vit(tp(method="trim", prompt="a cat")), "needs calibration data", "stages[0]")
     bad(vit({"type": "calibrate"}, tp(method="trim", prompt="a cat")), "CLIP vision tower", "stages[1].method")
     bad(vit(tp(method="trim")), "trim needs the text", "stages[0].prompt")
+    bad(vit(tp(method="cdpruner", prompt="a cat")), "CLIP vision tower", "stages[0].method")
+    bad(vit(tp(method="visionzip", contextual=4)), "leaves no dominant token", "stages[0].contextual")
+    bad(vit(tp(method="visionzip", contextual=1.5)), "not a ratio of keep", "stages[0].contextual")
     bad(vit(tp(output=True)), "image-feature-extraction", "stages[0].output")
     bad(vit({"type": "export"}, tp()), "changes the model after it was exported", "stages[1]")
     bad(vit(tp(), {"type": "prune_weights", "method": "magnitude", "sparsity": 0.5}), "comes after token_prune",

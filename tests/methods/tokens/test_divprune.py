@@ -38,7 +38,7 @@ def test_duplicated_patches_are_never_picked_twice():
     row = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(0))
     patches = torch.cat([row.expand(1, 5, 8), torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(1))], 1)
     x = torch.cat([torch.zeros(1, 1, 8), patches], dim=1)  # [CLS] + 8 patches
-    idx, weights = DivPrune(6).select(Tap(None, None, x, x, prefix=1, cols=4))
-    assert weights is None and idx.shape == (1, 6)
+    idx, weights, tokens = DivPrune(6).select(Tap(None, None, x, x, prefix=1, cols=4))
+    assert weights is None and tokens is None and idx.shape == (1, 6)
     assert len(set(idx[0].tolist())) == 6 and idx[0].tolist() == sorted(idx[0].tolist())
     assert SELECTORS["divprune"] is DivPrune and DivPrune.Args(method="divprune", keep=3).fuse is False
