@@ -45,7 +45,8 @@ class Evaluate(Stage):
         bar = ctx.events.task("evaluate", total=1 + 2 * exported + (exported and ex.decoder is not None))
         batches = task.evaluation_batches(ctx.preprocessor, spec, ex.batch_size, ex.seq_len, ex.image_size)
         dense_model, _ = load_model(ctx.recipe.model, ctx.source, task)
-        dense_model.to(ctx.device)  # without an export, both models run in PyTorch, on the run's device
+        if not exported:  # both models run in PyTorch, on the run's device; else the dense one is exported on the CPU
+            dense_model.to(ctx.device)
         dense_tm, comp_tm = ctx.task_model(dense_model), ctx.task_model()
         dense_path = comp_path = None
         if exported:
