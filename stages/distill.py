@@ -68,6 +68,7 @@ class DistillArgs(StageArgs):
     @model_validator(mode="before")
     @classmethod
     def _run_device(cls, data):
+        """Distill had a ``device`` of its own; say where it went rather than only that the key is unknown."""
         if isinstance(data, dict) and "device" in data:
             raise ValueError("the device is the run's, set once for every stage: the recipe's top-level "
                              "'device:' or 'run --device'; remove it here")
