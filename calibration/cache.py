@@ -35,18 +35,24 @@ def cache_key(**parts) -> str:
 
 
 class StatsCache:
-    def __init__(self, root: Path):
-        self.root = root
+    """Statistics of one device type. A GPU sums in another order than the CPU (and its matmuls round
+    differently), so its statistics are close to, not equal to, the CPU's: they live in their own
+    folder (``stats-cuda``) and are never reused for a CPU run, nor the CPU's for a GPU run; a CPU
+    run's keys and folder are those from before GPUs were supported. Loaded tensors go to ``device``."""
+
+    def __init__(self, root: Path, device: torch.device | None = None):
+        self.root, self.device = root, device or torch.device("cpu")
 
     def _path(self, key: str) -> Path:
-        return self.root / "stats" / f"{key[:32]}.safetensors"
+        folder = "stats" if self.device.type == "cpu" else f"stats-{self.device.type}"
+        return self.root / folder / f"{key[:32]}.safetensors"
 
     def load(self, key: str) -> dict[str, dict[str, torch.Tensor]] | None:
         path = self._path(key)
         if not path.is_file():
             return None
         with safe_open(path, framework="pt") as f:
-            flat = {k: f.get_tensor(k) for k in f.keys()}
+            flat = {k: f.get_tensor(k).to(self.device) for k in f.keys()}
             aliases = f.metadata() or {}
         flat.update({k: flat[v] for k, v in aliases.items()})  # Linears sharing an input share its sums
         out: dict[str, dict[str, torch.Tensor]] = {}
@@ -67,7 +73,7 @@ class StatsCache:
                 if id(t) in seen:
                     aliases[key] = seen[id(t)]
                 else:
-                    seen[id(t)], flat[key] = key, t.contiguous()
+                    seen[id(t)], flat[key] = key, t.contiguous().cpu()  # files hold CPU tensors
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file(flat, tmp, metadata=aliases or None)
         tmp.replace(path)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.device import module_device, to_device
 from models.adapters import Adapter, Block
 
 from .batches import Batches
@@ -52,8 +53,9 @@ def _cast(obj, dtype):
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, adapter: Adapter, batches: Batches, dtype: torch.dtype) -> BlockInputs:
-    """Run each batch up to block 0 and keep what block 0 receives."""
+    """Run each batch up to block 0 and keep what block 0 receives, on the model's device."""
     _, layers = adapter.layers(model)
+    device = module_device(model)
     caught = BlockInputs([], [], [], [])
 
     def hook(module, args, kwargs):
@@ -67,9 +69,10 @@ def capture_inputs(model: nn.Module, adapter: Adapter, batches: Batches, dtype: 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            caught.masks.append(batch.token_mask)
+            mask, inputs = batch.token_mask, to_device(batch.inputs, device)
+            caught.masks.append(None if mask is None else mask.to(device))
             try:
-                model(**batch.inputs, use_cache=False) if "input_ids" in batch.inputs else model(**batch.inputs)
+                model(**inputs, use_cache=False) if "input_ids" in inputs else model(**inputs)
             except _Captured:
                 pass
     finally:

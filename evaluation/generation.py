@@ -41,9 +41,10 @@ class Generation:
 class OrtDecoder:
     """The prefill and decode graphs of one run folder (or of the cached dense export) in ONNX Runtime."""
 
-    def __init__(self, prefill: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = ()):
-        self.prefill = onnx_export.session(prefill, threads, disabled_optimizers)
-        self.decode = onnx_export.session(prefill.with_name(f"{DECODE}.onnx"), threads, disabled_optimizers)
+    def __init__(self, prefill: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = (),
+                 runtime: str = "cpu"):
+        self.prefill = onnx_export.session(prefill, threads, disabled_optimizers, runtime)
+        self.decode = onnx_export.session(prefill.with_name(f"{DECODE}.onnx"), threads, disabled_optimizers, runtime)
         inputs = self.prefill.get_inputs()
         self.names = [i.name for i in inputs]
         self.prompt_len = inputs[0].shape[1]
@@ -134,13 +135,13 @@ def timing(runs: list[Generation]) -> dict:
 
 
 def compare(dense: Path, compressed: Path, model: nn.Module, prompts: list[list[int]], new_tokens: int, threads: int,
-            warmup: bool, disabled_optimizers: tuple[str, ...] = ()) -> dict:
+            warmup: bool, disabled_optimizers: tuple[str, ...] = (), runtime: str = "cpu") -> dict:
     """Greedy generation from ``prompts`` with the dense and the compressed graphs, alternating prompt by
     prompt so machine noise hits both alike; the compressed graphs' tokens against transformers'
     ``generate`` on ``model`` (the compressed PyTorch model)."""
     eos = eos_ids(model.generation_config)
-    runs = {"dense": OrtDecoder(dense, threads, disabled_optimizers),
-            "compressed": OrtDecoder(compressed, threads, disabled_optimizers)}
+    runs = {"dense": OrtDecoder(dense, threads, disabled_optimizers, runtime),
+            "compressed": OrtDecoder(compressed, threads, disabled_optimizers, runtime)}
     if warmup:
         for d in runs.values():
             d.generate(prompts[0], 2, eos=eos)
@@ -150,7 +151,8 @@ def compare(dense: Path, compressed: Path, model: nn.Module, prompts: list[list[
             out[key].append(d.generate(prompt, new_tokens, eos=eos))
     expected = [reference(model, p, new_tokens) for p in prompts]
     result = {"prompts": len(prompts), "prompt_tokens": len(prompts[0]), "new_tokens": new_tokens, "threads": threads,
-              "dense": timing(out["dense"]), "compressed": timing(out["compressed"])}
+              "providers": runs["compressed"].prefill.get_providers(), "dense": timing(out["dense"]),
+              "compressed": timing(out["compressed"])}
     d, c = result["dense"], result["compressed"]
     result["first_token_speedup"] = round(d["first_token_ms"] / c["first_token_ms"], 3)
     if d["decode_tokens_per_s"] and c["decode_tokens_per_s"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from calibration.spec import DataSpec
@@ -48,3 +50,5 @@ class EvaluationSpec(DataSpec):
     latency: LatencySpec = LatencySpec()
     generation: GenerationSpec = GenerationSpec()
     accept: AcceptSpec | None = None  # without it the run still ends with a verdict line, without pass/fail
+    # ONNX Runtime execution provider for quality and latency (export/onnx.py RUNTIMES); cuda/tensorrt need the gpu extra
+    runtime: Literal["cpu", "cuda", "tensorrt"] = "cpu"

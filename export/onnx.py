@@ -19,10 +19,15 @@ import numpy as np
 import onnx
 import torch
 
-from core.errors import StageFailed
+from core.errors import EnvironmentFailure, StageFailed
 
 IR_VERSION = 10
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
+# evaluation.runtime -> the execution providers a session asks for, in ONNX Runtime's order of preference: nodes
+# a GPU provider cannot run fall back to the next (TensorRT -> CUDA -> CPU), as ONNX Runtime documents.
+RUNTIMES = {"cpu": ["CPUExecutionProvider"],
+            "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 NP_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64",
              onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
@@ -120,7 +125,23 @@ def io_spec(model: onnx.ModelProto) -> dict:
     return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output]}
 
 
-def session(path: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = ()):
+def check_runtime(runtime: str, field: str = "evaluation.runtime") -> None:
+    """Refuse, before any work, a runtime whose first provider this onnxruntime lacks: the CPU-only
+    wheel has no CUDA or TensorRT provider, and ONNX Runtime would silently fall back to the CPU."""
+    import onnxruntime as ort
+
+    wanted, available = RUNTIMES[runtime][0], ort.get_available_providers()
+    if wanted not in available:
+        raise EnvironmentFailure(
+            f"'{runtime}' needs ONNX Runtime's {wanted}, which this onnxruntime does not have (it has "
+            f"{', '.join(available)}): install the gpu extra (pip install 'edgeprune[gpu]'; if the CPU wheel "
+            "still shadows it, pip uninstall onnxruntime onnxruntime-gpu, then reinstall the extra), or set "
+            "evaluation.runtime: cpu", field=field)
+
+
+def session(path: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = (), runtime: str = "cpu"):
+    """An ONNX Runtime session for ``path`` on ``runtime`` (`RUNTIMES`); the parity checks keep the
+    default, the CPU, so the artifact is always compared with PyTorch the same way."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -128,7 +149,7 @@ def session(path: Path, threads: int | None = None, disabled_optimizers: tuple[s
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+    return ort.InferenceSession(str(path), opts, providers=RUNTIMES[runtime],
                                 disabled_optimizers=list(disabled_optimizers))
 
 

@@ -29,7 +29,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
     """
     h = hessian.double().clone()
     h.diagonal().add_(dampening * h.diagonal().mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     inverse = torch.cholesky_solve(eye, torch.linalg.cholesky(h))  # cholesky_inverse: 5-10x slower on CPU
     return torch.linalg.cholesky(inverse, upper=True)
 

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run, reusing complete stages")
     r.add_argument("--trust-remote-code", action="store_true",
                    help="let a recipe with model.trust_remote_code: true run the Python code shipped with the model")
+    r.add_argument("--device", help="where PyTorch computes, overriding the recipe's 'device': cpu (default), cuda, "
+                                    "cuda:N or auto")
     v = sub.add_parser("validate", help="check a recipe (schema, model, data, targets) without running it")
     v.add_argument("recipe")
     i = sub.add_parser("inspect", help="print a run folder's summary: tables and the summary panel")
@@ -80,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> None:
     if args.command == "run":
-        from .recipe import load_recipe
+        from .recipe import load_recipe, with_device
 
-        recipe = load_recipe(args.recipe, "allow" if args.trust_remote_code else "refuse")
+        recipe = with_device(load_recipe(args.recipe, "allow" if args.trust_remote_code else "refuse"), args.device)
         from .runner import run  # torch and the rest, once the recipe is known to be well-formed
 
         run(recipe, args.output, force=args.force, resume=args.resume)

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from evaluation.verdict import flat_metrics
 
-from .report import fmt, overview, threads
+from .report import fmt, overview, provider, threads
 
 
 def summary_panel(manifest: dict, folder: Path) -> Panel:
@@ -53,7 +53,7 @@ def _speed(ev: dict) -> str:
         return "not measured (latency needs an export stage)"
     s = lat["speedup"]
     text = (f"{s:.2f}x ({'faster' if s >= 1 else 'slower'} than dense): {fmt(lat['compressed']['median_ms'])} ms against "
-            f"{fmt(lat['dense']['median_ms'])} ms (batch {lat['batch_size']}, {threads(lat['threads'])}, ONNX Runtime CPU)")
+            f"{fmt(lat['dense']['median_ms'])} ms (batch {lat['batch_size']}, {threads(lat['threads'])}, {provider(lat)})")
     default = lat.get("ort_default_settings")
     if default:
         text += (f"; {default['speedup']:.2f}x in a default ONNX Runtime session (the artifact's settings switch "

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_valid
 from calibration.spec import LOCAL_BUILDERS, CalibrationSpec
 from core.echo import clip, quote, refuse_credentials
 from core.errors import RecipeError
-from core.spec import Section
+from core.spec import Section, check_device
 from evaluation.spec import EvaluationSpec
 from export.spec import ExportSpec
 from models.spec import ModelSpec, hub_id_shaped
@@ -61,10 +61,28 @@ class Recipe(Section):
     export: ExportSpec = ExportSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec | None = None
+    device: str = "cpu"  # where PyTorch computes, for the whole run (core/device.py); run --device overrides it
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: object) -> str:
+        return check_device(v)
+
+    def dump(self, include: set[str] | None = None) -> dict:
+        """The resolved recipe as JSON values (defaults filled in). The settings that say where the run
+        computes (``device``, ``evaluation.runtime``) are left out at their CPU defaults: a CPU run's
+        recipe, its sha256 and its stages' fingerprints stay what they were before those settings
+        existed, so its results and --resume are unchanged."""
+        exclude: dict[str, Any] = {}
+        if self.device == "cpu":
+            exclude["device"] = True
+        if self.evaluation.runtime == "cpu":
+            exclude["evaluation"] = {"runtime"}
+        return self.model_dump(mode="json", include=include, exclude=exclude)
 
     def to_yaml(self) -> str:
-        """The resolved recipe (defaults filled in), as saved in the run folder."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe, as saved in the run folder (`dump`)."""
+        return yaml.safe_dump(self.dump(), sort_keys=False)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
@@ -87,6 +105,16 @@ def load_recipe(path: str | Path, remote_code: RemoteCode = "refuse") -> Recipe:
     absolute against the file's folder (`resolve_paths`)."""
     path = Path(path)
     return resolve_paths(parse_recipe(read_recipe_file(path), remote_code), path.resolve().parent)
+
+
+def with_device(recipe: Recipe, device: str | None) -> Recipe:
+    """The recipe with ``run --device`` in place of its ``device`` (None: the recipe's own)."""
+    if device is None:
+        return recipe
+    try:
+        return recipe.model_copy(update={"device": check_device(device)})
+    except ValueError as e:
+        raise RecipeError(f"{quote(device)} is not allowed: {e}", field="--device") from None
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
@@ -135,7 +163,8 @@ def parse_recipe(raw: Any, remote_code: RemoteCode = "refuse") -> Recipe:
                               field=f"{where}.type")
         stages.append(_validate(REGISTRY[item["type"]].Args, item, where))
     try:
-        recipe = Recipe(name=raw["name"], stages=stages, **sections)
+        recipe = Recipe(name=raw["name"], stages=stages, **sections,
+                        **({"device": raw["device"]} if raw.get("device") is not None else {}))
     except ValidationError as e:
         raise _to_recipe_error(e, Recipe, "") from None
     _check_stage_order(recipe)

@@ -39,6 +39,13 @@ def threads(n: int) -> str:
     return f"{n} thread{'' if n == 1 else 's'}"
 
 
+def provider(lat: dict) -> str:
+    """The ONNX Runtime execution provider that measured ``lat`` (a run from before providers were recorded: CPU)."""
+    first = (lat.get("providers") or ["CPUExecutionProvider"])[0]
+    return "ONNX Runtime " + {"CPUExecutionProvider": "CPU", "CUDAExecutionProvider": "CUDA",
+                              "TensorrtExecutionProvider": "TensorRT"}.get(first, first)
+
+
 def md_table(headers: list[str], rows: list[list], limit: int = 60) -> str:
     def cell(v):
         return fmt(v).replace("|", "\\|")
@@ -132,7 +139,7 @@ def _eval_rows(ev: dict) -> list[list]:
         rows.append([k, ev["size"]["dense"][k], ev["size"]["compressed"].get(k)])
     lat = ev.get("latency")
     if lat:
-        rows.append([f"median latency ms (batch {lat['batch_size']}, {threads(lat['threads'])})",
+        rows.append([f"median latency ms (batch {lat['batch_size']}, {threads(lat['threads'])}, {provider(lat)})",
                      lat["dense"]["median_ms"], lat["compressed"]["median_ms"]])
         rows.append(["speedup", "", lat["speedup"]])
         default = lat.get("ort_default_settings")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from calibration.cache import StatsCache
+from core.device import on_cpu, resolve
 from core.errors import GateRejected, PipelineError, RecipeError
 from core.events import Events
 from core.files import dump, now, remove_tree, write_atomic
@@ -43,9 +44,14 @@ class Plan:
     adapter: Adapter
     stages: list[Stage]
     labels: list[str]
+    device: torch.device
 
 
 def plan(recipe: Recipe) -> Plan:
+    """Every check that needs no weights. The returned recipe names the device ``auto`` resolved to,
+    so the saved recipe.yaml says where the run computed."""
+    device = resolve(recipe.device)
+    recipe = recipe.model_copy(update={"device": str(device)})
     source = models.resolve_source(recipe.model)
     adapter = adapter_for(source.model_type, recipe.model.task)
     task = TASKS[recipe.model.task]
@@ -62,7 +68,7 @@ def plan(recipe: Recipe) -> Plan:
     for i, stage in enumerate(stages):
         stage.validate(recipe, meta, adapter, f"stages[{i}]")
     _check_grid_layers(stages, meta, adapter)
-    return Plan(recipe, source, adapter, stages, _labels(recipe))
+    return Plan(recipe, source, adapter, stages, _labels(recipe), device)
 
 
 def _check_grid_layers(stages: list[Stage], model: torch.nn.Module, adapter: Adapter) -> None:
@@ -96,8 +102,8 @@ def _chain(previous: str, payload) -> str:
 def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bool = False,
         resume: bool = False, events: Events | None = None) -> Path:
     """Run a recipe (or the recipe file at a path, loaded without remote code) into its run folder."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    p = plan(recipe)
+    p = plan(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
+    recipe = p.recipe
     events = events or Events(None)
     folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
     try:
@@ -142,18 +148,23 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
     t0 = time.perf_counter()
     task = TASKS[recipe.model.task]
     model, preprocessor = models.load_model(recipe.model, p.source, task)
-    ctx = RunContext(recipe=recipe, source=p.source, model=model, preprocessor=preprocessor, adapter=p.adapter,
-                     workdir=work, cache=StatsCache(models.cache_dir()), events=events)
+    ctx = RunContext(recipe=recipe, source=p.source, model=model.to(p.device), preprocessor=preprocessor,
+                     adapter=p.adapter, workdir=work, cache=StatsCache(models.cache_dir(), p.device), events=events,
+                     device=p.device)
     params_before = _params(model)
     events.emit("model_loaded", seconds=round(time.perf_counter() - t0, 2), params=params_before)
     records, tables = [], {}
-    fingerprint = _chain(p.source.sha256, recipe.model_dump(mode="json", include={"model", "calibration"}))
+    # The device joins the fingerprints only off the CPU (Recipe.dump): a GPU's results differ from the CPU's
+    # in rounding, so neither resumes the other, and CPU fingerprints are those from before the setting existed.
+    fingerprint = _chain(p.source.sha256, recipe.dump(include={"model", "calibration", "device"}))
     reusable = resuming
     try:
         for i, (stage, label) in enumerate(zip(p.stages, p.labels)):
-            extra = recipe.model_dump(mode="json", include=set(stage.settings))
+            extra = recipe.dump(include=set(stage.settings))
             fingerprint = _chain(fingerprint, {"args": stage.args.model_dump(mode="json"), **extra})
             ctx.stage_index, events.stage = i, label
+            if stage.cpu_only:
+                ctx.to_cpu()
             if stage.type == "calibrate":
                 ctx.statistics.kinds = _statistics_wanted(recipe, i)
             sdir = folder.stage_dir(i, label)
@@ -161,7 +172,7 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
             if record is not None and record["fingerprint"] == fingerprint:
                 result = StageResult(record["metrics"], [Table(**t) for t in record["tables"]])
                 if stage.changes_model:
-                    ctx.model, _ = models.load_checkpoint(sdir / MODEL, task)
+                    ctx.model = models.load_checkpoint(sdir / MODEL, task)[0].to(ctx.device)
                 stage.restore(ctx, sdir, result)
                 status, seconds = "resumed", record["seconds"]
                 events.log(f"[bold]{label}[/]: complete in the partial run, reused")
@@ -175,7 +186,7 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
         events.stage = None
         _drop_stale_stage_dirs(folder, p.labels)
         remove_tree(work / "checkpoint")
-        models.save_checkpoint(ctx.model, ctx.preprocessor, work / "checkpoint", recipe.model.task)
+        _save(ctx, work / "checkpoint")
         manifest = _manifest(ctx, records, params_before)
         write_atomic(work / "report.md", render(manifest, tables))
         events.emit("run_end", seconds=round(time.perf_counter() - t0, 2))
@@ -201,13 +212,19 @@ def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprin
     result = stage.run(ctx, sdir)
     seconds = round(time.perf_counter() - t, 3)
     if stage.changes_model:
-        models.save_checkpoint(ctx.model, ctx.preprocessor, sdir / MODEL, ctx.recipe.model.task)
+        _save(ctx, sdir / MODEL)
     write_atomic(sdir / "result.json", dump({
         "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
         "tables": [t.__dict__ for t in result.tables]}))
     (sdir / STARTED).unlink(missing_ok=True)
     ctx.events.emit("stage_end", seconds=seconds, metrics=result.metrics)
     return result, seconds
+
+
+def _save(ctx: RunContext, folder: Path) -> None:
+    """The model's checkpoint, written from CPU tensors (core/device.py on_cpu) wherever the run computes."""
+    with on_cpu(ctx.model):
+        models.save_checkpoint(ctx.model, ctx.preprocessor, folder, ctx.recipe.model.task)
 
 
 def _publish(final: Path, ref: str, events: Events) -> None:

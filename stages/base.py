@@ -66,6 +66,9 @@ class Stage(ABC):
     # leaves the weights exactly on the grid of tuned_for_grid (GPTQ): nothing may change the model before the
     # stage that rounds to it, and that stage must round every Linear of grid_layers
     keeps_grid: ClassVar[bool] = False
+    # runs (and is restored) with the model on the CPU, for the rest of the run (RunContext.to_cpu): the exporters,
+    # and the token selectors, which are not device-aware
+    cpu_only: ClassVar[bool] = False
 
     def __init__(self, args: StageArgs):
         self.args = args

@@ -135,8 +135,8 @@ def collect_gradients(ctx: RunContext, modules: dict, limit: int) -> dict:
                 if seen >= limit:
                     break
                 take = min(batch.size, limit - seen)
-                inputs = {k: v[:take] for k, v in batch.inputs.items()}
-                labels = batch.labels[:take] if batch.labels is not None else None
+                inputs = {k: v[:take].to(ctx.device) for k, v in batch.inputs.items()}
+                labels = batch.labels[:take].to(ctx.device) if batch.labels is not None else None
                 ctx.task.gradient_loss(ctx.model, spec, inputs, labels).backward()
                 seen += take
                 hooks.samples = seen

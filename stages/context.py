@@ -101,6 +101,14 @@ class RunContext:
     stage_index: int = 0
     onnx: OnnxArtifact | None = None
     evaluation: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the run's (core/device.py)
+
+    def to_cpu(self) -> None:
+        """Move the model to the CPU for the rest of the run. Export (ONNX and GGUF) and token pruning
+        call it: the exporters trace and serialize CPU tensors, the ONNX parity check compares with
+        PyTorch on the CPU, and every stage after an export reads the exported graph, so nothing that
+        follows needs the GPU (the recipe rules put export after every stage that changes the model)."""
+        self.model = self.model.cpu()
 
     @property
     def task(self) -> Task:

@@ -61,10 +61,18 @@ class DistillArgs(StageArgs):
     teacher_cache_max_gb: float = Field(default=4.0, gt=0)  # refuse a larger cache (GB = 10^9 bytes)
     bf16: bool = False
     seed: int = 0
-    device: Literal["cpu", "cuda", "auto"] = "auto"
     targets: list[str] = ["re:.*"]  # which parameters train (names, or re: patterns)
     ignore: list[str] = []
     checkpoint_every: int = Field(default=50, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_device(cls, data):
+        """Distill had a ``device`` of its own; say where it went rather than only that the key is unknown."""
+        if isinstance(data, dict) and "device" in data:
+            raise ValueError("the device is the run's, set once for every stage: the recipe's top-level "
+                             "'device:' or 'run --device'; remove it here")
+        return data
 
     @field_validator("layers")
     @classmethod
@@ -98,9 +106,6 @@ class Distill(Stage):
 
     def validate(self, recipe, model, adapter, field):
         self._params(model, field)
-        if self.args.device == "cuda" and not torch.cuda.is_available():
-            raise RecipeError("device 'cuda' asked for, but torch sees no CUDA GPU here: use 'auto' or 'cpu'",
-                              field=f"{field}.device")
         n = len(adapter.blocks(model))
         bad = [] if self.args.layers == "all" else [i for i in self.args.layers if not 0 <= i < n]
         if bad:
@@ -111,11 +116,6 @@ class Distill(Stage):
         params = dict(model.named_parameters())
         return select(params, self.args.targets, self.args.ignore, field)  # type: ignore[arg-type]
 
-    def _device(self) -> str:
-        if self.args.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.args.device
-
     def _layers(self, blocks: int) -> list[int]:
         """The blocks whose outputs are compared (none when layer_loss is 0)."""
         if not self.args.layer_loss:
@@ -124,8 +124,8 @@ class Distill(Stage):
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         args, field = self.args, f"stages[{ctx.stage_index}]"
-        device = self._device()
-        student = ctx.model.to(device)
+        device = str(ctx.device)
+        student = ctx.model
         params = self._params(student, "stages")
         state = self._resume(folder, student, device)
         inputs = {k: torch.cat([b.inputs[k] for b in ctx.calibration]) for k in ctx.calibration.batches[0].inputs}
@@ -152,7 +152,7 @@ class Distill(Stage):
             state = distill(student, params, loss, samples, settings, state, on_step)
         finally:
             bar.done()
-        ctx.model = student.cpu()
+        ctx.model = student
         (folder / CHECKPOINT).unlink(missing_ok=True)  # the stage's model/ snapshot replaces it
         shutil.rmtree(folder / CACHE, ignore_errors=True)  # and it needs no teacher outputs any more
         _write_curve(folder, state.losses)

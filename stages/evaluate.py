@@ -16,6 +16,7 @@ from evaluation.dense import dense_onnx
 from evaluation.latency import latency, runs
 from evaluation.runner import Runner
 from evaluation.size import size
+from export.onnx import check_runtime
 from models.loading import load_model
 from tasks import HeldOut
 
@@ -33,6 +34,10 @@ class Evaluate(Stage):
     settings = ("export", "evaluation")
     compares_with_dense = True
 
+    def validate(self, recipe, model, adapter, field):
+        if recipe.evaluation.runtime != "cpu":
+            check_runtime(recipe.evaluation.runtime)
+
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         spec, ex, task = ctx.recipe.evaluation, ctx.recipe.export, ctx.task
         exported = ctx.onnx is not None
@@ -40,6 +45,8 @@ class Evaluate(Stage):
         bar = ctx.events.task("evaluate", total=1 + 2 * exported + (exported and ex.decoder is not None))
         batches = task.evaluation_batches(ctx.preprocessor, spec, ex.batch_size, ex.seq_len, ex.image_size)
         dense_model, _ = load_model(ctx.recipe.model, ctx.source, task)
+        if not exported:  # both models run in PyTorch, on the run's device; else the dense one is exported on the CPU
+            dense_model.to(ctx.device)
         dense_tm, comp_tm = ctx.task_model(dense_model), ctx.task_model()
         dense_path = comp_path = None
         if exported:
@@ -50,8 +57,8 @@ class Evaluate(Stage):
             bar.advance()
         # Session options a stage asked for (quantize: the ones that keep ORT's int8 fusions), on both graphs alike.
         disabled = ctx.onnx.disabled_optimizers if exported else ()
-        dense = Runner(dense_tm, dense_path, spec.latency.threads, disabled)
-        comp = Runner(comp_tm, comp_path, spec.latency.threads, disabled)
+        dense = Runner(dense_tm, dense_path, spec.latency.threads, disabled, spec.runtime)
+        comp = Runner(comp_tm, comp_path, spec.latency.threads, disabled, spec.runtime)
         result = {"backend": "onnxruntime" if dense_path else "pytorch",
                   "data": {"origin": batches.origin, **batches.protocol}}
         bar.doing(f"quality on {batches.origin}" + (" and Lee" if spec.lee else ""))
@@ -61,8 +68,8 @@ class Evaluate(Stage):
         bar.advance()
         if dense_path:
             bar.doing("latency, dense and compressed in turn")
-            plain = (Runner(dense_tm, dense_path, spec.latency.threads),
-                     Runner(comp_tm, comp_path, spec.latency.threads)) if disabled else None
+            plain = (Runner(dense_tm, dense_path, spec.latency.threads, runtime=spec.runtime),
+                     Runner(comp_tm, comp_path, spec.latency.threads, runtime=spec.runtime)) if disabled else None
             result["latency"] = self._latency(ctx, (dense, comp), plain, batches, disabled)
             bar.advance()
         if dense_path and ex.decoder is not None:
@@ -81,7 +88,7 @@ class Evaluate(Stage):
         optimizers off, with ONNX Runtime's defaults too: a consumer that ignores the settings gets that one."""
         spec = ctx.recipe.evaluation.latency
         timing = ctx.events.task("latency runs", total=runs(spec) * (2 if plain else 1))
-        out = latency(*tuned, batches, spec, tick=timing.advance)
+        out = {**latency(*tuned, batches, spec, tick=timing.advance), "providers": tuned[1].providers}
         if plain:
             out["disabled_optimizers"] = list(disabled)
             default = latency(*plain, batches, spec, tick=timing.advance)
@@ -96,7 +103,7 @@ class Evaluate(Stage):
         prompts = [b.inputs["input_ids"][0].tolist() for b in batches.batches[:spec.generation.prompts]]
         new_tokens = min(spec.generation.new_tokens, ex.decoder.max_len - ex.seq_len)
         return generation.compare(dense_path, ctx.onnx.path, ctx.model, prompts, new_tokens, spec.latency.threads,
-                                  spec.latency.warmup > 0, disabled)
+                                  spec.latency.warmup > 0, disabled, spec.runtime)
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.evaluation = result.metrics  # the verdict reads it

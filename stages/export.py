@@ -5,6 +5,11 @@ decode graph over the same static KV cache and weight file (export/decoder.py), 
 config goes to generation/ for ``pipeline generate``. Every export writes the model's tokenizer (with
 its chat template) or image processor config to preprocessor/, so that a pulled artifact can prepare
 its graph's inputs on its own.
+
+The model is on the CPU here whatever the run's device (``cpu_only``, RunContext.to_cpu): the dynamo
+exporter bakes the device of every traced constant into the graph, and a CPU trace gives the same
+file from a GPU run as from a CPU run; the parity check then compares ONNX Runtime with PyTorch on
+the CPU too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ExportArgs(StageArgs):
 class Export(Stage):
     type = "export"
     Args = ExportArgs
+    cpu_only = True
     settings = ("export",)
 
     def validate(self, recipe, model, adapter, field):

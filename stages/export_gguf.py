@@ -35,6 +35,7 @@ class ExportGgufArgs(StageArgs):
 class ExportGguf(Stage):
     type = "export_gguf"
     Args = ExportGgufArgs
+    cpu_only = True
     settings = ("export",)  # the parity inputs come from the export section's shapes
     after_model_changes = True
 

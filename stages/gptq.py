@@ -117,7 +117,7 @@ class Gptq(Stage):
                     raise StageFailed(str(e), field=f"{where}.dampening") from e
                 rtn = output_error(weight.data, Grid(args.bits, args.group_size).nearest(weight.data), hessian)
                 weight.data.copy_(r.weight)
-                scales[name] = r.scales
+                scales[name] = r.scales.cpu()  # the quantize stage writes them into the CPU-side graph
                 rows.append([name, "x".join(map(str, weight.shape)), f"{rtn:.4g}", f"{r.loss:.4g}",
                              round(r.loss / rtn, 4) if rtn else 1.0])
 

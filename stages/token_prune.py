@@ -69,6 +69,7 @@ def keep_count(keep: int | float, patches: int, field: str) -> int:
 class TokenPrune(Stage):
     type = "token_prune"
     Args = stage_args(SELECTORS, TokenPruneBase)
+    cpu_only = True
     changes_model = True  # the deployed graph changes (weights do not): export must come after
     after_model_changes = True  # it hooks the model as it is: a later weight change would not be selected on
 

@@ -62,7 +62,7 @@ class FeatureExtraction(TextTask):
         emb = self.forward(model, doubled, spec)[0]
         a, b = F.normalize(emb, dim=-1).chunk(2)
         sim = a @ b.T / SIMCSE_TEMPERATURE
-        return F.cross_entropy(sim, torch.arange(len(a)), reduction="sum")
+        return F.cross_entropy(sim, torch.arange(len(a), device=sim.device), reduction="sum")
 
     def distill_loss(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      inputs: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:

@@ -63,7 +63,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     w[:, dead] = 0
     n, k = w.shape
     scales = grid.scales(w) if static else w.new_zeros(n, grid.groups(k))
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=h.device)
     w, zero = w[:, order], (w == 0)[:, order]
     group_of = order // grid.width(k)  # group (original columns) of each column in walk order
     u = fp32_factor(h[order][:, order], dampening, name)

@@ -77,7 +77,7 @@ def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the floor(numel * s) lowest scores of the whole matrix (the magnitude baseline)."""
     k = int(score.numel() * sparsity)
     idx = torch.sort(score.flatten(), stable=True).indices[:k]
-    return torch.zeros(score.numel(), dtype=torch.bool).scatter_(0, idx, True).view_as(score)
+    return torch.zeros(score.numel(), dtype=torch.bool, device=score.device).scatter_(0, idx, True).view_as(score)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -124,6 +124,9 @@ def test_summary_rows_state_the_gate_and_missing_stages(flap_int8_run):
                                "build/build_engine.sh"
     speedup = m["evaluation"]["latency"]["speedup"]
     assert rows["speed vs dense"].startswith(f"{speedup:.2f}x ({'faster' if speedup >= 1 else 'slower'} than dense)")
+    assert "threads, ONNX Runtime CPU)" in rows["speed vs dense"]
+    m["evaluation"]["latency"]["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert "threads, ONNX Runtime CUDA)" in dict(summary_rows(m, flap_int8_run))["speed vs dense"]
     m["evaluation"] = m["verdict"] = m["onnx"] = None
     rows = dict(summary_rows(m, flap_int8_run))
     assert rows["quality vs dense"] == "not evaluated (add '- type: evaluate' last)"

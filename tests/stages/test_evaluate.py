@@ -28,6 +28,7 @@ def test_exported_encoder_against_itself_with_lee(bert_dir, tmp_path):
     assert ev["lee_protocol"] == {"documents": 50, "pairs": 1225, "seq_len": 16, "source": sources.LEE_SOURCE}
     assert ev["size"]["dense"] == ev["size"]["compressed"] and ev["size"]["dense"]["flops"] > 0
     assert ev["latency"]["runs"] == 5 and ev["latency"]["batch_size"] == 2
+    assert ev["latency"]["providers"] == ["CPUExecutionProvider"]  # evaluation.runtime's default
 
 
 def test_unexported_decoder_runs_in_pytorch(llama_dir, tmp_path):
