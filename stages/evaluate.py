@@ -35,8 +35,7 @@ class Evaluate(Stage):
     compares_with_dense = True
 
     def validate(self, recipe, model, adapter, field):
-        if recipe.evaluation.runtime != "cpu":
-            check_runtime(recipe.evaluation.runtime)
+        check_runtime(recipe.evaluation.runtime)
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         spec, ex, task = ctx.recipe.evaluation, ctx.recipe.export, ctx.task
