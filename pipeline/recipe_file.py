@@ -64,6 +64,8 @@ class StrictLoader(yaml.SafeLoader):
 
 def read_recipe_file(path: Path) -> Any:
     """The parsed YAML of a recipe file (any YAML value; the schema checks its shape)."""
+    if path.is_dir():
+        raise RecipeError(f"{quote(str(path))} is a folder; give the recipe's YAML file", field="recipe")
     if not path.is_file():
         raise RecipeError(f"no such file {quote(str(path))}", field="recipe")
     try:

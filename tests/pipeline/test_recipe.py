@@ -122,6 +122,8 @@ def test_cli_yaml_syntax_and_missing_file(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: recipe: not valid YAML at line")
     proc = _cli("run", str(tmp_path / "absent.yaml"), cwd=tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("validate", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(" is a folder; give the recipe's YAML file")
 
 
 def test_resolved_recipe_round_trips(bert_dir):
