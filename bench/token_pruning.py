@@ -322,7 +322,8 @@ def trim_class_conditional(vision, clip, tokenizer, data: TestSet, classes: torc
         pruner = install(vision, "trim", round(keep * PATCHES), layer, fuse=True, text=prompts[:1])
         tm = TaskModel(vision, ModelSpec(source="x", task=TASK))
         scores = []
-        for x in data.batches():
+        for batch in data.batches():
+            x = batch["pixel_values"]
             per_class = [(tm(x, prompts[c:c + 1].expand(len(x), -1))[0] * classes[c]).sum(-1) for c in range(10)]
             scores.append(torch.stack(per_class, dim=-1).argmax(-1).numpy())
         pruner.remove()
