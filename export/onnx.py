@@ -23,6 +23,7 @@ from core.errors import EnvironmentFailure, StageFailed
 
 IR_VERSION = 10
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
 # evaluation.runtime -> the execution providers a session asks for, in ONNX Runtime's order of preference: nodes
 # a GPU provider cannot run fall back to the next (TensorRT -> CUDA -> CPU), as ONNX Runtime documents.
 RUNTIMES = {"cpu": ["CPUExecutionProvider"],
@@ -50,12 +51,28 @@ def convert(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_na
         program = torch.onnx.export(module, example, None, opset_version=opset, dynamo=True, optimize=True,
                                     verbose=False)
     model = program.model_proto
+    for graph in [model.graph, *model.functions]:
+        drop_stack_traces(graph)
     rename_io(model, input_names, output_names)
     model.ir_version = IR_VERSION
     problems = static_shape_problems(model)
     if problems:
         raise StageFailed(f"exported graph has dynamic dimensions: {'; '.join(problems[:5])}", field="export")
     return model
+
+
+def drop_stack_traces(graph: onnx.GraphProto | onnx.FunctionProto) -> None:
+    """The exporter records each node's Python stack trace, with the absolute paths of this checkout
+    and its virtual environment: the same model exported from two folders would differ in bytes
+    (and leak the machine's layout into artifacts). The module path in ``namespace`` stays."""
+    for node in graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs]:
+                drop_stack_traces(sub)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,15 @@ def test_static_io_and_versions(bert_export):
     assert proto.ir_version == onnx_export.IR_VERSION and proto.opset_import[0].version == 18
 
 
+def test_no_checkout_paths_in_the_graph(bert_export):
+    """The exporter's stack traces name this checkout's files; the artifact must not depend on where it ran."""
+    _, path, _, _ = bert_export
+    data = path.read_bytes()
+    assert onnx_export.STACK_TRACE.encode() not in data
+    assert b"tasks/model.py" not in data and b"site-packages" not in data
+    assert any(p.key == "namespace" for n in onnx.load(path).graph.node for p in n.metadata_props)
+
+
 def test_parity_with_padding(bert_export):
     tm, path, _, example = bert_export
     par = onnx_export.parity(path, tm, tm.input_names, [example])
