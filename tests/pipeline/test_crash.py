@@ -146,6 +146,34 @@ def test_kill_9_then_resume_gives_the_same_artifacts(point, recipe, reference, t
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def _gguf_child(recipe: Path, out: Path) -> None:
+    """Kill with the GGUF file's header and metadata written and its tensors not."""
+    import gguf
+
+    torch.set_num_threads(1)
+    gguf.GGUFWriter.write_tensors_to_file = lambda *a, **k: _die()  # type: ignore[method-assign]
+    try:
+        run(recipe, output=out)
+    finally:
+        os._exit(3)
+
+
+def test_kill_9_inside_the_gguf_write_then_resume(bpe_llama_dir, tmp_path):
+    stages = [{"type": "calibrate"}, {"type": "export_gguf", "formats": ["q8_0"]}]
+    recipe = write_recipe(tmp_path, text_recipe(bpe_llama_dir, "causal-lm", stages))
+    reference = json.loads((run(recipe, output=tmp_path / "ref") / "manifest.json").read_text())
+    out = tmp_path / "out"
+    child = multiprocessing.get_context("fork").Process(target=_gguf_child, args=(recipe, out))
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert (tmp_path / ".out.partial" / "model-q8_0.gguf").is_file() and not out.exists()  # the torn file
+
+    manifest = json.loads((run(recipe, output=out, resume=True) / "manifest.json").read_text())
+    assert " ".join(s["status"] for s in manifest["stages"]) == "resumed ran"
+    assert _comparable(manifest) == _comparable(reference)
+
+
 def test_a_complete_partial_run_resumed_with_another_recipe_starts_over(bert_dir, tmp_path):
     """Its snapshots are gone (only the rename was left), so nothing in it may be reused: here the
     quantize stage would otherwise start from the graph it had already quantized."""
