@@ -80,8 +80,9 @@ def overview(manifest: dict) -> Overview:
                      f"parity max abs {p['max_abs_err']:.3g}, max rel {p['max_rel_err']:.3g}")
         if onnx.get("tensorrt"):
             facts.append(tensorrt_line(onnx["tensorrt"]))
-    stages = [[s["name"], s["type"], s["seconds"], _headline(s)] for s in manifest["stages"]]
-    out = Overview(f"Run {manifest['name']}", facts, [("Stages", ["stage", "type", "seconds", "summary"], stages)])
+    stages = [[s["name"], s["type"], s["seconds"], _peak(s.get("memory")), _headline(s)] for s in manifest["stages"]]
+    out = Overview(f"Run {manifest['name']}", facts,
+                   [("Stages", ["stage", "type", "seconds", "peak memory (MiB)", "summary"], stages)])
     ev = manifest.get("evaluation")
     if ev:
         out.tables.append((f"Evaluation ({ev['backend']}, {ev['data']['origin']})", ["metric", "dense", "compressed"],
@@ -119,6 +120,14 @@ def _io(tensors: list[dict]) -> str:
         shapes = ", ".join(sorted({f"{d['dtype']}{d['shape']}" for d in cache}))
         text += f", {len(cache)} cache tensors ({shapes})"
     return text
+
+
+def _peak(memory: dict | None) -> str:
+    """Resident set (and CUDA) peak of a stage; "" for runs recorded before stages measured it."""
+    if not memory:
+        return ""
+    text = f"{memory['peak_rss_mib']:,.0f}" + ("" if memory["since"] == "stage" else " (process)")
+    return text + (f", CUDA {memory['peak_cuda_mib']:,.0f}" if "peak_cuda_mib" in memory else "")
 
 
 def _headline(stage: dict) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from calibration.cache import StatsCache
+from core import memory
 from core.device import on_cpu, resolve
 from core.errors import GateRejected, PipelineError, RecipeError
 from core.events import Events
@@ -174,14 +175,14 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
                 if stage.changes_model:
                     ctx.model = models.load_checkpoint(sdir / MODEL, task)[0].to(ctx.device)
                 stage.restore(ctx, sdir, result)
-                status, seconds = "resumed", record["seconds"]
+                status, seconds, used = "resumed", record["seconds"], record.get("memory")
                 events.log(f"[bold]{label}[/]: complete in the partial run, reused")
                 events.emit("stage_reused")
             else:
-                result, seconds = _run_stage(ctx, stage, label, sdir, fingerprint, folder, first=reusable)
+                result, seconds, used = _run_stage(ctx, stage, label, sdir, fingerprint, folder, first=reusable)
                 reusable, status = False, "ran"
             records.append({"name": label, "type": stage.type, "params": stage.args.model_dump(mode="json"),
-                            "seconds": seconds, "status": status, "metrics": result.metrics})
+                            "seconds": seconds, "memory": used, "status": status, "metrics": result.metrics})
             tables[label] = result.tables
         events.stage = None
         _drop_stale_stage_dirs(folder, p.labels)
@@ -198,7 +199,7 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
 
 
 def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprint: str, folder: RunFolder,
-               first: bool) -> tuple[StageResult, float]:
+               first: bool) -> tuple[StageResult, float, dict]:
     """Run one stage; its record goes last, after its files and model snapshot, so it exists only for a
     complete stage. ``first``: every stage before it was reused from a resumed folder."""
     # An interrupted resumable stage (everything before it reused) continues from its own folder.
@@ -208,17 +209,19 @@ def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprin
         write_atomic(sdir / STARTED, fingerprint)
     ctx.events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")
     ctx.events.emit("stage_start", type=stage.type, params=stage.args.model_dump(mode="json"))
+    since = memory.reset_peak(ctx.device)
     t = time.perf_counter()
     result = stage.run(ctx, sdir)
     seconds = round(time.perf_counter() - t, 3)
+    used = memory.peak(ctx.device, since)
     if stage.changes_model:
         _save(ctx, sdir / MODEL)
     write_atomic(sdir / "result.json", dump({
-        "fingerprint": fingerprint, "seconds": seconds, "metrics": result.metrics,
+        "fingerprint": fingerprint, "seconds": seconds, "memory": used, "metrics": result.metrics,
         "tables": [t.__dict__ for t in result.tables]}))
     (sdir / STARTED).unlink(missing_ok=True)
-    ctx.events.emit("stage_end", seconds=seconds, metrics=result.metrics)
-    return result, seconds
+    ctx.events.emit("stage_end", seconds=seconds, memory=used, metrics=result.metrics)
+    return result, seconds, used
 
 
 def _save(ctx: RunContext, folder: Path) -> None:

@@ -1,0 +1,48 @@
+"""Peak memory of one stage: the process's resident set and, on a GPU, torch's CUDA allocations.
+
+Linux keeps the resident-set high-water mark (VmHWM in /proc/self/status) for the whole process;
+writing 5 to /proc/self/clear_refs resets it, so each stage's peak is its own and not the largest
+of every stage before it. Where the reset is not possible (another OS, a locked-down /proc) the
+figure is the process's peak so far, and ``since`` says so.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak(device: torch.device) -> str:
+    """Start a new peak; returns what the next `peak` covers: "stage" or "process"."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return "process"
+    return "stage"
+
+
+def peak(device: torch.device, since: str) -> dict:
+    """The peaks since `reset_peak`, in MiB: resident set, and CUDA allocations on a GPU."""
+    out = {"peak_rss_mib": round(_rss_high_water_kib() / 1024, 1), "since": since}
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def _rss_high_water_kib() -> float:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return maxrss / 1024 if sys.platform == "darwin" else float(maxrss)
