@@ -109,8 +109,9 @@ def main() -> None:
             runs[label] = {"processes": procs, "threads_per_process": threads, "pass_seconds": round(saved["seconds"], 1),
                            "wall_seconds": round(wall, 1), "stats": saved["stats"], "batches": saved["batches"]}
     base = runs["1 process x 1 thread"]
+    reference = base["stats"]
     for label, r in runs.items():
-        r.update(compare(base["stats"], r.pop("stats")))
+        r.update(compare(reference, r.pop("stats")))
         rows.append([label, r["pass_seconds"], r["wall_seconds"],
                      f"{max(r['max_relative_difference'].values()):.1e}", all(r["identical"].values())])
     print(table(["launch", "dense pass s", "wall s", "max rel. diff", "maxima/counts identical"], rows))
