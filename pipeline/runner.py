@@ -112,7 +112,7 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
     if world and world.rank > 0:
         from .workers import serve
 
-        serve(p, world)
+        serve(recipe.model, p.source, p.adapter, p.device, world)
         return Path(output) if output else Path("runs") / recipe.name
     events = events or Events(None)
     folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)

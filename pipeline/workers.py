@@ -8,22 +8,26 @@ run folder, the statistics cache and the artifact.
 
 from __future__ import annotations
 
+import torch
+
 from calibration import distributed
 from calibration.cache import state_digest
 from models import loading as models
+from models.adapters import Adapter
+from models.spec import ModelSpec
 from stages.calibrate import dense_statistics
 from tasks import TASKS
 
-from .runner import Plan
 
-
-def serve(p: Plan, world: distributed.World) -> None:
-    device = world.device if p.device.type == "cuda" else p.device
-    model, _ = models.load_model(p.recipe.model, p.source, TASKS[p.recipe.model.task])
+def serve(spec: ModelSpec, source: models.Source, adapter: Adapter, device: torch.device,
+          world: distributed.World) -> None:
+    """Rank ``world.rank`` (above 0) of the run rank 0 executes, on the planned model and device."""
+    device = world.device if device.type == "cuda" else device
+    model, _ = models.load_model(spec, source, TASKS[spec.task])
     model = model.to(device)
     digest = state_digest(model)
     while True:
         job, model, digest = distributed.next_job(world, model, digest)
         if job is None:
             return
-        dense_statistics(model, p.adapter, job, world)
+        dense_statistics(model, adapter, job, world)
