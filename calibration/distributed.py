@@ -59,13 +59,20 @@ def from_env(device: torch.device) -> World | None:
                  torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
 
 
-def shard(items: Sequence[T], rank: int, size: int) -> list[T]:
-    """Rank ``rank``'s contiguous slice: every item exactly once over the ranks, sizes differing by at most
-    one. Every rank needs an item: a rank without a batch would have no statistics to reduce."""
-    if len(items) < size:
-        raise RecipeError(f"the calibration set has {len(items)} batches for {size} processes; raise "
+def check_batches(batches: int, size: int | None = None) -> None:
+    """Every rank needs a batch: a rank without one would have no statistics to reduce. The planner calls
+    this with the most batches the recipe can give (torchrun's WORLD_SIZE), `shard` with the real count."""
+    size = size if size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if batches < size:
+        raise RecipeError(f"the calibration set has {batches} batches for {size} processes; raise "
                           f"calibration.num_samples or lower calibration.batch_size, or start fewer processes",
                           field="calibration.num_samples")
+
+
+def shard(items: Sequence[T], rank: int, size: int) -> list[T]:
+    """Rank ``rank``'s contiguous slice: every item exactly once over the ranks, sizes differing by at most
+    one."""
+    check_batches(len(items), size)
     n = len(items)
     return list(items[rank * n // size:(rank + 1) * n // size])
 

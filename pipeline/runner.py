@@ -59,6 +59,8 @@ def plan(recipe: Recipe) -> Plan:
     types = [s.type for s in recipe.stages]
     if any(t in ("calibrate", "export") for t in types):
         task.check_data(recipe.calibration, "calibration")
+    if "calibrate" in types:  # under torchrun, before a folder exists
+        distributed.check_batches(-(-recipe.calibration.num_samples // recipe.calibration.batch_size))
     if "evaluate" in types:
         task.check_evaluation(recipe.evaluation)
     elif recipe.evaluation.accept is not None:

@@ -78,6 +78,15 @@ def test_shards_cover_every_batch_exactly_once():
         distributed.shard([0], 1, 2)
 
 
+def test_too_few_batches_for_the_processes_fail_before_a_folder(llama_dir, tmp_path, monkeypatch):
+    recipe = text_recipe(llama_dir, "causal-lm", [{"type": "calibrate"}, {"type": "smoothquant"}],
+                         calibration={"num_samples": 6, "batch_size": 4})  # 2 batches
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RecipeError, match="calibration.num_samples: the calibration set has 2 batches for 3 processes"):
+        run(write_recipe(tmp_path, recipe), tmp_path / "run")
+    assert not list(tmp_path.glob("*run*"))
+
+
 def test_reduced_statistics_equal_one_process(tmp_path):
     mp.spawn(_engine_rank, args=(str(tmp_path / "store"), str(tmp_path / "stats")), nprocs=2)
     two = [torch.load(tmp_path / f"stats.{r}") for r in range(2)]
