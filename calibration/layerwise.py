@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,9 @@ from torch import nn
 from core.device import module_device, to_device
 from models.adapters import Adapter, Block
 
-from .batches import Batches
+from .batches import Batch, Batches
 from .collectors import InputHooks
+from .distributed import World, all_reduce_stats, shard
 
 
 class _Captured(Exception):
@@ -52,7 +53,7 @@ def _cast(obj, dtype):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, adapter: Adapter, batches: Batches, dtype: torch.dtype) -> BlockInputs:
+def capture_inputs(model: nn.Module, adapter: Adapter, batches: Iterable[Batch], dtype: torch.dtype) -> BlockInputs:
     """Run each batch up to block 0 and keep what block 0 receives, on the model's device."""
     _, layers = adapter.layers(model)
     device = module_device(model)
@@ -105,16 +106,19 @@ class LayerwiseEngine:
     @torch.no_grad()
     def run(self, targets: dict[int, dict[str, nn.Module]], kinds: set[str], propagation: str,
             on_block: Callable[[Block, dict[str, dict[str, torch.Tensor]]], None] | None = None,
-            keep: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+            keep: bool = True, world: World | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Collect ``kinds`` at the inputs of ``targets`` (block index -> {name: module}).
 
         ``on_block(block, stats)`` runs after a block's statistics are complete (e.g. to prune it).
         Returns the statistics of every target; with ``keep=False`` none (``on_block`` consumed
-        them, and a model's worth of Hessians is not held at once).
+        them, and a model's worth of Hessians is not held at once). With ``world`` every rank runs
+        this on its shard of the batches and a block's statistics are summed over the ranks before
+        ``on_block`` sees them (calibration/distributed.py).
         """
         blocks = self.adapter.blocks(self.model)
         last = max(targets) if targets else -1
-        inputs = capture_inputs(self.model, self.adapter, self.batches, self.dtype)
+        batches = shard(self.batches.batches, world.rank, world.size) if world else self.batches
+        inputs = capture_inputs(self.model, self.adapter, batches, self.dtype)
         result: dict[str, dict[str, torch.Tensor]] = {}
         task = self.progress.task(f"calibrating {last + 1} blocks ({propagation})", total=last + 1) if self.progress else None
         for block in blocks[: last + 1]:
@@ -122,6 +126,8 @@ class LayerwiseEngine:
             sequential = propagation == "sequential" and bool(wanted)
             if wanted:
                 stats = self._pass(block, inputs, wanted, kinds, keep_outputs=not sequential)
+                if world:
+                    all_reduce_stats(stats, world)
                 if on_block is not None:
                     on_block(block, stats)
                 if keep:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from calibration import distributed
 from calibration.cache import StatsCache
 from core import memory
 from core.device import on_cpu, resolve
@@ -59,6 +60,8 @@ def plan(recipe: Recipe) -> Plan:
     types = [s.type for s in recipe.stages]
     if any(t in ("calibrate", "export") for t in types):
         task.check_data(recipe.calibration, "calibration")
+    if "calibrate" in types:  # under torchrun, before a folder exists
+        distributed.check_batches(-(-recipe.calibration.num_samples // recipe.calibration.batch_size))
     if "evaluate" in types:
         task.check_evaluation(recipe.evaluation)
     elif recipe.evaluation.accept is not None:
@@ -102,9 +105,18 @@ def _chain(previous: str, payload) -> str:
 
 def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bool = False,
         resume: bool = False, events: Events | None = None) -> Path:
-    """Run a recipe (or the recipe file at a path, loaded without remote code) into its run folder."""
+    """Run a recipe (or the recipe file at a path, loaded without remote code) into its run folder.
+
+    Under torchrun, ranks above 0 only serve the calibrate stage's dense passes (pipeline/workers.py)
+    and return the folder rank 0 writes."""
     p = plan(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     recipe = p.recipe
+    world = distributed.from_env(p.device)
+    if world and world.rank > 0:
+        from .workers import serve
+
+        serve(recipe.model, p.source, p.adapter, p.device, world)
+        return Path(output) if output else Path("runs") / recipe.name
     events = events or Events(None)
     folder = RunFolder(Path(output) if output else Path("runs") / recipe.name)
     try:
@@ -112,9 +124,11 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
             resuming = folder.open(force, resume)
             manifest = folder.committed(recipe.sha256(), p.source.sha256) if resuming else None
             if manifest is None:
-                manifest = _execute(p, folder, resuming, events)
+                manifest = _execute(p, folder, resuming, events, world)
             folder.drop_snapshots()
             final = folder.finalize()
+            if world:
+                distributed.send_job(world, None)  # a run without a dense pass: the others wait until here
             _conclude(final, manifest, recipe, events)
     except OSError as e:  # a full disk, a folder this user may not write
         raise folder.failure(e) from None
@@ -138,7 +152,7 @@ def _conclude(final: Path, manifest: dict, recipe: Recipe, events: Events) -> No
         _publish(final, recipe.publish.ref, events)
 
 
-def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict:
+def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: distributed.World | None) -> dict:
     """Every stage into the partial folder (reusing what a resumed one holds), then the files besides
     them, and manifest.json last: the record that the partial folder is complete (pipeline/folder.py)."""
     recipe, work = p.recipe, folder.partial
@@ -151,8 +165,10 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
     model, preprocessor = models.load_model(recipe.model, p.source, task)
     ctx = RunContext(recipe=recipe, source=p.source, model=model.to(p.device), preprocessor=preprocessor,
                      adapter=p.adapter, workdir=work, cache=StatsCache(models.cache_dir(), p.device), events=events,
-                     device=p.device)
+                     device=p.device, world=world)
     params_before = _params(model)
+    if world:
+        events.log(f"calibration statistics spread over {world.size} processes (rank 0 writes)")
     events.emit("model_loaded", seconds=round(time.perf_counter() - t0, 2), params=params_before)
     records, tables = [], {}
     # The device joins the fingerprints only off the CPU (Recipe.dump): a GPU's results differ from the CPU's
@@ -181,6 +197,8 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
             else:
                 result, seconds, used = _run_stage(ctx, stage, label, sdir, fingerprint, folder, first=reusable)
                 reusable, status = False, "ran"
+            if world and stage.type == "calibrate" and not any(s.type == "calibrate" for s in p.stages[i + 1:]):
+                distributed.send_job(world, None)  # the other ranks' work is done: they exit
             records.append({"name": label, "type": stage.type, "params": stage.args.model_dump(mode="json"),
                             "seconds": seconds, "memory": used, "status": status, "metrics": result.metrics})
             tables[label] = result.tables

@@ -3,6 +3,8 @@
 One dense layer-wise pass serves every later consumer of dense statistics (FLAP, dense-mode Wanda,
 SmoothQuant) and one backward sweep serves gradient-based scores (GBLM). Stages that calibrate
 sequentially (Wanda, GBLM activations) reuse the batches built here. Results are cached on disk.
+Under torchrun the dense pass is spread over the processes (calibration/distributed.py); rank 0
+alone writes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from calibration import distributed
+from calibration.batches import Batches
 from calibration.cache import cache_key, state_digest
 from calibration.collectors import GradientHooks
 from calibration.layerwise import LayerwiseEngine
+from models.adapters import Adapter
 
 from .base import Stage, StageArgs, StageResult, Table, check_positions
 from .context import RunContext
@@ -56,22 +61,23 @@ class Calibrate(Stage):
             hit = self._gradients(ctx, digest)
             rows.append([f"gradients ({self._gradient_samples(ctx)} samples)", hit, round(time.perf_counter() - t, 2)])
         metrics["statistics"] = {r[0]: {"cache": r[1], "seconds": r[2]} for r in rows}
+        if ctx.world:
+            metrics["processes"] = ctx.world.size  # of the dense pass on a cache miss
         tables = [Table("Statistics", ["statistic", "cache", "seconds"], rows)] if rows else []
         return StageResult(metrics, tables)
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         self.run(ctx, folder)  # batches are rebuilt deterministically; statistics come from the cache
 
-    def _linears(self, ctx: RunContext) -> dict[int, dict[str, torch.nn.Module]]:
-        return {b.index: {n: ctx.model.get_submodule(n) for n in b.linears} for b in ctx.adapter.blocks(ctx.model)}
-
     def _dense(self, ctx: RunContext, kinds: set[str], digest: str) -> str:
         spec = ctx.recipe.calibration
         key = cache_key(kind="dense", model=digest, data=ctx.calibration.sha256, kinds=sorted(kinds), dtype=spec.dtype)
         stats = ctx.cache.load(key)
         if stats is None:
-            engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events)
-            stats = engine.run(self._linears(ctx), kinds, "dense")
+            job = {"digest": digest, "kinds": sorted(kinds), "dtype": spec.dtype, "batches": ctx.calibration}
+            if ctx.world:
+                distributed.send_job(ctx.world, job, ctx.model)
+            stats = dense_statistics(ctx.model, ctx.adapter, job, ctx.world, ctx.events)
             ctx.cache.save(key, stats)
             ctx.statistics.dense = stats
             return "miss"
@@ -92,10 +98,23 @@ class Calibrate(Stage):
         if grads is not None:
             ctx.statistics.gradients = grads
             return "hit"
-        modules = {n: mod for block in self._linears(ctx).values() for n, mod in block.items()}
+        modules = {n: mod for block in linears(ctx.model, ctx.adapter).values() for n, mod in block.items()}
         ctx.statistics.gradients = collect_gradients(ctx, modules, limit)
         ctx.cache.save(key, ctx.statistics.gradients)
         return "miss"
+
+
+def linears(model: torch.nn.Module, adapter: Adapter) -> dict[int, dict[str, torch.nn.Module]]:
+    return {b.index: {n: model.get_submodule(n) for n in b.linears} for b in adapter.blocks(model)}
+
+
+def dense_statistics(model: torch.nn.Module, adapter: Adapter, job: dict, world: distributed.World | None,
+                     progress=None) -> dict[str, dict[str, torch.Tensor]]:
+    """One dense pass over ``job["batches"]`` (with ``world``: this rank's shard, sums reduced over the ranks).
+    Rank 0 and the other ranks (pipeline/workers.py) run this same function on the same job."""
+    batches: Batches = job["batches"]
+    engine = LayerwiseEngine(model, adapter, batches, getattr(torch, job["dtype"]), progress)
+    return engine.run(linears(model, adapter), set(job["kinds"]), "dense", world=world)
 
 
 @contextlib.contextmanager

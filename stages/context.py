@@ -16,6 +16,7 @@ from torch import nn
 
 from calibration.batches import Batches
 from calibration.cache import StatsCache
+from calibration.distributed import World
 from calibration.spec import CalibrationSpec
 from core.events import Events
 from evaluation.spec import EvaluationSpec
@@ -102,6 +103,7 @@ class RunContext:
     onnx: OnnxArtifact | None = None
     evaluation: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the run's (core/device.py)
+    world: World | None = None  # under torchrun: the processes the calibrate stage's dense pass spreads over
 
     def to_cpu(self) -> None:
         """Move the model to the CPU for the rest of the run. Export (ONNX and GGUF) and token pruning
