@@ -100,6 +100,10 @@ class Task(ABC):
                            image_size: int | None = None, field: str = "evaluation") -> Batches:
         """Held-out samples at the export shapes ([batch_size, seq_len]) so the artifact itself can run them."""
 
+    def graph_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A data batch as ``model`` (as token pruning left it) reads it; the batch itself for most tasks."""
+        return inputs
+
     @abstractmethod
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
         """The deployed outputs (``output_names``) of the model on its keyword inputs."""
@@ -138,7 +142,7 @@ class TextTask(Task):
 
 class ImageTask(Task):
     modality = "images"
-    input_names = ("pixel_values",)
+    input_names: ClassVar[tuple[str, ...]] = ("pixel_values",)
     source_hint = "set source 'images' with a folder path, or 'datasets' (the built-in data is text)"
 
     def preprocessor(self, where: str | Path, **kw) -> object:
