@@ -75,8 +75,10 @@ class TokenPrune(Stage):
     after_model_changes = True  # it hooks the model as it is: a later weight change would not be selected on
 
     @classmethod
-    def replaces_outputs(cls, args):
-        return "output (an encoder ended at its feature layer)" if args.output else None
+    def replaces_outputs(cls, args, task):
+        if args.output and not TASKS[task].reads_pruned_tokens:
+            return "output (an encoder ended at its feature layer)"
+        return None
 
     @classmethod
     def needs_calibration(cls, args):

@@ -46,6 +46,8 @@ class Task(ABC):
     output_names: ClassVar[tuple[str, ...]]  # and its outputs
     embeds: ClassVar[bool] = False  # outputs (embedding, last_hidden_state): the encoder's features, no head
     gradients_in_train_mode: ClassVar[bool] = False  # dropout on while the gradient loss runs
+    # a vision-language task: an output-placed token pruner's patches go on into its language model
+    reads_pruned_tokens: ClassVar[bool] = False
     generates: ClassVar[bool] = False  # a text generator: export.decoder can deploy it (tasks/decoder.py)
     source_hint: ClassVar[str]  # which sources give this modality (error messages)
     # evaluation.accept fields this task can be gated on -> the key of quality()'s "comparison" each bounds

@@ -8,7 +8,8 @@ keeps at the feature layer (it selects before the projector, as LLaVA's pruning 
 batches are built once for the unpruned K = N (``[N image][question][pad]``);
 `graph_inputs` rewrites them for the model at hand to ``[N-K pad][K image][question][pad]``, so the
 question sits at the same positions whatever K and the quality metrics compare those positions.
-RoPE sees only position differences, so the left padding changes nothing the real tokens compute.
+RoPE sees only position differences, so the left padding changes nothing the real tokens compute;
+the logits at padding are zeroed.
 
 Quality against dense: top-1 agreement over the question's positions and ``answer_match``, the
 share of samples whose greedy first answer token (the prediction at the question's last token) is
@@ -119,6 +120,7 @@ class ImageTextToText(ImageTask):
     name = "image-text-to-text"
     input_names: ClassVar[tuple[str, ...]] = ("pixel_values", "input_ids", "attention_mask")
     output_names = ("logits",)
+    reads_pruned_tokens = True
     accept_metrics = {"min_token_agreement": "token_agreement", "min_answer_match": "answer_match"}
 
     def auto_class(self, model_type: str) -> type[Any]:
@@ -181,8 +183,12 @@ class ImageTextToText(ImageTask):
         return {**inputs, "attention_mask": torch.where(gone, 0, mask), "input_ids": torch.where(gone, pad, ids)}
 
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor]:
+        """Logits [B, S, V], zero at padding: a query that sees no key (a left pad) computes nothing defined,
+        and runtimes fill it differently."""
         embeds = splice(model, inputs["input_ids"], image_tokens(model, inputs["pixel_values"]))
-        return (model(inputs_embeds=embeds, attention_mask=inputs.get("attention_mask"), use_cache=False).logits,)
+        mask = inputs["attention_mask"]
+        logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        return (torch.where(mask.bool().unsqueeze(-1), logits, 0.0),)
 
     def gradient_loss(self, model: nn.Module, spec: ModelSpec, inputs: dict[str, torch.Tensor],
                       labels: torch.Tensor | None) -> torch.Tensor:

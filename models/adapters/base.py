@@ -384,6 +384,10 @@ class Adapter:
         self.slice_block(model, block, heads, range(shape.num_kv_heads), range(shape.intermediate_size),
                          o_bias, mlp_bias)
 
+    def block_config(self, config):
+        """The (sub-)config whose sizes describe `blocks`: the config itself, a VLM's text config."""
+        return config
+
     def input_embedding(self, model: nn.Module) -> nn.Module:
         """The module whose output feeds block 0 (its output is made to require grad for gradients)."""
         return pretrained(model).get_input_embeddings()

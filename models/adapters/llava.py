@@ -63,6 +63,9 @@ class LlavaAdapter(LlamaAdapter):
     def vision_blocks(self, model: nn.Module) -> list[Block]:
         return next(iter(VISION.towers(model).values()))
 
+    def block_config(self, config):
+        return config.text_config
+
     def vision_tokens(self, model):
         return VisionTokens.square_grid(pretrained(model).config.vision_config, prefix=1)
 
