@@ -84,7 +84,8 @@ def check_decoder(model: nn.Module, adapter: Adapter, task: str, max_len: int, f
     """Before any work: the task generates, the family's attention goes through the cache object, and
     no sliding window is shorter than the cache (the explicit mask would widen it)."""
     if not TASKS[task].generates:
-        raise RecipeError(f"task {task!r} does not generate text; decoder graphs are for causal-lm", field=field)
+        raise RecipeError(f"task {task!r} does not generate text; decoder graphs are for causal-lm and "
+                          "image-text-to-text", field=field)
     if not adapter.static_kv_cache:
         raise RecipeError(f"{adapter.family} models have no static KV-cache export; families that do: llama (llama, "
                           "qwen2, mistral), qwen3, phi3", field=field)

@@ -121,6 +121,7 @@ class ImageTextToText(ImageTask):
     input_names: ClassVar[tuple[str, ...]] = ("pixel_values", "input_ids", "attention_mask")
     output_names = ("logits",)
     reads_pruned_tokens = True
+    generates = True  # export.decoder: vision graph + prefill/decode graphs (tasks/image_decoder.py)
     accept_metrics = {"min_token_agreement": "token_agreement", "min_answer_match": "answer_match"}
 
     def auto_class(self, model_type: str) -> type[Any]:

@@ -260,3 +260,14 @@ def build_llava(folder: Path) -> Path:
                       image_token="<image>", num_additional_image_tokens=1,
                       chat_template=CHAT_TEMPLATE).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return build_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def vlm_images(tmp_path_factory):
+    """Nine small images (three per class) for VLM recipes."""
+    return build_images(tmp_path_factory.mktemp("vlm-img"), per_class=3)

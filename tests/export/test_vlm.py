@@ -19,16 +19,10 @@ from models.spec import ModelSpec
 from pipeline.generate import prompt_ids
 from tasks.image_text import QUESTIONS
 
-from ..conftest import build_llava
-
 TASK, SEQ, MAX_LEN, NEW = "image-text-to-text", 64, 72, 5
 SPEC = ModelSpec(source="x", task=TASK)
 IMAGE = 320
 
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return build_llava(tmp_path_factory.mktemp("llava"))
 
 
 def _export(model, processor, folder, k):

@@ -10,20 +10,12 @@ from core.errors import RecipeError
 from pipeline.recipe import load_recipe
 from pipeline.runner import plan, run
 
-from ..conftest import build_images, build_llava, write_recipe
+from ..conftest import write_recipe
 
 TASK = "image-text-to-text"
 SEQ = 64  # the tiny BPE spells a question in about 35 tokens, after 16 image tokens
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return build_llava(tmp_path_factory.mktemp("llava"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return build_images(tmp_path_factory.mktemp("img"), per_class=3)
 
 
 def vlm_recipe(model_dir, images, stages, **export) -> dict:
@@ -38,11 +30,11 @@ def prune_tokens(**kw) -> dict:
     return {"type": "token_prune", "method": "cls_attention", "keep": 6, "layer": 1, "output": True, **kw}
 
 
-def test_token_prune_lm_wanda_int8_runs(llava_dir, images, tmp_path):
+def test_token_prune_lm_wanda_int8_runs(llava_dir, vlm_images, tmp_path):
     stages = [{"type": "calibrate"},
               {"type": "prune_weights", "method": "wanda", "sparsity": 0.5, "targets": ["re:.*language_model\\."]},
               prune_tokens(), {"type": "export"}, {"type": "quantize", "format": "int8"}, {"type": "evaluate"}]
-    out = run(write_recipe(tmp_path, vlm_recipe(llava_dir, images, stages)), output=tmp_path / "out")
+    out = run(write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, stages)), output=tmp_path / "out")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["ran"] * 6
     by = {s["type"]: s["metrics"] for s in manifest["stages"]}
@@ -56,9 +48,9 @@ def test_token_prune_lm_wanda_int8_runs(llava_dir, images, tmp_path):
     assert 0 <= cmp["token_agreement"] <= 1 and 0 <= cmp["answer_match"] <= 1 and cmp["samples"] == 4
 
 
-def test_token_prune_fp16_exports(llava_dir, images, tmp_path):
+def test_token_prune_fp16_exports(llava_dir, vlm_images, tmp_path):
     stages = [prune_tokens(method="divprune"), {"type": "export"}, {"type": "quantize", "format": "fp16"}]
-    out = run(write_recipe(tmp_path, vlm_recipe(llava_dir, images, stages)), output=tmp_path / "out")
+    out = run(write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, stages)), output=tmp_path / "out")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["status"] for s in manifest["stages"]] == ["ran"] * 3
     assert manifest["stages"][0]["metrics"]["method"] == "divprune"
@@ -71,8 +63,8 @@ def test_token_prune_fp16_exports(llava_dir, images, tmp_path):
     (prune_tokens(output=False), "stages[1].output: a vision-language model prunes the patches its projector reads"),
     (prune_tokens(method="trim", keep=None, prompt="a dog"), "stages[1].method: trim scores patches in CLIP's"),
 ])
-def test_bad_vlm_token_prune_is_one_line(llava_dir, images, tmp_path, stage, message):
-    recipe = vlm_recipe(llava_dir, images, [{"type": "calibrate"}, stage])
+def test_bad_vlm_token_prune_is_one_line(llava_dir, vlm_images, tmp_path, stage, message):
+    recipe = vlm_recipe(llava_dir, vlm_images, [{"type": "calibrate"}, stage])
     with pytest.raises(RecipeError) as e:
         plan(load_recipe(write_recipe(tmp_path, recipe)))
     assert message in str(e.value) and "\n" not in str(e.value)

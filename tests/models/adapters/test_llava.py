@@ -14,15 +14,9 @@ from models.spec import ModelSpec
 from tasks import TASKS, TaskModel
 from tasks.image_text import feature_block, image_count, processor_image_count, prompt_ids
 
-from ...conftest import build_llava
-
 TASK = "image-text-to-text"
 K = 6
 
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return build_llava(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture
