@@ -81,6 +81,10 @@ class Task(ABC):
                 raise RecipeError(f"task {self.name!r} has no metric for {name} (its gate fields: {able})",
                                   field=f"evaluation.accept.{name}")
 
+    def check_checkpoint(self, model: nn.Module, folder: Path) -> None:
+        """Before any work: what the task needs of a local checkpoint beyond its weights (``model``: its
+        structure on the meta device)."""
+
     def check_gradients(self, field: str) -> None:
         """Raise a RecipeError when the task has no loss to take gradients of (GBLM)."""
 

@@ -135,6 +135,18 @@ class ImageTextToText(ImageTask):
 
         return AutoProcessor.from_pretrained(where, **kw)
 
+    def check_checkpoint(self, model: nn.Module, folder: Path) -> None:
+        """The saved processor must know the patch size and name the model's image placeholder."""
+        processor = self.preprocessor(folder)
+        if not getattr(processor, "patch_size", None):
+            raise RecipeError(f"'{folder}' has no processor with the vision patch_size (processor_config.json): save "
+                              "the model's LlavaProcessor with patch_size set", field="model.source")
+        want = pretrained(model).config.image_token_id
+        if getattr(processor, "image_token_id", None) != want:
+            raise RecipeError(f"the processor's image token is id {getattr(processor, 'image_token_id', None)} and the "
+                              f"model's image_token_id is {want}: save the processor with the model's image token",
+                              field="model.source")
+
     def calibration_batches(self, preprocessor, spec, field: str = "calibration",
                             image_size: int | None = None) -> Batches:
         images = random_images(preprocessor.image_processor, load_images(spec, field), spec, image_size)

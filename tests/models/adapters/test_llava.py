@@ -118,3 +118,21 @@ def test_prompt_layout(llava_dir):
     assert processor_image_count(processor, torch.zeros(1, 3, 32, 32)) == 16
     ids = prompt_ids(processor.tokenizer, "What shape?", 320, 3)
     assert ids[:4] == [320, 320, 320, processor.tokenizer.convert_tokens_to_ids("<|im_start|>")]
+
+
+def test_checkpoint_without_patch_size_or_with_another_image_token_is_one_line(llava_dir, tmp_path):
+    import json
+    import shutil
+
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir)
+    TASK_OBJ.check_checkpoint(model, llava_dir)
+    for key, value, message in (("patch_size", None, "has no processor with the vision patch_size"),
+                                ("image_token", "<|endoftext|>", "the processor's image token is id 0 and the "
+                                                                 "model's image_token_id is 320")):
+        folder = tmp_path / key
+        shutil.copytree(llava_dir, folder)
+        config = json.loads((folder / "processor_config.json").read_text())
+        (folder / "processor_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(RecipeError, match=message) as e:
+            TASK_OBJ.check_checkpoint(model, folder)
+        assert str(e.value).startswith("model.source: ") and "\n" not in str(e.value)
