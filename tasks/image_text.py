@@ -39,7 +39,7 @@ from .metrics import Run
 # Questions paired with the images in turn (easy-VQA's kinds: shape, colour, yes/no); calibration
 # and evaluation folders hold images only.
 QUESTIONS = ("What shape is in the image?", "What color is the shape?", "Does the image contain a circle?")
-TOKEN_PRUNER = "token_pruner"  # tasks/model.py's attribute (imported there from the registry: no import cycle)
+TOKEN_PRUNER = "token_pruner"  # tasks/model.py's name for it; importing that would cycle (model.py -> registry -> here)
 
 
 def feature_block(config) -> int:
