@@ -34,6 +34,7 @@ class AcceptSpec(Section):
     min_mean_cosine: float | None = Field(default=None, ge=-1, le=1)  # embedding tasks
     min_min_cosine: float | None = Field(default=None, ge=-1, le=1)  # embedding tasks: the worst sample
     min_top1_retained: float | None = Field(default=None, ge=0, le=1)  # image-classification: top-1 agreement
+    min_answer_match: float | None = Field(default=None, ge=0, le=1)  # image-text-to-text: first answer token kept
 
     @model_validator(mode="after")
     def _not_empty(self):

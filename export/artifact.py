@@ -31,7 +31,7 @@ TITLE = "org.opencontainers.image.title"
 PREPROCESSOR = "preprocessor"  # the tokenizer or image processor config the graph's inputs need (export stage)
 GENERATION = "generation"  # a decoder's generation config (export stage); its tokenizer is in preprocessor/
 ENGINES = "build/engines/"
-_TOP = ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data")
+_TOP = ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data", "vision.onnx", "vision.onnx.data")
 _FOLDERS = (PREPROCESSOR, GENERATION, "build", "stages")
 
 

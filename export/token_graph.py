@@ -34,7 +34,7 @@ def check_export(tokens, model: onnx.ModelProto, path: Path, module, inputs: lis
         raise StageFailed("token selection exported a TopK whose K is computed in the graph; the engine needs a "
                           "constant K (static shapes)", field="export")
     report = {"topk_k": sorted(set(ks)), **tokens.describe()}
-    if tokens.placement.output:
+    if tokens.output_names:  # the graph outputs the indices (a VLM's graph goes on to logits: parity covers it)
         report["index_parity"] = _index_parity(path, module, inputs)
     report["companions"] = [_export_companion(path.parent, c, opset, rtol) for c in tokens.companions]
     return report

@@ -49,7 +49,8 @@ def plain_form(model: nn.Module, adapter: Adapter) -> PlainForm:
         kinds = sorted({f"{s.num_heads}/{s.num_kv_heads}/{s.intermediate_size}" for s in shapes})
         return PlainForm(None, reason=f"its layers differ in shape (heads/KV heads/MLP width: {', '.join(kinds)}), "
                                       "which one config cannot describe", blocker="layers")
-    config = _sized_config(hf.config, shapes[0], blocks[0].head_dim, adapter, _heads_changed(hf.config, shapes[0]))
+    changed = _heads_changed(adapter.block_config(hf.config), shapes[0])
+    config = _sized_config(hf.config, shapes[0], blocks[0].head_dim, adapter, changed)
     try:
         with torch.device("meta"):
             stock = type(hf)._from_config(config)
@@ -80,9 +81,10 @@ def _heads_changed(config, shape: BlockShape) -> bool:
 def _sized_config(config: Any, shape: BlockShape, head_dim: int, adapter: Adapter, heads_changed: bool):
     """A copy of ``config`` with the block sizes of ``shape``: ``head_dim`` is written whenever the head
     count changed, since most families derive it (and the rotary width) from hidden size / heads."""
-    config = copy.deepcopy(config)
+    outer = config = copy.deepcopy(config)
     if hasattr(config, "edgeprune_structure"):
         del config.edgeprune_structure
+    config = adapter.block_config(outer)
     config.num_attention_heads = shape.num_heads
     if hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = shape.num_kv_heads
@@ -92,4 +94,4 @@ def _sized_config(config: Any, shape: BlockShape, head_dim: int, adapter: Adapte
     for flag, has_bias in zip(adapter.bias_flags, (shape.o_bias, shape.mlp_out_bias)):
         if flag is not None and has_bias:
             setattr(config, flag, True)
-    return config
+    return outer

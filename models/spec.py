@@ -10,7 +10,8 @@ from pydantic import Field
 from core.spec import Section
 
 # The task names, here because models/ sits below tasks/ (whose registry must list the same: a test checks).
-TaskName = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction"]
+TaskName = Literal["causal-lm", "feature-extraction", "image-classification", "image-feature-extraction",
+                   "image-text-to-text"]
 TASKS: tuple[TaskName, ...] = get_args(TaskName)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

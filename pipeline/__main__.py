@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="for sampling")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    g.add_argument("--image", type=Path, help="the image a VLM run (image-text-to-text) answers the prompt about")
     return p
 
 
@@ -123,7 +124,8 @@ def _command(args: argparse.Namespace) -> None:
     elif args.command == "generate":
         from .generate import generate
 
-        generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.threads, args.raw)
+        generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.threads, args.raw,
+                 image=args.image)
     else:
         _inspect(Path(args.run_dir), args.json)
 

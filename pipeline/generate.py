@@ -15,8 +15,10 @@ from typing import TextIO
 
 from core.errors import RecipeError
 from evaluation.generation import Generation, OrtDecoder, eos_ids
+from evaluation.image_generation import OrtVlm
 from export.artifact import GENERATION, PREPROCESSOR
 from export.decoder import DECODE
+from tasks.image_decoder import VISION
 
 
 def prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
@@ -45,9 +47,10 @@ class _Stream:
 
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
              threads: int | None = None, raw: bool = False, out: TextIO | None = None,
-             err: TextIO | None = None) -> Generation:
-    """Stream the generated text to ``out`` (stdout) and the timing line to ``err`` (stderr)."""
-    from transformers import AutoTokenizer, GenerationConfig
+             err: TextIO | None = None, image: Path | None = None) -> Generation:
+    """Stream the generated text to ``out`` (stdout) and the timing line to ``err`` (stderr); a VLM run
+    (vision.onnx beside the decoder graphs) answers ``prompt`` about ``image``."""
+    from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
     out, err = out or sys.stdout, err or sys.stderr
     folder = Path(run_dir)
@@ -58,14 +61,39 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, temper
     manifest = folder / "manifest.json"
     recorded = (json.loads(manifest.read_text()).get("onnx") or {}) if manifest.is_file() else {}
     disabled = tuple(recorded.get("onnxruntime", {}).get("disabled_optimizers", ()))
-    tokenizer = AutoTokenizer.from_pretrained(folder / PREPROCESSOR)
+    vision = (folder / f"{VISION}.onnx").exists()
+    if vision != (image is not None):
+        raise RecipeError(f"'{folder}' is a VLM run: give --image" if vision else
+                          f"'{folder}' has no vision graph ({VISION}.onnx): --image needs an image-text-to-text run",
+                          field="--image")
     eos = eos_ids(GenerationConfig.from_pretrained(folder / GENERATION))
-    ids = prompt_ids(tokenizer, prompt, raw)
-    decoder = OrtDecoder(folder / "model.onnx", threads, disabled)
-    result = decoder.generate(ids, max_new_tokens, temperature, eos, seed, _Stream(tokenizer, out))
+    if image is not None:
+        processor = AutoProcessor.from_pretrained(folder / PREPROCESSOR)
+        tokenizer, ids = processor.tokenizer, prompt_ids(processor.tokenizer, prompt, raw)
+        vlm = OrtVlm(folder, threads, disabled)
+        result = vlm.generate(_pixels(processor, image), ids, processor.image_token_id, max_new_tokens, temperature,
+                              eos, seed, _Stream(tokenizer, out))
+        ids = result.prompt
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder / PREPROCESSOR)
+        ids = prompt_ids(tokenizer, prompt, raw)
+        decoder = OrtDecoder(folder / "model.onnx", threads, disabled)
+        result = decoder.generate(ids, max_new_tokens, temperature, eos, seed, _Stream(tokenizer, out))
     out.write("\n")
     out.flush()
     speed = f"{result.tokens_per_s:.1f} tokens/s" if result.tokens_per_s else "no decode step"
     err.write(f"{len(ids)} prompt tokens; first token after {result.first_token_s * 1e3:.0f} ms; "
               f"{len(result.tokens)} new tokens, {speed}\n")
     return result
+
+
+def _pixels(processor, image: Path):
+    """The image as the shipped image processor prepares it (numpy, no torch)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as img:
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise RecipeError(f"cannot read image '{image}': {e}", field="--image") from None
+    return processor.image_processor(images=[rgb], return_tensors="np")["pixel_values"]

@@ -339,7 +339,7 @@ def _check_stage_order(recipe: Recipe) -> None:
             if changing:
                 raise RecipeError(f"'{changing[0]}' comes after {args.type}: put {args.type} after every stage that "
                                   "changes the model (it only changes the deployed graph)", field=where)
-        replaced = stage_cls.replaces_outputs(args)
+        replaced = stage_cls.replaces_outputs(args, recipe.model.task)
         comparing = [later.type for later in recipe.stages[i + 1:] if REGISTRY[later.type].compares_with_dense]
         if replaced and comparing:
             key = replaced.split()[0]

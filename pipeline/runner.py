@@ -68,6 +68,8 @@ def plan(recipe: Recipe) -> Plan:
         raise RecipeError("the quality gate reads the evaluate stage's numbers; add '- type: evaluate' last",
                           field="evaluation.accept")
     meta = models.meta_model(recipe.model, source, task)
+    if source.kind == "folder":
+        task.check_checkpoint(meta, source.local)
     stages = [REGISTRY[a.type](a) for a in recipe.stages]
     for i, stage in enumerate(stages):
         stage.validate(recipe, meta, adapter, f"stages[{i}]")

@@ -104,9 +104,9 @@ class Stage(ABC):
         return set()
 
     @classmethod
-    def replaces_outputs(cls, args) -> str | None:
+    def replaces_outputs(cls, args, task: str) -> str | None:
         """The argument through which the deployed graph's outputs stop being the task's (so nothing
-        dense compares with them), with why; None when they stay the task's."""
+        dense compares with them), with why; None when they stay the task's (``task``: the recipe's)."""
         return None
 
     def validate(self, recipe, model, adapter, field: str) -> None:

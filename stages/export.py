@@ -18,14 +18,19 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from rich.markup import escape
 
-from export import decoder, token_graph
+from core.errors import RecipeError
+from export import decoder, token_graph, vlm
 from export import onnx as onnx_export
 from export.artifact import GENERATION, PREPROCESSOR
 from export.gate import MAIN, GateGraph, gate
 from models.adapters import pretrained
+from tasks import TASKS
 from tasks.decoder import check_decoder, is_cache
+from tasks.image_decoder import VISION
+from tasks.image_text import QUESTIONS, image_count, prompt_ids
 
 from .base import (
     Stage,
@@ -56,6 +61,11 @@ class Export(Stage):
         check_positions(recipe, model, recipe.export.seq_len, "export.seq_len")
         if recipe.export.decoder is not None:
             check_decoder(model, adapter, recipe.model.task, recipe.export.decoder.max_len, "export.decoder")
+            later = [a.type for a in recipe.stages if a.type in ("quantize", "evaluate")]
+            if TASKS[recipe.model.task].reads_pruned_tokens and later:
+                raise RecipeError(f"an image-text-to-text run with export.decoder ends at export: its three graphs "
+                                  f"have no '{later[0]}' yet (remove it, or export.decoder for the one-graph "
+                                  "logits export)", field="export.decoder")
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         ex = ctx.recipe.export
@@ -65,7 +75,11 @@ class Export(Stage):
         t0 = time.perf_counter()
         bar = ctx.events.task("export", total=2)  # two long, opaque steps: the bar shows which and for how long
         bar.doing("torch.onnx dynamo trace" + (" (prefill and decode graphs)" if ex.decoder else ""))
-        if ex.decoder is None:
+        vlm_graphs = _vlm_graphs(ctx) if ex.decoder is not None and ctx.task.reads_pruned_tokens else None
+        if vlm_graphs is not None:
+            protos, examples = [g.proto for g in vlm_graphs], [[g.example] for g in vlm_graphs]
+            pretrained(ctx.model).generation_config.save_pretrained(ctx.workdir / GENERATION)
+        elif ex.decoder is None:
             protos = [onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)]
             examples = [inputs]
         else:
@@ -75,10 +89,11 @@ class Export(Stage):
             pretrained(ctx.model).generation_config.save_pretrained(ctx.workdir / GENERATION)
         seconds_export = time.perf_counter() - t0
         ctx.preprocessor.save_pretrained(ctx.workdir / PREPROCESSOR)
-        names = [MAIN, decoder.DECODE][:len(protos)]
-        paths = [path, path.with_name(f"{decoder.DECODE}.onnx")]
-        graphs = [GateGraph(name, proto, p, p, module, exs, {**graph_record(proto, p), "exporter": "torch.onnx dynamo"},
-                            ex.rtol) for name, proto, p, exs in zip(names, protos, paths, examples)]
+        names = [MAIN, decoder.DECODE, VISION][:len(protos)]
+        paths = [path, path.with_name(f"{decoder.DECODE}.onnx"), path.with_name(f"{VISION}.onnx")]
+        modules = [g.module for g in vlm_graphs] if vlm_graphs is not None else [module] * len(protos)
+        graphs = [GateGraph(name, proto, p, p, m, exs, {**graph_record(proto, p), "exporter": "torch.onnx dynamo"},
+                            ex.rtol) for name, proto, p, m, exs in zip(names, protos, paths, modules, examples)]
         bar.advance()
         bar.doing("parity with PyTorch, TensorRT readiness")
         reports = gate(graphs, ctx.sparsity, ex.tensorrt, folder, field="export", rtol_field="export.rtol",
@@ -93,8 +108,10 @@ class Export(Stage):
             info[decoder.DECODE] = graphs[1].info
             info["decoder"] = {"prefill_len": ex.seq_len, "max_len": ex.decoder.max_len,
                                "weights": f"{path.name}.data", "generation": GENERATION}
-        if module.tokens is not None:
-            info["token_pruning"] = token_graph.check_export(module.tokens, protos[0], path, module, inputs, ex.opset,
+        if vlm_graphs is not None:
+            info[VISION] = graphs[2].info
+        if module.tokens is not None:  # the selector sits in the vision graph when there is one
+            info["token_pruning"] = token_graph.check_export(module.tokens, protos[-1], path, module, inputs, ex.opset,
                                                              ex.rtol)
         ctx.onnx = OnnxArtifact(path, info)
         ctx.onnx.save(folder / "onnx.json")
@@ -112,6 +129,20 @@ class Export(Stage):
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.onnx = OnnxArtifact.load(ctx.workdir / "model.onnx", folder / "onnx.json")
+
+
+def _vlm_graphs(ctx: RunContext) -> list[vlm.Exported]:
+    """A VLM's three graphs, traced on one calibration image and the first question behind its K placeholders."""
+    ex = ctx.recipe.export
+    spec = ctx.recipe.calibration.model_copy(update={"num_samples": 1, "seq_len": ex.seq_len, "batch_size": 1})
+    pixels = ctx.task.calibration_batches(ctx.preprocessor, spec, image_size=ex.image_size).batches[0].inputs
+    processor = ctx.preprocessor
+    row = prompt_ids(processor.tokenizer, QUESTIONS[0], processor.image_token_id, image_count(ctx.model))
+    ids = torch.zeros(1, ex.seq_len, dtype=torch.long)
+    ids[0, :len(row)] = torch.tensor(row)
+    assert ex.decoder is not None
+    return vlm.export(ctx.model, ctx.recipe.model, ctx.adapter, ex.decoder.max_len, pixels["pixel_values"], ids,
+                      ctx.workdir, ex.opset)
 
 
 def _io_rows(graph: str, kind: str, tensors: list[dict]) -> list[list]:

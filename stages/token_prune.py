@@ -29,6 +29,7 @@ from methods.tokens.base import Build, Env, Method, block_index, check_keep
 from methods.tokens.pruner import Placement, TokenPruner
 from models import loading as models
 from tasks import TASKS
+from tasks.image_text import feature_block
 
 from .base import Stage, StageArgs, StageResult, Table
 from .context import RunContext
@@ -74,8 +75,10 @@ class TokenPrune(Stage):
     after_model_changes = True  # it hooks the model as it is: a later weight change would not be selected on
 
     @classmethod
-    def replaces_outputs(cls, args):
-        return "output (an encoder ended at its feature layer)" if args.output else None
+    def replaces_outputs(cls, args, task):
+        if args.output and not TASKS[task].reads_pruned_tokens:
+            return "output (an encoder ended at its feature layer)"
+        return None
 
     @classmethod
     def needs_calibration(cls, args):
@@ -94,7 +97,7 @@ class TokenPrune(Stage):
     def _resolve(self, model, adapter, field: str) -> Resolved:
         a = self.args
         tokens = adapter.vision_tokens(model)
-        blocks = len(adapter.blocks(model))
+        blocks = len(adapter.vision_blocks(model))
         layer = block_index(a.layer, blocks, f"{field}.layer")
         keep = None if a.keep is None else keep_count(a.keep, tokens.patches, f"{field}.keep")
         object_layer = self.selector.resolve(a, layer, blocks, keep, field)
@@ -112,7 +115,9 @@ class TokenPrune(Stage):
         r = self._resolve(model, adapter, field)
         for i, keep in enumerate(a.sweep):
             keep_count(keep, r.patches, f"{field}.sweep[{i}]")
-        if a.output and not TASKS[task].embeds:
+        if adapter.projects_image_tokens:
+            _check_vlm(a, r, model, field)
+        elif a.output and not TASKS[task].embeds:
             raise RecipeError("output: true ends the encoder at its feature layer (before a VLM projector); "
                               "it needs task image-feature-extraction", field=f"{field}.output")
         self.selector.validate(a, recipe.model, model, adapter, field)
@@ -157,6 +162,22 @@ class TokenPrune(Stage):
         if self.selector.text_tower:
             text = models.load_model(ctx.recipe.model, ctx.source, TASKS["feature-extraction"])
         return Env(ctx.model, ctx.adapter, ctx.recipe.export.batch_size, text)
+
+
+def _check_vlm(args, r: Resolved, model, field: str) -> None:
+    """A VLM prunes where its projector reads: the output of the vision feature layer, [CLS] dropped."""
+    config = model.config
+    block = feature_block(config)
+    if not args.output:
+        raise RecipeError("a vision-language model prunes the patches its projector reads: set output: true "
+                          f"and layer: {block} (its vision_feature_layer)", field=f"{field}.output")
+    if r.placement.layer != block:
+        raise RecipeError(f"layer {args.layer} is not where the projector reads: vision_feature_layer "
+                          f"{config.vision_feature_layer} is block {block}; set layer: {block}", field=f"{field}.layer")
+    if config.vision_feature_select_strategy != "default":
+        raise RecipeError("token pruning selects patch tokens, and this model's projector also reads [CLS] "
+                          "(vision_feature_select_strategy 'full'); only 'default' models can be pruned",
+                          field=f"{field}.type")
 
 
 def _install(ctx: RunContext, placement: Placement, build: Build) -> TokenPruner:

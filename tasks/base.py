@@ -46,6 +46,8 @@ class Task(ABC):
     output_names: ClassVar[tuple[str, ...]]  # and its outputs
     embeds: ClassVar[bool] = False  # outputs (embedding, last_hidden_state): the encoder's features, no head
     gradients_in_train_mode: ClassVar[bool] = False  # dropout on while the gradient loss runs
+    # a vision-language task: an output-placed token pruner's patches go on into its language model
+    reads_pruned_tokens: ClassVar[bool] = False
     generates: ClassVar[bool] = False  # a text generator: export.decoder can deploy it (tasks/decoder.py)
     source_hint: ClassVar[str]  # which sources give this modality (error messages)
     # evaluation.accept fields this task can be gated on -> the key of quality()'s "comparison" each bounds
@@ -79,6 +81,10 @@ class Task(ABC):
                 raise RecipeError(f"task {self.name!r} has no metric for {name} (its gate fields: {able})",
                                   field=f"evaluation.accept.{name}")
 
+    def check_checkpoint(self, model: nn.Module, folder: Path) -> None:
+        """Before any work: what the task needs of a local checkpoint beyond its weights (``model``: its
+        structure on the meta device)."""
+
     def check_gradients(self, field: str) -> None:
         """Raise a RecipeError when the task has no loss to take gradients of (GBLM)."""
 
@@ -99,6 +105,10 @@ class Task(ABC):
     def evaluation_batches(self, preprocessor, spec, batch_size: int, seq_len: int,
                            image_size: int | None = None, field: str = "evaluation") -> Batches:
         """Held-out samples at the export shapes ([batch_size, seq_len]) so the artifact itself can run them."""
+
+    def graph_inputs(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A data batch as ``model`` (as token pruning left it) reads it; the batch itself for most tasks."""
+        return inputs
 
     @abstractmethod
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
@@ -138,7 +148,7 @@ class TextTask(Task):
 
 class ImageTask(Task):
     modality = "images"
-    input_names = ("pixel_values",)
+    input_names: ClassVar[tuple[str, ...]] = ("pixel_values",)
     source_hint = "set source 'images' with a folder path, or 'datasets' (the built-in data is text)"
 
     def preprocessor(self, where: str | Path, **kw) -> object:

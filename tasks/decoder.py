@@ -84,7 +84,8 @@ def check_decoder(model: nn.Module, adapter: Adapter, task: str, max_len: int, f
     """Before any work: the task generates, the family's attention goes through the cache object, and
     no sliding window is shorter than the cache (the explicit mask would widen it)."""
     if not TASKS[task].generates:
-        raise RecipeError(f"task {task!r} does not generate text; decoder graphs are for causal-lm", field=field)
+        raise RecipeError(f"task {task!r} does not generate text; decoder graphs are for causal-lm and "
+                          "image-text-to-text", field=field)
     if not adapter.static_kv_cache:
         raise RecipeError(f"{adapter.family} models have no static KV-cache export; families that do: llama (llama, "
                           "qwen2, mistral), qwen3, phi3", field=field)
@@ -110,6 +111,10 @@ class CachedDecoder(TaskModel):
         self.input_names = (*STEP_INPUTS, *_cache_names(PAST, len(self.layout)))
         self.output_names = (self.task.output_names[0], *_cache_names(PRESENT, len(self.layout)))
 
+    def logits(self, tokens: dict[str, torch.Tensor], **kw) -> torch.Tensor:
+        """The model's logits for one call (``kw``: positions, mask, cache)."""
+        return self.model(**tokens, **kw).logits
+
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         dtype = next(self.model.parameters()).dtype
         return [torch.zeros(batch, heads, self.max_len, dim, dtype=dtype) for heads, dim in self.layout for _ in "kv"]
@@ -132,8 +137,13 @@ class CachedDecoder(TaskModel):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         input_ids, position_ids, cache_position, *past = inputs
+        return self.cached({"input_ids": input_ids}, position_ids, cache_position, past)
+
+    def cached(self, tokens: dict[str, torch.Tensor], position_ids: torch.Tensor, cache_position: torch.Tensor,
+               past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One call over the cache; ``tokens`` is {"input_ids": ...} or {"inputs_embeds": ...} (a VLM's prefill)."""
         layers = [_SlotLayer(past[2 * i], past[2 * i + 1], cache_position) for i in range(len(past) // 2)]
-        mask = visible(cache_position, self.max_len, input_ids.shape[0], past[0].dtype)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                         cache=Cache(layers=[*layers]), use_cache=True)
-        return (out.logits, *(t for layer in layers for t in (layer.keys, layer.values)))
+        mask = visible(cache_position, self.max_len, position_ids.shape[0], past[0].dtype)
+        logits = self.logits(tokens, position_ids=position_ids, attention_mask=mask, cache=Cache(layers=[*layers]),
+                             use_cache=True)
+        return (logits, *(t for layer in layers for t in (layer.keys, layer.values)))

@@ -53,6 +53,7 @@ class TaskModel(nn.Module):
 
     def example(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Positional inputs for a data batch; inputs data does not carry come from the token pruner."""
+        inputs = self.task.graph_inputs(self.model, inputs)
         batch = next(iter(inputs.values())).shape[0]
         return tuple(inputs[n] if n in inputs else self._default(n, batch) for n in self.input_names)
 

@@ -13,8 +13,10 @@ from .causal_lm import CausalLM
 from .feature_extraction import FeatureExtraction
 from .image_classification import ImageClassification
 from .image_features import ImageFeatures
+from .image_text import ImageTextToText
 
-TASKS: dict[str, Task] = {t.name: t for t in (CausalLM(), FeatureExtraction(), ImageClassification(), ImageFeatures())}
+TASKS: dict[str, Task] = {t.name: t for t in (CausalLM(), FeatureExtraction(), ImageClassification(), ImageFeatures(),
+                                             ImageTextToText())}
 
 
 def load_checkpoint(folder: str | Path) -> tuple[nn.Module, object]:

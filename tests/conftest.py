@@ -234,3 +234,40 @@ def deploy_run(bert_dir, tmp_path_factory):
     stages = [{"type": "calibrate"}, {"type": "prune_weights", "method": "magnitude", "pattern": "2:4"},
               {"type": "export"}]
     return run(write_recipe(tmp, text_recipe(bert_dir, "feature-extraction", stages)), output=tmp / "run")
+
+
+def build_llava(folder: Path) -> Path:
+    """A tiny LLaVA: CLIP vision tower (32 px, 8 px patches: 16 patches; 3 blocks, features at block 1, the
+    penultimate) -> 2-layer MLP projector -> the tiny BPE Llama, with "<image>" (id 320) as the placeholder,
+    saved with its LlavaProcessor (CLIP image processor, BPE tokenizer with a chat template)."""
+    import transformers as tf
+
+    tok = build_bpe_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    text = tf.LlamaConfig(vocab_size=len(tok) + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    vision = tf.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=3, num_attention_heads=4)
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, image_seq_length=16,
+                         tie_word_embeddings=True)
+    tf.LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    image = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tf.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                      image_token="<image>", num_additional_image_tokens=1,
+                      chat_template=CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return build_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def vlm_images(tmp_path_factory):
+    """Nine small images (three per class) for VLM recipes."""
+    return build_images(tmp_path_factory.mktemp("vlm-img"), per_class=3)

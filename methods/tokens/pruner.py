@@ -47,10 +47,11 @@ class TokenPruner:
         self.model, self.method, self.placement = model, method, placement
         layout = adapter.vision_tokens(model)
         self.prefix, self.cols, self.patches = layout.prefix, layout.cols, layout.patches
-        blocks = adapter.blocks(model)
+        blocks = adapter.vision_blocks(model)
         self.block = blocks[placement.layer]
         self.input_names: tuple[str, ...] = method.inputs
-        self.output_names = OUTPUT_NAMES if placement.output else None
+        # a VLM's projector reads the selected patches (`features`): the graph keeps the model's outputs
+        self.output_names = OUTPUT_NAMES if placement.output and not adapter.projects_image_tokens else None
         self.defaults = defaults or {}  # graph inputs the data does not carry, per input [1, ...]
         self.companions = companions  # graphs exported next to model.onnx (TRIM's text encoder)
         self.last_index: torch.Tensor | None = None
@@ -88,7 +89,14 @@ class TokenPruner:
             out = forward()
         finally:
             self._inputs, self._object_score = {}, None
-        return self._features if self.placement.output else out
+        return self._features if self.output_names else out
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The selected patch features [B, K(+1), D] of the encoder's last pass (``output`` placement)."""
+        if self._features is None:
+            raise RuntimeError("no patches were selected: the vision tower has not run with an output placement")
+        return self._features[0]
 
     def default(self, name: str, batch: int) -> torch.Tensor:
         return self.defaults[name].expand(batch, *self.defaults[name].shape[1:])

@@ -279,6 +279,9 @@ class Adapter:
     # Every attention layer hands its keys and values to the model's cache object and reads the 4D mask
     # given to the model: what the static KV-cache decoder export relies on (tasks/decoder.py).
     static_kv_cache: ClassVar[bool] = False
+    # A vision-language model: token pruning's selected patches go on through its projector into the
+    # language model instead of ending the graph (models/adapters/llava.py, tasks/image_text.py).
+    projects_image_tokens: ClassVar[bool] = False
 
     def layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The (name, ModuleList) holding the transformer blocks."""
@@ -301,6 +304,11 @@ class Adapter:
         """
         name, layers = self.layers(model)
         return {name: [self._block(model, f"{name}.{i}", i, layer) for i, layer in enumerate(layers)]}
+
+    def vision_blocks(self, model: nn.Module) -> list[Block]:
+        """The blocks token pruning selects in: the model's own for a vision encoder, the vision tower's
+        for a vision-language model."""
+        return self.blocks(model)
 
     def blocks(self, model: nn.Module) -> list[Block]:
         """The blocks of a one-tower model: what the stages calibrate and prune."""
@@ -375,6 +383,10 @@ class Adapter:
                     else None)
         self.slice_block(model, block, heads, range(shape.num_kv_heads), range(shape.intermediate_size),
                          o_bias, mlp_bias)
+
+    def block_config(self, config):
+        """The (sub-)config whose sizes describe `blocks`: the config itself, a VLM's text config."""
+        return config
 
     def input_embedding(self, model: nn.Module) -> nn.Module:
         """The module whose output feeds block 0 (its output is made to require grad for gradients)."""

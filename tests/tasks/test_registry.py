@@ -18,7 +18,8 @@ def test_registry_names_equal_the_model_spec_names():
 def test_modality_follows_the_task_family():
     assert {n for n, t in TASKS.items() if isinstance(t, TextTask)} == {"causal-lm", "feature-extraction"}
     assert {n for n, t in TASKS.items() if isinstance(t, ImageTask)} == {"image-classification",
-                                                                        "image-feature-extraction"}
+                                                                        "image-feature-extraction",
+                                                                        "image-text-to-text"}
     assert {t.modality for t in TASKS.values()} == {"text", "images"}
     assert [n for n, t in TASKS.items() if t.embeds] == ["feature-extraction", "image-feature-extraction"]
     assert [n for n, t in TASKS.items() if t.gradients_in_train_mode] == ["feature-extraction"]

@@ -1,0 +1,60 @@
+"""A VLM's three graphs: vision.onnx, and the prefill and decode graphs sharing model.onnx.data.
+
+The modules are tasks/image_decoder.py's; the decoder pair is written as export/decoder.py writes a
+causal LM's (large initializers once, matched by content), the vision graph on its own (its
+weights, the vision tower's and the projector's, are in no other graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from models.adapters import Adapter
+from models.spec import ModelSpec
+from tasks.image_decoder import VISION, ImageDecoder, ImagePrefill, VisionGraph
+
+from . import onnx as onnx_export
+from .decoder import DECODE, save_shared
+from .gate import MAIN
+
+
+@dataclass(frozen=True)
+class Exported:
+    """One written graph, with the module and example inputs it must agree with."""
+
+    name: str
+    proto: onnx.ModelProto
+    path: Path
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+
+
+def export(model: nn.Module, spec: ModelSpec, adapter: Adapter, max_len: int, pixel_values: torch.Tensor,
+           input_ids: torch.Tensor, folder: Path, opset: int) -> list[Exported]:
+    """The prefill graph (model.onnx), the decode graph (decode.onnx) and the vision graph (vision.onnx),
+    traced on one image (``pixel_values`` [1, 3, H, W]) and its prompt (``input_ids`` [1, seq_len], K
+    placeholders first, right-padded)."""
+    vision = VisionGraph(model, spec).eval()
+    prefill = ImagePrefill(model, spec, adapter, max_len).eval()
+    decode = ImageDecoder(model, spec, adapter, max_len).eval()
+    with torch.no_grad():
+        images = vision(pixel_values)[0]
+    pos = torch.arange(input_ids.shape[1])
+    first = (input_ids, pos.repeat(1, 1), pos, *prefill.empty_cache(1), images)  # no aliased inputs: they trace symbolic
+    step = prefill.step(first)
+    pair = [onnx_export.convert(m, ex, m.input_names, m.output_names, opset) for m, ex in ((prefill, first),
+                                                                                        (decode, step))]
+    paths = [folder / "model.onnx", folder / f"{DECODE}.onnx"]
+    save_shared(pair, paths)
+    for p in paths:
+        onnx.checker.check_model(str(p), full_check=True)
+    vision_path = folder / f"{VISION}.onnx"
+    vision_proto = onnx_export.export(vision, (pixel_values,), vision_path, vision.input_names, vision.output_names,
+                                      opset)
+    return [Exported(MAIN, pair[0], paths[0], prefill, first), Exported(DECODE, pair[1], paths[1], decode, step),
+            Exported(VISION, vision_proto, vision_path, vision, (pixel_values,))]

@@ -1,0 +1,94 @@
+"""A VLM run with export.decoder: three graphs through the gate, and `pipeline generate --image` answering
+with the tokens the pruned PyTorch model generates."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from core.errors import RecipeError
+from methods.tokens.cls_attention import ClsAttention
+from methods.tokens.pruner import Placement, TokenPruner
+from models.adapters import adapter_for
+from pipeline.generate import generate, prompt_ids
+from pipeline.recipe import load_recipe
+from pipeline.runner import plan, run
+
+from ..conftest import write_recipe
+
+QUESTION, NEW = "What color is the shape?", 6
+
+
+
+
+def recipe(model_dir, images, stages) -> dict:
+    return {"name": "g", "model": {"source": str(model_dir), "task": "image-text-to-text"},
+            "calibration": {"source": "images", "path": str(images), "num_samples": 4, "seq_len": 64, "batch_size": 2},
+            "stages": stages, "export": {"seq_len": 64, "batch_size": 1, "decoder": {"max_len": 80}}}
+
+
+PRUNE = {"type": "token_prune", "method": "cls_attention", "keep": 6, "layer": 1, "output": True}
+
+
+@pytest.fixture(scope="module")
+def vlm_run(llava_dir, vlm_images, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    return run(write_recipe(tmp, recipe(llava_dir, vlm_images, [PRUNE, {"type": "export"}])), output=tmp / "out")
+
+
+def _reference(llava_dir, image) -> list[int]:
+    """Greedy tokens of the pruned PyTorch model: K = 6 patches at the feature layer, projected, before the question."""
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    pruner = TokenPruner(model, adapter_for("llava", "image-text-to-text"), ClsAttention(6), Placement(1, False, True))
+    pixels = torch.from_numpy(processor.image_processor(images=[Image.open(image).convert("RGB")],
+                                                        return_tensors="np")["pixel_values"])
+    with torch.no_grad():
+        feats = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        images = model.model.multi_modal_projector(feats[:, pruner.last_index[0]])
+        text = torch.tensor([prompt_ids(processor.tokenizer, QUESTION, raw=False)])
+        embeds = torch.cat([images, model.get_input_embeddings()(text)], 1)
+        return model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                              max_new_tokens=NEW, do_sample=False)[0].tolist()
+
+
+def test_vlm_run_ships_three_checked_graphs(vlm_run):
+    assert all((vlm_run / f).is_file() for f in ("vision.onnx", "model.onnx", "decode.onnx", "model.onnx.data"))
+    onnx = json.loads((vlm_run / "stages" / "01-export" / "onnx.json").read_text())
+    assert [i["name"] for i in onnx["vision"]["inputs"]] == ["pixel_values"]
+    assert onnx["vision"]["outputs"][0]["shape"] == [1, 6, 64]  # K = 6 projected image tokens
+    assert onnx["inputs"][-1] == {"name": "image_embeds", "dtype": "float32", "shape": [1, 6, 64]}
+    for g in (onnx, onnx["decode"], onnx["vision"]):
+        assert g["parity"]["max_rel_err"] <= 1e-4
+    assert onnx["tensorrt"]["ok"] and onnx["token_pruning"]["topk_k"] == [6]
+    build = json.loads((vlm_run / "build" / "build_spec.json").read_text())
+    assert [g["name"] for g in build["graphs"]] == ["model", "decode", "vision"]
+    manifest = json.loads((vlm_run / "manifest.json").read_text())
+    assert {"vision.onnx", "model.onnx", "decode.onnx"} <= {a["path"] for a in manifest["artifacts"]}
+
+
+def test_generate_with_image_equals_pruned_pytorch(vlm_run, llava_dir, vlm_images):
+    image = vlm_images / "checks" / "0.png"
+    out, err = io.StringIO(), io.StringIO()
+    result = generate(vlm_run, QUESTION, max_new_tokens=NEW, image=image, out=out, err=err)
+    assert result.prompt[:7].count(320) == 6 and result.prompt[6] != 320  # K placeholders, then the question
+    assert result.tokens == _reference(llava_dir, image)
+    assert "prompt tokens; first token after" in err.getvalue()
+
+
+def test_vlm_generate_and_recipe_errors_are_one_line(vlm_run, llava_dir, vlm_images, tmp_path):
+    with pytest.raises(RecipeError, match=r"--image: '.*' is a VLM run: give --image"):
+        generate(vlm_run, QUESTION, max_new_tokens=2, out=io.StringIO(), err=io.StringIO())
+    (tmp_path / "not-an-image.png").write_text("text")
+    with pytest.raises(RecipeError, match="--image: cannot read image"):
+        generate(vlm_run, QUESTION, max_new_tokens=2, image=tmp_path / "not-an-image.png", out=io.StringIO(),
+                 err=io.StringIO())
+    stages = [PRUNE, {"type": "export"}, {"type": "quantize", "format": "fp16"}]
+    with pytest.raises(RecipeError, match="export.decoder: an image-text-to-text run with export.decoder ends at "
+                                          "export: its three graphs have no 'quantize' yet"):
+        plan(load_recipe(write_recipe(tmp_path, recipe(llava_dir, vlm_images, stages))))

@@ -1,0 +1,73 @@
+"""A LLaVA recipe through the runner: token pruning feeding the language model, LM pruning, quantization."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.errors import RecipeError
+from pipeline.recipe import load_recipe
+from pipeline.runner import plan, run
+
+from ..conftest import write_recipe
+
+TASK = "image-text-to-text"
+SEQ = 64  # the tiny BPE spells a question in about 35 tokens, after 16 image tokens
+
+
+
+
+def vlm_recipe(model_dir, images, stages, **export) -> dict:
+    data = {"source": "images", "path": str(images)}
+    return {"name": "v", "model": {"source": str(model_dir), "task": TASK},
+            "calibration": {**data, "num_samples": 8, "seq_len": SEQ, "batch_size": 4},
+            "stages": stages, "export": {"seq_len": SEQ, "batch_size": 2, **export},
+            "evaluation": {**data, "num_samples": 4, "lee": False, "latency": {"iterations": 3, "warmup": 1}}}
+
+
+def prune_tokens(**kw) -> dict:
+    return {"type": "token_prune", "method": "cls_attention", "keep": 6, "layer": 1, "output": True, **kw}
+
+
+def test_token_prune_lm_wanda_int8_runs(llava_dir, vlm_images, tmp_path):
+    stages = [{"type": "calibrate"},
+              {"type": "prune_weights", "method": "wanda", "sparsity": 0.5, "targets": ["re:.*language_model\\."]},
+              prune_tokens(), {"type": "export"}, {"type": "quantize", "format": "int8"}, {"type": "evaluate"}]
+    recipe = vlm_recipe(llava_dir, vlm_images, stages)
+    recipe["evaluation"]["accept"] = {"min_answer_match": 0.0, "min_token_agreement": 0.0}
+    out = run(write_recipe(tmp_path, recipe), output=tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["ran"] * 6
+    assert manifest["verdict"]["accepted"] is True
+    by = {s["type"]: s["metrics"] for s in manifest["stages"]}
+    # the language model's 2 blocks x 7 Linears: 73,728 weights, half of them zeroed
+    assert (by["prune_weights"]["layers"], by["prune_weights"]["targeted_weights"]) == (14, 73_728)
+    assert by["token_prune"]["keep"] == 6 and by["token_prune"]["tokens_out"] == 6
+    onnx = json.loads((out / "stages" / "03-export" / "onnx.json").read_text())
+    assert [i["name"] for i in onnx["inputs"]] == ["pixel_values", "input_ids", "attention_mask"]
+    assert onnx["outputs"][0]["shape"] == [2, SEQ, 324] and onnx["tensorrt"]["ok"]
+    cmp = by["evaluate"]["comparison"]
+    assert 0 <= cmp["token_agreement"] <= 1 and 0 <= cmp["answer_match"] <= 1 and cmp["samples"] == 4
+
+
+def test_token_prune_fp16_exports(llava_dir, vlm_images, tmp_path):
+    stages = [prune_tokens(method="divprune"), {"type": "export"}, {"type": "quantize", "format": "fp16"}]
+    out = run(write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, stages)), output=tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["ran"] * 3
+    assert manifest["stages"][0]["metrics"]["method"] == "divprune"
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    (prune_tokens(keep=17), "stages[1].keep: keep 17 is more than the 16 patch tokens"),
+    (prune_tokens(layer=2), "stages[1].layer: layer 2 is not where the projector reads: vision_feature_layer -2 "
+                            "is block 1; set layer: 1"),
+    (prune_tokens(output=False), "stages[1].output: a vision-language model prunes the patches its projector reads"),
+    (prune_tokens(method="trim", keep=None, prompt="a dog"), "stages[1].method: trim scores patches in CLIP's"),
+])
+def test_bad_vlm_token_prune_is_one_line(llava_dir, vlm_images, tmp_path, stage, message):
+    recipe = vlm_recipe(llava_dir, vlm_images, [{"type": "calibrate"}, stage])
+    with pytest.raises(RecipeError) as e:
+        plan(load_recipe(write_recipe(tmp_path, recipe)))
+    assert message in str(e.value) and "\n" not in str(e.value)
