@@ -18,16 +18,8 @@ from evaluation.generation import Generation, OrtDecoder, eos_ids
 from evaluation.image_generation import OrtVlm
 from export.artifact import GENERATION, PREPROCESSOR
 from export.decoder import DECODE
+from tasks.chat import chat_prompt_ids
 from tasks.image_decoder import VISION
-
-
-def prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
-    """The prompt through the chat template when the tokenizer has one (and ``raw`` is off)."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
 
 
 class _Stream:
@@ -69,14 +61,14 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, temper
     eos = eos_ids(GenerationConfig.from_pretrained(folder / GENERATION))
     if image is not None:
         processor = AutoProcessor.from_pretrained(folder / PREPROCESSOR)
-        tokenizer, ids = processor.tokenizer, prompt_ids(processor.tokenizer, prompt, raw)
+        tokenizer, ids = processor.tokenizer, chat_prompt_ids(processor.tokenizer, prompt, raw)
         vlm = OrtVlm(folder, threads, disabled)
         result = vlm.generate(_pixels(processor, image), ids, processor.image_token_id, max_new_tokens, temperature,
                               eos, seed, _Stream(tokenizer, out))
         ids = result.prompt
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder / PREPROCESSOR)
-        ids = prompt_ids(tokenizer, prompt, raw)
+        ids = chat_prompt_ids(tokenizer, prompt, raw)
         decoder = OrtDecoder(folder / "model.onnx", threads, disabled)
         result = decoder.generate(ids, max_new_tokens, temperature, eos, seed, _Stream(tokenizer, out))
     out.write("\n")

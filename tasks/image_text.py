@@ -34,6 +34,7 @@ from models.adapters import pretrained
 from models.spec import ModelSpec
 
 from .base import HeldOut, ImageTask, logits_kl
+from .chat import chat_prompt_ids
 from .metrics import Run
 
 # Questions paired with the images in turn (easy-VQA's kinds: shape, colour, yes/no); calibration
@@ -111,9 +112,7 @@ def splice(model: nn.Module, input_ids: torch.Tensor, images: torch.Tensor) -> t
 
 def prompt_ids(tokenizer, question: str, image_token_id: int, k: int) -> list[int]:
     """K placeholders, then the question (through the chat template when the tokenizer has one)."""
-    from pipeline.generate import prompt_ids as text_ids
-
-    return [image_token_id] * k + text_ids(tokenizer, question, raw=False)
+    return [image_token_id] * k + chat_prompt_ids(tokenizer, question, raw=False)
 
 
 class ImageTextToText(ImageTask):

@@ -16,7 +16,7 @@ from methods.tokens.cls_attention import ClsAttention
 from methods.tokens.pruner import Placement, TokenPruner
 from models.adapters import adapter_for
 from models.spec import ModelSpec
-from pipeline.generate import prompt_ids
+from tasks.chat import chat_prompt_ids
 from tasks.image_text import QUESTIONS
 
 TASK, SEQ, MAX_LEN, NEW = "image-text-to-text", 64, 72, 5
@@ -29,13 +29,13 @@ def _export(model, processor, folder, k):
     torch.manual_seed(3)
     pixels = torch.randn(1, 3, 32, 32)
     ids = torch.zeros(1, SEQ, dtype=torch.long)
-    row = [IMAGE] * k + prompt_ids(processor.tokenizer, QUESTIONS[0], raw=False)
+    row = [IMAGE] * k + chat_prompt_ids(processor.tokenizer, QUESTIONS[0], raw=False)
     ids[0, :len(row)] = torch.tensor(row)
     return vlm.export(model, SPEC, adapter_for("llava", TASK), MAX_LEN, pixels, ids, folder, 18)
 
 
 def _ort(folder, model, processor, pixels, question):
-    text = prompt_ids(processor.tokenizer, question, raw=False)
+    text = chat_prompt_ids(processor.tokenizer, question, raw=False)
     return OrtVlm(folder).generate(pixels.numpy(), text, IMAGE, NEW, eos=eos_ids(model.generation_config)).tokens
 
 
@@ -53,7 +53,7 @@ def test_unpruned_graphs_generate_as_transformers(llava_dir, tmp_path):
     for i, question in enumerate(QUESTIONS[:2]):
         torch.manual_seed(10 + i)
         pixels = torch.randn(1, 3, 32, 32)
-        ids = torch.tensor([[IMAGE] * 16 + prompt_ids(processor.tokenizer, question, raw=False)])
+        ids = torch.tensor([[IMAGE] * 16 + chat_prompt_ids(processor.tokenizer, question, raw=False)])
         with torch.no_grad():
             ref = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=NEW, do_sample=False)[0, ids.shape[1]:].tolist()
@@ -75,7 +75,7 @@ def test_pruned_graphs_generate_as_the_pruned_model(llava_dir, tmp_path):
             idx = pruner.last_index[0]
             feats = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
             images = model.model.multi_modal_projector(feats[:, idx])
-            text = torch.tensor([prompt_ids(processor.tokenizer, question, raw=False)])
+            text = torch.tensor([chat_prompt_ids(processor.tokenizer, question, raw=False)])
             embeds = torch.cat([images, model.get_input_embeddings()(text)], 1)
             ref = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                  max_new_tokens=NEW, do_sample=False)[0].tolist()

@@ -15,9 +15,10 @@ from core.errors import RecipeError
 from methods.tokens.cls_attention import ClsAttention
 from methods.tokens.pruner import Placement, TokenPruner
 from models.adapters import adapter_for
-from pipeline.generate import generate, prompt_ids
+from pipeline.generate import generate
 from pipeline.recipe import load_recipe
 from pipeline.runner import plan, run
+from tasks.chat import chat_prompt_ids
 
 from ..conftest import write_recipe
 
@@ -51,7 +52,7 @@ def _reference(llava_dir, image) -> list[int]:
     with torch.no_grad():
         feats = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         images = model.model.multi_modal_projector(feats[:, pruner.last_index[0]])
-        text = torch.tensor([prompt_ids(processor.tokenizer, QUESTION, raw=False)])
+        text = torch.tensor([chat_prompt_ids(processor.tokenizer, QUESTION, raw=False)])
         embeds = torch.cat([images, model.get_input_embeddings()(text)], 1)
         return model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                               max_new_tokens=NEW, do_sample=False)[0].tolist()

@@ -16,9 +16,10 @@ import pytest
 from core.errors import RecipeError
 from export.registry import deployable_files, pull, push
 from pipeline.__main__ import main
-from pipeline.generate import generate, prompt_ids
+from pipeline.generate import generate
 from pipeline.recipe import parse_recipe
 from pipeline.runner import plan, run
+from tasks.chat import chat_prompt_ids
 
 from ..conftest import text_recipe, write_recipe
 from ..export.test_trt_build import FAKE_TRTEXEC
@@ -112,12 +113,12 @@ def test_the_chat_template_wraps_the_prompt(talkative_llama_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(talkative_llama_dir)
-    plain = prompt_ids(tokenizer, "hello", raw=False)
+    plain = chat_prompt_ids(tokenizer, "hello", raw=False)
     assert plain == tokenizer("hello")["input_ids"]  # no template: the prompt as it is
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %} [answer]"
-    templated = prompt_ids(tokenizer, "hello", raw=False)
+    templated = chat_prompt_ids(tokenizer, "hello", raw=False)
     assert tokenizer.decode(templated) == "[ user ] hello [ answer ]"
-    assert prompt_ids(tokenizer, "hello", raw=True) == plain
+    assert chat_prompt_ids(tokenizer, "hello", raw=True) == plain
 
 
 def test_int4_rewrites_both_graphs_over_one_weight_file(talkative_llama_dir, tmp_path):
