@@ -24,6 +24,8 @@ def parser() -> argparse.ArgumentParser:
     proj = sub.add_parser("projector", help="train the projector + LoRA into frozen SmolLM2 into OUT")
     proj.add_argument("out", type=Path, nargs="?", default=LLAVA)
     proj.add_argument("--steps", type=int, default=150)
+    proj.add_argument("--init", type=Path, help="continue from this saved adapter folder")
+    proj.add_argument("--yes-no", type=int, help="per image: every colour/shape question plus this many yes/no")
     ev = sub.add_parser("evaluate", help="exact-match accuracy by question type into the JSON file OUT")
     ev.add_argument("out", type=Path, nargs="?", default=RESULTS)
     asm = sub.add_parser("assemble", help="build the full LlavaForConditionalGeneration into the folder OUT")
@@ -56,7 +58,7 @@ def main() -> None:
     elif args.stage == "projector":
         from .llava import run as projector_run
 
-        record = projector_run(args.out, args.clip, args.steps, args.seed)
+        record = projector_run(args.out, args.clip, args.steps, args.seed, args.init, args.yes_no)
     elif args.stage == "evaluate":
         from .evaluate import run as evaluate_run
 

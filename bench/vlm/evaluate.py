@@ -1,6 +1,7 @@
 """Exact-match easy-VQA accuracy of the trained VLM by question type, against the answer prior.
 
-The held-out set is 1,000 test questions: 4 drawn (seed 0) from each of 250 drawn test images, so
+The held-out set is 1,000 test questions: 4 drawn (seed 0) from each of 250 drawn test images (of
+those with 4 or more questions), so
 that packing (llava.py) runs each image's 64 tokens once for its 4 questions. Exact match is scored
 teacher-forced: the greedy argmax at every answer position must be the answer's token and then
 <eos>, which holds exactly when greedy generation outputs the answer and stops.
@@ -24,9 +25,10 @@ IMAGES, PER_IMAGE, SEED = 250, 4, 0
 
 
 def held_out(split: data.Split, images: int = IMAGES, per_image: int = PER_IMAGE, seed: int = SEED) -> list[np.ndarray]:
-    """Question indices per drawn test image (``per_image`` each)."""
+    """Question indices per drawn test image (``per_image`` each, from images that have that many)."""
     rng = np.random.default_rng(seed)
-    rows = rng.choice(len(split.images), images, replace=False)
+    counts = np.bincount(split.image_rows, minlength=len(split.images))
+    rows = rng.choice(np.flatnonzero(counts >= per_image), images, replace=False)
     return [rng.choice(np.flatnonzero(split.image_rows == r), per_image, replace=False) for r in rows]
 
 
@@ -58,6 +60,18 @@ def by_type(hits: np.ndarray, kinds: list[str]) -> dict[str, float]:
     return {"all": round(float(hits.mean()), 4), **out}
 
 
+def earlier(out: Path, llava_record: dict) -> list[dict]:
+    """The accuracies of adapters evaluated into ``out`` before this one (kept, not overwritten)."""
+    if not out.is_file():
+        return []
+    old = json.loads(out.read_text())
+    kept = old.get("earlier_adapters", [])
+    if old.get("llava") != llava_record:
+        kept.append({"llava": {k: v for k, v in old["llava"].items() if k != "continued_from"},
+                     "exact_match": old["exact_match"]})
+    return kept
+
+
 def run(out: Path, clip_dir: Path, adapter_dir: Path) -> dict:
     from transformers import CLIPModel
 
@@ -86,6 +100,7 @@ def run(out: Path, clip_dir: Path, adapter_dir: Path) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
     }
+    record["earlier_adapters"] = earlier(out, record["llava"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     return record

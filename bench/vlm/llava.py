@@ -203,9 +203,26 @@ def blocks_for(split: data.Split, tokenizer, picks: list[np.ndarray]) -> list[li
 IMAGES_PER_STEP, QUESTIONS_PER_IMAGE, LR, RANK = 4, 8, 1e-3, 8
 
 
+def pick_questions(rng, questions: np.ndarray, kinds: list[str], k: int, yes_no: int | None) -> np.ndarray:
+    """``k`` random questions of one image; with ``yes_no`` set, every colour/shape one plus that many yes/no.
+
+    73% of easy-VQA's questions are yes/no: sampled naturally, the first model learned to answer "yes"
+    to "what shape is present?" (exact match 0.19 on shape questions, below the prior's 0.33).
+    """
+    if yes_no is None:
+        return rng.choice(questions, min(k, len(questions)), replace=False)
+    yn = np.array([q for q in questions if kinds[q] == "yes/no"])
+    other = np.array([q for q in questions if kinds[q] != "yes/no"], dtype=int)
+    return np.concatenate([other, rng.choice(yn, min(yes_no, len(yn)), replace=False)]).astype(int)
+
+
 def train(clip_dir: Path, steps: int, seed: int = 0, images_per_step: int = IMAGES_PER_STEP,
-          questions_per_image: int = QUESTIONS_PER_IMAGE, lr: float = LR, rank: int = RANK):
-    """Train projector + LoRA on the training questions; returns (adapter, lm, tokenizer, config, seconds)."""
+          questions_per_image: int = QUESTIONS_PER_IMAGE, lr: float = LR, rank: int = RANK,
+          init: Path | None = None, yes_no: int | None = None):
+    """Train projector + LoRA on the training questions; returns (adapter, lm, tokenizer, config, seconds).
+
+    ``init``: continue from a saved adapter instead of a fresh one.
+    """
     from transformers import CLIPModel
 
     torch.manual_seed(seed)
@@ -216,16 +233,17 @@ def train(clip_dir: Path, steps: int, seed: int = 0, images_per_step: int = IMAG
     t0 = time.time()
     features = vision_features(clip.vision_model, split.images)
     config = llava_config(clip.config.vision_config, lm.config, features.shape[1])
-    adapter = Adapter(config, lm, rank, alpha=2.0 * rank)
+    adapter = load(init, lm).train() if init is not None else Adapter(config, lm, rank, alpha=2.0 * rank)
     params = [p for p in adapter.parameters() if p.requires_grad and p.dim() > 0]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     by_image = [np.flatnonzero(split.image_rows == r) for r in range(len(split.images))]
+    kinds = split.kinds()
     bar = tqdm(range(steps), desc="projector", mininterval=10)
     for _ in bar:
         rows = rng.choice(len(by_image), images_per_step, replace=False)
-        picks = [rng.choice(by_image[r], min(questions_per_image, len(by_image[r])), replace=False) for r in rows]
+        picks = [pick_questions(rng, by_image[r], kinds, questions_per_image, yes_no) for r in rows]
         batch = pack(blocks_for(split, tokenizer, picks), features.shape[1], tokenizer.eos_token_id)
         logits = answer_logits(lm, adapter, features[torch.from_numpy(rows)], batch)
         loss = F.cross_entropy(logits, batch.labels[batch.labels != -100])
@@ -263,10 +281,14 @@ def load(folder: Path, lm) -> Adapter:
     return adapter.eval()
 
 
-def run(out: Path, clip_dir: Path, steps: int, seed: int) -> dict:
-    adapter, lm, tokenizer, config, seconds = train(clip_dir, steps, seed=seed)
-    record = {"seed": seed, "steps": steps, "images_per_step": IMAGES_PER_STEP, "lr": LR,
-              "questions_per_image": QUESTIONS_PER_IMAGE,
+def run(out: Path, clip_dir: Path, steps: int, seed: int, init: Path | None = None, yes_no: int | None = None) -> dict:
+    images = IMAGES_PER_STEP if yes_no is None else 6  # about 4.6 questions per image instead of 8
+    adapter, lm, tokenizer, config, seconds = train(clip_dir, steps, seed=seed, init=init, yes_no=yes_no,
+                                                    images_per_step=images)
+    record = {"seed": seed, "steps": steps, "images_per_step": images, "lr": LR,
+              "questions_per_image": QUESTIONS_PER_IMAGE if yes_no is None else f"all colour/shape + {yes_no} yes/no",
               "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "clip": clip_dir.name}
+    if init is not None:
+        record["continued_from"] = json.loads((init / "training.json").read_text())
     save(adapter, config, out, record)
     return record

@@ -106,11 +106,12 @@ def test_committed_clip_loads_with_64_patch_tokens():
 @pytest.mark.skipif(not (MODELS / "easyvqa-llava" / llava.ADAPTER).is_file(), reason="adapter not committed")
 def test_committed_adapter_has_projector_and_lora_shapes():
     from safetensors.torch import load_file
+    from transformers import LlavaConfig
 
     tensors = load_file(str(MODELS / "easyvqa-llava" / llava.ADAPTER))
-    config = json.loads((MODELS / "easyvqa-llava" / "config.json").read_text())
+    config = LlavaConfig.from_pretrained(MODELS / "easyvqa-llava")
     rank = json.loads((MODELS / "easyvqa-llava" / "training.json").read_text())["lora_rank"]
-    assert config["image_token_id"] == llava.IMAGE_TOKEN_ID and config["image_seq_length"] == 64
+    assert config.image_token_id == llava.IMAGE_TOKEN_ID and config.image_seq_length == 64
     assert tensors["multi_modal_projector.linear_1.weight"].shape == (576, clip.WIDTH)
     assert tensors["multi_modal_projector.linear_2.weight"].shape == (576, 576)
     assert tensors["lora.layers_0_q_proj.A"].shape == (rank, 576)
