@@ -1,4 +1,4 @@
-"""python -m bench.vlm {clip,projector,evaluate,assemble} OUT (see bench/vlm/__init__.py)."""
+"""python -m bench.vlm {clip,projector,evaluate,assemble} OUT (README: easy-VQA VLM)."""
 
 from __future__ import annotations
 
