@@ -64,6 +64,9 @@ def plan(recipe: Recipe) -> Plan:
     elif recipe.evaluation.accept is not None:
         raise RecipeError("the quality gate reads the evaluate stage's numbers; add '- type: evaluate' last",
                           field="evaluation.accept")
+    if recipe.model.offload and source.kind != "folder":
+        raise RecipeError(f"model.offload reads weights from a folder of safetensors files, and {recipe.model.source!r} "
+                          f"is a {source.kind} source: convert it to a local folder first", field="model.offload")
     meta = models.meta_model(recipe.model, source, task)
     stages = [REGISTRY[a.type](a) for a in recipe.stages]
     for i, stage in enumerate(stages):
@@ -79,7 +82,9 @@ def _check_grid_layers(stages: list[Stage], model: torch.nn.Module, adapter: Ada
     for i, stage in enumerate(stages):
         if not stage.keeps_grid:
             continue
-        j = next(k for k in range(i + 1, len(stages)) if stages[k].weight_grid(stages[k].args) is not None)
+        j = next((k for k in range(i + 1, len(stages)) if stages[k].weight_grid(stages[k].args) is not None), None)
+        if j is None:  # an offloaded run keeps the grid in its checkpoint (pipeline/recipe.py _check_grid)
+            continue
         left = sorted(stage.grid_layers(model, adapter, f"stages[{i}]")
                       - stages[j].grid_layers(model, adapter, f"stages[{j}]"))
         if left:
@@ -148,10 +153,16 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
     events.log(f"[bold]{recipe.name}[/]: loading {recipe.model.source}")
     t0 = time.perf_counter()
     task = TASKS[recipe.model.task]
-    model, preprocessor = models.load_model(recipe.model, p.source, task)
-    ctx = RunContext(recipe=recipe, source=p.source, model=model.to(p.device), preprocessor=preprocessor,
-                     adapter=p.adapter, workdir=work, cache=StatsCache(models.cache_dir(), p.device), events=events,
-                     device=p.device)
+    offload = None
+    if recipe.model.offload:
+        offload, preprocessor = models.open_offloaded(recipe.model, p.source, task, work / "offload",
+                                                      getattr(torch, recipe.calibration.dtype), p.device)
+        model = offload.model
+    else:
+        model, preprocessor = models.load_model(recipe.model, p.source, task)
+    ctx = RunContext(recipe=recipe, source=p.source, model=model if offload else model.to(p.device),
+                     preprocessor=preprocessor, adapter=p.adapter, workdir=work,
+                     cache=StatsCache(models.cache_dir(), p.device), events=events, device=p.device, offload=offload)
     params_before = _params(model)
     events.emit("model_loaded", seconds=round(time.perf_counter() - t0, 2), params=params_before)
     records, tables = [], {}
@@ -172,7 +183,9 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events) -> dict
             record = _read_record(sdir, stage) if reusable else None
             if record is not None and record["fingerprint"] == fingerprint:
                 result = StageResult(record["metrics"], [Table(**t) for t in record["tables"]])
-                if stage.changes_model:
+                if stage.changes_model and ctx.offload:
+                    ctx.offload.rebase(sdir / MODEL)
+                elif stage.changes_model:
                     ctx.model = models.load_checkpoint(sdir / MODEL, task)[0].to(ctx.device)
                 stage.restore(ctx, sdir, result)
                 status, seconds, used = "resumed", record["seconds"], record.get("memory")
@@ -225,7 +238,11 @@ def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprin
 
 
 def _save(ctx: RunContext, folder: Path) -> None:
-    """The model's checkpoint, written from CPU tensors (core/device.py on_cpu) wherever the run computes."""
+    """The model's checkpoint, written from CPU tensors (core/device.py on_cpu) wherever the run computes;
+    an offloaded model's streamed from its files, after which it reads from the checkpoint."""
+    if ctx.offload:
+        models.save_offloaded(ctx.offload, ctx.preprocessor, folder, ctx.recipe.model.task)
+        return
     with on_cpu(ctx.model):
         models.save_checkpoint(ctx.model, ctx.preprocessor, folder, ctx.recipe.model.task)
 
@@ -288,7 +305,8 @@ def _manifest(ctx: RunContext, records: list[dict], params_before: int) -> dict:
         "model": {"source": recipe.model.source, "kind": src.kind, "sha256": src.sha256, "files": src.files,
                   "architecture": src.model_type, "class": type(ctx.model).__name__, "task": recipe.model.task,
                   "params_before": params_before, "params_after": _params(ctx.model),
-                  "nonzero_params_after": sum(int((q != 0).sum()) for q in ctx.model.parameters())},
+                  "nonzero_params_after": (ctx.offload.nonzero() if ctx.offload
+                                           else sum(int((q != 0).sum()) for q in ctx.model.parameters()))},
         "calibration": calibration,
         "stages": records,
         "onnx": ctx.onnx.record() if ctx.onnx is not None else None,

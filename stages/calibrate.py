@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from calibration.cache import cache_key, state_digest
+from calibration.cache import cache_key
 from calibration.collectors import GradientHooks
 from calibration.layerwise import LayerwiseEngine
 
@@ -31,6 +31,7 @@ class CalibrateArgs(StageArgs):
 class Calibrate(Stage):
     type = "calibrate"
     Args = CalibrateArgs
+    offloads = True
 
     def validate(self, recipe, model, adapter, field):
         check_positions(recipe, model, recipe.calibration.seq_len, "calibration.seq_len")
@@ -45,7 +46,7 @@ class Calibrate(Stage):
                    "seconds_data": round(time.perf_counter() - t0, 3)}
         kinds = set(ctx.statistics.kinds)
         rows = []
-        digest = state_digest(ctx.model) if kinds else None
+        digest = ctx.model_digest() if kinds else None
         if kinds - {"gradients"}:
             t = time.perf_counter()
             hit = self._dense(ctx, kinds - {"gradients"}, digest)
@@ -70,7 +71,8 @@ class Calibrate(Stage):
         key = cache_key(kind="dense", model=digest, data=ctx.calibration.sha256, kinds=sorted(kinds), dtype=spec.dtype)
         stats = ctx.cache.load(key)
         if stats is None:
-            engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events)
+            engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events,
+                                     ctx.offload)
             stats = engine.run(self._linears(ctx), kinds, "dense")
             ctx.cache.save(key, stats)
             ctx.statistics.dense = stats
