@@ -1,6 +1,6 @@
 """model.offload: a tiny Llama in sharded safetensors runs block by block from disk and gives exactly what the
-in-memory run gives (statistics, Wanda 2:4 masks, GPTQ weights, the saved checkpoint), never holding more than
-one block; stages that need the whole model are refused in one line."""
+in-memory run gives (statistics, Wanda 2:4 masks, AWQ, GPTQ and SmoothQuant weights, the saved checkpoint), never
+holding more than one block; stages that need the whole model are refused in one line."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..conftest import VOCAB, _tokenizer_into, text_recipe, write_recipe
 LAYERS = 3
 WANDA_24 = {"type": "prune_weights", "method": "wanda", "pattern": "2:4"}
 GPTQ_16 = {"type": "gptq", "group_size": 16}
+AWQ_16 = {"type": "awq", "group_size": 16, "grid": 4}
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +103,27 @@ def test_wanda_masks_equal_in_memory(sharded, tmp_path):
     assert index["model.layers.1.self_attn.q_proj.weight"] == "model.layers.1.safetensors"
 
 
-def test_gptq_weights_equal_in_memory(sharded, tmp_path):
-    mem = _run(text_recipe(sharded, "causal-lm", [{"type": "calibrate"}, WANDA_24, GPTQ_16, {"type": "export"},
+def test_awq_and_gptq_weights_equal_in_memory(sharded, tmp_path):
+    chain = [{"type": "calibrate"}, WANDA_24, AWQ_16, GPTQ_16]
+    mem = _run(text_recipe(sharded, "causal-lm", [*chain, {"type": "export"},
                                                   {"type": "quantize", "format": "int4", "group_size": 16}],
                            export={"tensorrt": {"target": "x86-trt10"}}), tmp_path, "mem")
-    off = _run(text_recipe(sharded, "causal-lm", [{"type": "calibrate"}, WANDA_24, GPTQ_16],
-                           model={"offload": True}), tmp_path, "off")
+    off = _run(text_recipe(sharded, "causal-lm", chain, model={"offload": True}), tmp_path, "off")
     _assert_same(_weights(mem / "checkpoint"), _weights(off / "checkpoint"))
-    ratios = [json.loads((f / "manifest.json").read_text())["stages"][2]["metrics"]["mean_loss_ratio"]
-              for f in (mem, off)]
-    assert ratios[0] == ratios[1] < 1
+    for i in (2, 3):  # AWQ's and GPTQ's own losses against round-to-nearest
+        ratios = [json.loads((f / "manifest.json").read_text())["stages"][i]["metrics"]["mean_loss_ratio"]
+                  for f in (mem, off)]
+        assert ratios[0] == ratios[1] < 1
     assert AutoTokenizer.from_pretrained(off / "checkpoint").vocab_size == VOCAB
+
+
+def test_smoothquant_equal_in_memory(sharded, tmp_path):
+    stages = [{"type": "calibrate"}, {"type": "smoothquant", "alpha": 0.5}]
+    mem = _run(text_recipe(sharded, "causal-lm", stages), tmp_path, "mem")
+    off = _run(text_recipe(sharded, "causal-lm", stages, model={"offload": True}), tmp_path, "off")
+    a = _weights(mem / "checkpoint")
+    _assert_same(a, _weights(off / "checkpoint"))
+    assert not torch.equal(a["model.layers.0.input_layernorm.weight"], torch.ones(64))  # scales were folded
 
 
 @pytest.mark.parametrize("stages, field, words", [
@@ -120,6 +131,8 @@ def test_gptq_weights_equal_in_memory(sharded, tmp_path):
      "stage 'export' needs the whole model in memory and cannot run with model.offload (offloaded runs take: "),
     ([{"type": "calibrate"}, {"type": "prune_weights", "method": "gblm", "pattern": "2:4"}], "stages[1].method",
      "gblm backpropagates through the whole model, which model.offload keeps on disk"),
+    ([{"type": "calibrate"}, {"type": "prune_structured", "method": "flap", "ratio": 0.25}], "stages[1]",
+     "stage 'prune_structured' needs the whole model in memory"),
 ])
 def test_refused_under_offload(sharded, stages, field, words):
     from pipeline.runner import plan
