@@ -12,6 +12,7 @@ at a time, so no step holds more than one block (or the embedding table) of weig
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import shutil
@@ -71,6 +72,14 @@ def skeleton(cls, config) -> nn.Module:
     return model.eval()
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). Without it the
+    activations' mid-sized buffers fragment glibc's heap and resident memory grew by ~80 MiB per block
+    of the 3B benchmark (0.8 to 3 GiB over 28 blocks) although nothing was held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class Offloaded:
     """The weights of ``model`` (a `skeleton`) in ``folder``'s shards, changed blocks in ``staging``."""
 
@@ -124,6 +133,7 @@ class Offloaded:
         finally:
             self._release(names)
             self.resident.discard(prefix)
+            trim_heap()
 
     def _stage(self, prefix: str, names: list[str]) -> None:
         self.staging.mkdir(parents=True, exist_ok=True)
