@@ -126,6 +126,29 @@ def test_smoothquant_equal_in_memory(sharded, tmp_path):
     assert not torch.equal(a["model.layers.0.input_layernorm.weight"], torch.ones(64))  # scales were folded
 
 
+def test_resume_reads_the_last_stage_snapshot(sharded, tmp_path, monkeypatch):
+    """A resumed offloaded run reads the reused stage's checkpoint, not the source: same result as one go."""
+    from core.errors import StageFailed
+    from stages.gptq import Gptq
+
+    recipe = write_recipe(tmp_path, text_recipe(sharded, "causal-lm", [{"type": "calibrate"}, WANDA_24, GPTQ_16],
+                                                model={"offload": True}))
+    whole = run(recipe, output=tmp_path / "whole")
+    real = Gptq.run
+
+    def interrupted(self, ctx, folder):
+        raise StageFailed("interrupted", field="stages[2]")
+
+    monkeypatch.setattr(Gptq, "run", interrupted)
+    with pytest.raises(StageFailed):
+        run(recipe, output=tmp_path / "out")
+    monkeypatch.setattr(Gptq, "run", real)
+    out = run(recipe, output=tmp_path / "out", resume=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in m["stages"]] == ["resumed", "resumed", "ran"]
+    _assert_same(_weights(whole / "checkpoint"), _weights(out / "checkpoint"))
+
+
 @pytest.mark.parametrize("stages, field, words", [
     ([{"type": "calibrate"}, WANDA_24, {"type": "export"}], "stages[2]",
      "stage 'export' needs the whole model in memory and cannot run with model.offload (offloaded runs take: "),
