@@ -1,5 +1,5 @@
 """model.offload: a tiny Llama in sharded safetensors runs block by block from disk and gives exactly what the
-in-memory run gives (statistics, Wanda 2:4 masks, AWQ, GPTQ and SmoothQuant weights, the saved checkpoint), never
+in-memory run gives (statistics, Wanda and SparseGPT 2:4 weights, AWQ, GPTQ and SmoothQuant weights, the saved checkpoint), never
 holding more than one block; stages that need the whole model are refused in one line."""
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def test_wanda_masks_equal_in_memory(sharded, tmp_path):
-    stages = [{"type": "calibrate"}, WANDA_24]
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_pruned_weights_equal_in_memory(sharded, tmp_path, method):
+    stages = [{"type": "calibrate"}, {**WANDA_24, "method": method}]
     mem = _run(text_recipe(sharded, "causal-lm", stages), tmp_path, "mem")
     off = _run(text_recipe(sharded, "causal-lm", stages, model={"offload": True}), tmp_path, "off")
     a, b = _weights(mem / "checkpoint"), _weights(off / "checkpoint")
