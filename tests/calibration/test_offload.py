@@ -1,6 +1,6 @@
 """model.offload: a tiny Llama in sharded safetensors runs block by block from disk and gives exactly what the
-in-memory run gives (statistics, Wanda and SparseGPT 2:4 weights, AWQ, GPTQ and SmoothQuant weights, the saved checkpoint), never
-holding more than one block; stages that need the whole model are refused in one line."""
+in-memory run gives (statistics; Wanda, SparseGPT, AWQ, GPTQ and SmoothQuant weights; the saved checkpoint),
+never holding more than one block; stages that need the whole model are refused in one line."""
 
 from __future__ import annotations
 
