@@ -113,6 +113,17 @@ def stage_records(run: Path) -> list[dict]:
     return rows
 
 
+def in_progress(run: Path) -> dict | None:
+    """The stage a cut-short run was in: blocks it had staged and seconds since it began (its folder's age)."""
+    partial = run.parent / f".{run.name}.partial"
+    started = [d for d in sorted((partial / "stages").glob("*")) if not (d / "result.json").is_file()]
+    if run.is_dir() or not started:
+        return None
+    staged = len(list((partial / "offload").glob("*.safetensors")))
+    return {"stage": started[0].name, "blocks_staged": staged, "of": CONFIG["num_hidden_layers"],
+            "seconds_so_far": round(time.time() - (started[0] / "before").stat().st_mtime)}
+
+
 def report(run: Path, args, wall: float | None, finished: bool) -> Path:
     size = sizes()
     base = baseline_rss_mib()
@@ -127,7 +138,7 @@ def report(run: Path, args, wall: float | None, finished: bool) -> Path:
         "model": {**size, **{k: CONFIG[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                                                     "vocab_size")}},
         "calibration": {"samples": args.samples, "seq_len": args.seq_len, "dtype": "bfloat16"},
-        "process_baseline_rss_mib": base, "stages": stages, "finished": finished,
+        "process_baseline_rss_mib": base, "stages": stages, "finished": finished, "cut_short_in": in_progress(run),
         "wall_seconds": wall, "threads": torch.get_num_threads(), **extra})
 
 
