@@ -10,10 +10,14 @@ whole calibration set, batched. Two propagation modes:
 - ``sequential``: a statistics pass (stopped after the last hooked module), then the block is
   changed (pruned) by a callback, then a propagation pass through the changed block, so the next
   block calibrates on compressed upstream activations (Wanda, GBLM, SparseGPT).
+
+With an offloaded model (models/offload.py) each block is read from disk for the passes over it and
+written back (when a callback changed it) and released before the next one is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from collections.abc import Callable, Iterable
@@ -24,6 +28,7 @@ from torch import nn
 
 from core.device import module_device, to_device
 from models.adapters import Adapter, Block
+from models.offload import Offloaded
 
 from .batches import Batch, Batches
 from .collectors import InputHooks
@@ -95,13 +100,22 @@ class LayerwiseEngine:
     """Runs blocks over captured inputs; ``dtype`` is the compute dtype (statistics stay fp64)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, batches: Batches,
-                 dtype: torch.dtype = torch.float32, progress=None):
+                 dtype: torch.dtype = torch.float32, progress=None, offload: Offloaded | None = None):
         self.model, self.adapter, self.batches, self.dtype = model, adapter, batches, dtype
-        self.progress = progress
+        self.progress, self.offload = progress, offload
 
     def _compute_copy(self, block: nn.Module) -> nn.Module:
-        """The block in the compute dtype; a copy when that differs, so fp32 weights never round-trip."""
-        return block if self.dtype == torch.float32 else copy.deepcopy(block).to(self.dtype)
+        """The block in the compute dtype; a copy when that differs, so fp32 weights never round-trip
+        (an offloaded block is read in the compute dtype: no copy)."""
+        return block if next(block.parameters()).dtype == self.dtype else copy.deepcopy(block).to(self.dtype)
+
+    def _held(self, block: Block, write: bool) -> contextlib.AbstractContextManager:
+        """The block's weights in memory for the passes over it (always, unless offloaded)."""
+        return self.offload.block(block.prefix, write) if self.offload else contextlib.nullcontext()
+
+    def _capture(self, batches: Iterable[Batch]) -> BlockInputs:
+        with self.offload.inputs() if self.offload else contextlib.nullcontext():
+            return capture_inputs(self.model, self.adapter, batches, self.dtype)
 
     @torch.no_grad()
     def run(self, targets: dict[int, dict[str, nn.Module]], kinds: set[str], propagation: str,
@@ -117,23 +131,23 @@ class LayerwiseEngine:
         """
         blocks = self.adapter.blocks(self.model)
         last = max(targets) if targets else -1
-        batches = shard(self.batches.batches, world.rank, world.size) if world else self.batches
-        inputs = capture_inputs(self.model, self.adapter, batches, self.dtype)
+        inputs = self._capture(shard(self.batches.batches, world.rank, world.size) if world else self.batches)
         result: dict[str, dict[str, torch.Tensor]] = {}
         task = self.progress.task(f"calibrating {last + 1} blocks ({propagation})", total=last + 1) if self.progress else None
         for block in blocks[: last + 1]:
             wanted = targets.get(block.index, {})
             sequential = propagation == "sequential" and bool(wanted)
-            if wanted:
-                stats = self._pass(block, inputs, wanted, kinds, keep_outputs=not sequential)
-                if world:
-                    all_reduce_stats(stats, world)
-                if on_block is not None:
-                    on_block(block, stats)
-                if keep:
-                    result.update(stats)
-            if block.index < last and (sequential or not wanted):  # outputs not yet computed
-                self._pass(block, inputs, {}, kinds, keep_outputs=True)
+            with self._held(block, write=bool(wanted) and on_block is not None):
+                if wanted:
+                    stats = self._pass(block, inputs, wanted, kinds, keep_outputs=not sequential)
+                    if world:
+                        all_reduce_stats(stats, world)
+                    if on_block is not None:
+                        on_block(block, stats)
+                    if keep:
+                        result.update(stats)
+                if block.index < last and (sequential or not wanted):  # outputs not yet computed
+                    self._pass(block, inputs, {}, kinds, keep_outputs=True)
             if task:
                 task.advance()
         if task:
@@ -146,12 +160,13 @@ class LayerwiseEngine:
         calibration set (and may change the block), then the changed block's outputs become the next
         block's inputs."""
         blocks = self.adapter.blocks(self.model)
-        inputs = capture_inputs(self.model, self.adapter, self.batches, self.dtype)
+        inputs = self._capture(self.batches)
         task = self.progress.task(f"calibrating {len(blocks)} blocks (sequential)", total=len(blocks)) if self.progress else None
         for block in blocks:
-            on_block(block, inputs)
-            if block.index < len(blocks) - 1:
-                self._pass(block, inputs, {}, set(), keep_outputs=True)
+            with self._held(block, write=True):
+                on_block(block, inputs)
+                if block.index < len(blocks) - 1:
+                    self._pass(block, inputs, {}, set(), keep_outputs=True)
             if task:
                 task.advance()
         if task:

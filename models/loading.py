@@ -27,6 +27,8 @@ from core.errors import RecipeError
 from core.files import sha256_path
 from core.network import hub_unreachable
 
+from .adapters import pretrained
+from .offload import Offloaded, skeleton
 from .spec import ModelSpec, hub_id_shaped
 
 CHECKPOINT_META = "pipeline_checkpoint.json"
@@ -221,6 +223,30 @@ def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.M
         source.files = _hub_weight_hashes(model)
     model.eval()
     return model, task.preprocessor(where, trust_remote_code=spec.trust_remote_code, **kw)
+
+
+def open_offloaded(spec: ModelSpec, source: Source, task: TaskLoading, staging: Path, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Offloaded, object]:
+    """The model as a meta skeleton over its safetensors folder (models/offload.py), and its preprocessor."""
+    from .adapters import adapter_for
+
+    model = skeleton(task.auto_class(source.model_type), model_config(spec, source, task))
+    adapter = adapter_for(source.model_type, task.name)
+    preprocessor = task.preprocessor(source.local, trust_remote_code=spec.trust_remote_code)
+    return Offloaded(model, adapter, source.local, staging, dtype, device), preprocessor
+
+
+def save_offloaded(weights: Offloaded, preprocessor, folder: Path, task: str) -> None:
+    """`save_checkpoint` for an offloaded model, streamed group by group in the compute dtype. Offloaded
+    runs change weights, never shapes, so the config is the source's and the folder plain transformers."""
+    weights.save(folder)
+    config = pretrained(weights.model).config
+    config.save_pretrained(folder)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(folder)
+    meta = {"task": task, "model_type": config.model_type, "plain_transformers": True,
+            "offloaded_dtype": str(weights.dtype).removeprefix("torch.")}
+    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
 
 def _hub_weight_hashes(model: nn.Module) -> dict[str, str]:

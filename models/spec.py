@@ -36,3 +36,6 @@ class ModelSpec(Section):
     trust_remote_code: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
+    # Keep the weights in the safetensors files and read one block at a time (models/offload.py): for models
+    # larger than memory. Blocks compute in calibration.dtype; only block-wise stages run (pipeline/recipe.py).
+    offload: bool = False

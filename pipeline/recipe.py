@@ -168,6 +168,7 @@ def parse_recipe(raw: Any, remote_code: RemoteCode = "refuse") -> Recipe:
     except ValidationError as e:
         raise _to_recipe_error(e, Recipe, "") from None
     _check_stage_order(recipe)
+    _check_offload(recipe)
     return recipe
 
 
@@ -357,6 +358,20 @@ def _check_stage_order(recipe: Recipe) -> None:
             rewritten_at = i
 
 
+def _check_offload(recipe: Recipe) -> None:
+    """``model.offload`` runs only stages that read weights block by block (Stage.offloads)."""
+    from stages import REGISTRY
+
+    if not recipe.model.offload:
+        return
+    for i, args in enumerate(recipe.stages):
+        if not REGISTRY[args.type].offloads:
+            ready = ", ".join(t for t, cls in REGISTRY.items() if cls.offloads)
+            raise RecipeError(f"stage '{args.type}' needs the whole model in memory and cannot run with model.offload "
+                              f"(offloaded runs take: {ready}); remove it or set model.offload: false",
+                              field=f"stages[{i}]")
+
+
 def _check_grid(recipe: Recipe, i: int) -> None:
     """A stage that tuned the weights for a grid (AWQ, GPTQ) needs a later stage rounding to that grid;
     one that left them on the grid (GPTQ) also needs nothing to change the model in between."""
@@ -371,6 +386,8 @@ def _check_grid(recipe: Recipe, i: int) -> None:
     grid = " or ".join(fmts) + (f" group {group}" if group else "")
     applied = [(j, g) for j, s in enumerate(recipe.stages[i + 1:], i + 1)
                if (g := REGISTRY[s.type].weight_grid(s)) is not None]
+    if not applied and recipe.model.offload:
+        return  # an offloaded run ends at its checkpoint, weights on the grid, GPTQ's scales in its stage folder
     if not applied:
         raise RecipeError(f"stage '{args.type}' tunes the weights for {grid}: add '- {{type: quantize, format: "
                           f"{fmts[0]}" + (f", group_size: {group}" if group else "") + "}' after export",

@@ -67,6 +67,9 @@ def plan(recipe: Recipe) -> Plan:
     elif recipe.evaluation.accept is not None:
         raise RecipeError("the quality gate reads the evaluate stage's numbers; add '- type: evaluate' last",
                           field="evaluation.accept")
+    if recipe.model.offload and source.kind != "folder":
+        raise RecipeError(f"model.offload reads weights from a folder of safetensors files, and {recipe.model.source!r} "
+                          f"is a {source.kind} source: convert it to a local folder first", field="model.offload")
     meta = models.meta_model(recipe.model, source, task)
     if source.kind == "folder":
         task.check_checkpoint(meta, source.local)
@@ -84,7 +87,9 @@ def _check_grid_layers(stages: list[Stage], model: torch.nn.Module, adapter: Ada
     for i, stage in enumerate(stages):
         if not stage.keeps_grid:
             continue
-        j = next(k for k in range(i + 1, len(stages)) if stages[k].weight_grid(stages[k].args) is not None)
+        j = next((k for k in range(i + 1, len(stages)) if stages[k].weight_grid(stages[k].args) is not None), None)
+        if j is None:  # an offloaded run keeps the grid in its checkpoint (pipeline/recipe.py _check_grid)
+            continue
         left = sorted(stage.grid_layers(model, adapter, f"stages[{i}]")
                       - stages[j].grid_layers(model, adapter, f"stages[{j}]"))
         if left:
@@ -114,6 +119,9 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, force: bo
     p = plan(recipe if isinstance(recipe, Recipe) else load_recipe(recipe))
     recipe = p.recipe
     world = distributed.from_env(p.device)
+    if world and recipe.model.offload:
+        raise RecipeError("an offloaded model runs in one process (its blocks are read from disk one at a time); "
+                          "start it without torchrun", field="model.offload")
     if world and world.rank > 0:
         from .workers import serve
 
@@ -164,10 +172,17 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: 
     events.log(f"[bold]{recipe.name}[/]: loading {recipe.model.source}")
     t0 = time.perf_counter()
     task = TASKS[recipe.model.task]
-    model, preprocessor = models.load_model(recipe.model, p.source, task)
-    ctx = RunContext(recipe=recipe, source=p.source, model=model.to(p.device), preprocessor=preprocessor,
-                     adapter=p.adapter, workdir=work, cache=StatsCache(models.cache_dir(), p.device), events=events,
-                     device=p.device, world=world)
+    offload = None
+    if recipe.model.offload:
+        offload, preprocessor = models.open_offloaded(recipe.model, p.source, task, work / "offload",
+                                                      getattr(torch, recipe.calibration.dtype), p.device)
+        model = offload.model
+    else:
+        model, preprocessor = models.load_model(recipe.model, p.source, task)
+    ctx = RunContext(recipe=recipe, source=p.source, model=model if offload else model.to(p.device),
+                     preprocessor=preprocessor, adapter=p.adapter, workdir=work,
+                     cache=StatsCache(models.cache_dir(), p.device), events=events, device=p.device, offload=offload,
+                     world=world)
     params_before = _params(model)
     if world:
         events.log(f"calibration statistics spread over {world.size} processes (rank 0 writes)")
@@ -190,7 +205,9 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: 
             record = _read_record(sdir, stage) if reusable else None
             if record is not None and record["fingerprint"] == fingerprint:
                 result = StageResult(record["metrics"], [Table(**t) for t in record["tables"]])
-                if stage.changes_model:
+                if stage.changes_model and ctx.offload:
+                    ctx.offload.rebase(sdir / MODEL)
+                elif stage.changes_model:
                     ctx.model = models.load_checkpoint(sdir / MODEL, task)[0].to(ctx.device)
                 stage.restore(ctx, sdir, result)
                 status, seconds, used = "resumed", record["seconds"], record.get("memory")
@@ -245,7 +262,11 @@ def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprin
 
 
 def _save(ctx: RunContext, folder: Path) -> None:
-    """The model's checkpoint, written from CPU tensors (core/device.py on_cpu) wherever the run computes."""
+    """The model's checkpoint, written from CPU tensors (core/device.py on_cpu) wherever the run computes;
+    an offloaded model's streamed from its files, after which it reads from the checkpoint."""
+    if ctx.offload:
+        models.save_offloaded(ctx.offload, ctx.preprocessor, folder, ctx.recipe.model.task)
+        return
     with on_cpu(ctx.model):
         models.save_checkpoint(ctx.model, ctx.preprocessor, folder, ctx.recipe.model.task)
 
@@ -308,7 +329,8 @@ def _manifest(ctx: RunContext, records: list[dict], params_before: int) -> dict:
         "model": {"source": recipe.model.source, "kind": src.kind, "sha256": src.sha256, "files": src.files,
                   "architecture": src.model_type, "class": type(ctx.model).__name__, "task": recipe.model.task,
                   "params_before": params_before, "params_after": _params(ctx.model),
-                  "nonzero_params_after": sum(int((q != 0).sum()) for q in ctx.model.parameters())},
+                  "nonzero_params_after": (ctx.offload.nonzero() if ctx.offload
+                                           else sum(int((q != 0).sum()) for q in ctx.model.parameters()))},
         "calibration": calibration,
         "stages": records,
         "onnx": ctx.onnx.record() if ctx.onnx is not None else None,

@@ -36,6 +36,7 @@ class Awq(Stage):
     type = "awq"
     Args = AwqArgs
     changes_model = True
+    offloads = True
 
     @classmethod
     def needs_calibration(cls, args):
@@ -66,7 +67,9 @@ class Awq(Stage):
                 rows.append([block.index, r.group.name, len(r.group.linears), r.alpha, f"{rtn:.4g}", f"{best:.4g}",
                              round(best / rtn, 4) if rtn else 1.0])
 
-        LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, torch.float32, ctx.events).run_blocks(on_block)
+        # the search runs the block itself: in fp32, or in calibration.dtype, which an offloaded block is read in
+        dtype = ctx.offload.dtype if ctx.offload else torch.float32
+        LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, dtype, ctx.events, ctx.offload).run_blocks(on_block)
         ratios = [r[-1] for r in rows]
         metrics = {"group_size": self.args.group_size, "groups": len(rows),
                    "mean_loss_ratio": round(sum(ratios) / max(len(ratios), 1), 4),

@@ -69,6 +69,9 @@ class Stage(ABC):
     # runs (and is restored) with the model on the CPU, for the rest of the run (RunContext.to_cpu): the exporters,
     # and the token selectors, which are not device-aware
     cpu_only: ClassVar[bool] = False
+    # runs on an offloaded model (model.offload): touches weights only through LayerwiseEngine or RunContext.held,
+    # one block at a time
+    offloads: ClassVar[bool] = False
 
     def __init__(self, args: StageArgs):
         self.args = args

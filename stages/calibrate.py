@@ -19,10 +19,11 @@ from pydantic import Field
 
 from calibration import distributed
 from calibration.batches import Batches
-from calibration.cache import cache_key, state_digest
+from calibration.cache import cache_key
 from calibration.collectors import GradientHooks
 from calibration.layerwise import LayerwiseEngine
 from models.adapters import Adapter
+from models.offload import Offloaded
 
 from .base import Stage, StageArgs, StageResult, Table, check_positions
 from .context import RunContext
@@ -36,6 +37,7 @@ class CalibrateArgs(StageArgs):
 class Calibrate(Stage):
     type = "calibrate"
     Args = CalibrateArgs
+    offloads = True
 
     def validate(self, recipe, model, adapter, field):
         check_positions(recipe, model, recipe.calibration.seq_len, "calibration.seq_len")
@@ -50,7 +52,7 @@ class Calibrate(Stage):
                    "seconds_data": round(time.perf_counter() - t0, 3)}
         kinds = set(ctx.statistics.kinds)
         rows = []
-        digest = state_digest(ctx.model) if kinds else None
+        digest = ctx.model_digest() if kinds else None
         if kinds - {"gradients"}:
             t = time.perf_counter()
             hit = self._dense(ctx, kinds - {"gradients"}, digest)
@@ -77,7 +79,7 @@ class Calibrate(Stage):
             job = {"digest": digest, "kinds": sorted(kinds), "dtype": spec.dtype, "batches": ctx.calibration}
             if ctx.world:
                 distributed.send_job(ctx.world, job, ctx.model)
-            stats = dense_statistics(ctx.model, ctx.adapter, job, ctx.world, ctx.events)
+            stats = dense_statistics(ctx.model, ctx.adapter, job, ctx.world, ctx.events, ctx.offload)
             ctx.cache.save(key, stats)
             ctx.statistics.dense = stats
             return "miss"
@@ -109,11 +111,11 @@ def linears(model: torch.nn.Module, adapter: Adapter) -> dict[int, dict[str, tor
 
 
 def dense_statistics(model: torch.nn.Module, adapter: Adapter, job: dict, world: distributed.World | None,
-                     progress=None) -> dict[str, dict[str, torch.Tensor]]:
+                     progress=None, offload: Offloaded | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """One dense pass over ``job["batches"]`` (with ``world``: this rank's shard, sums reduced over the ranks).
     Rank 0 and the other ranks (pipeline/workers.py) run this same function on the same job."""
     batches: Batches = job["batches"]
-    engine = LayerwiseEngine(model, adapter, batches, getattr(torch, job["dtype"]), progress)
+    engine = LayerwiseEngine(model, adapter, batches, getattr(torch, job["dtype"]), progress, offload)
     return engine.run(linears(model, adapter), set(job["kinds"]), "dense", world=world)
 
 

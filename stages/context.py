@@ -6,6 +6,7 @@ has these fields), so this layer never imports the orchestrator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from calibration.batches import Batches
-from calibration.cache import StatsCache
+from calibration.cache import StatsCache, state_digest
 from calibration.distributed import World
 from calibration.spec import CalibrationSpec
 from core.events import Events
@@ -25,6 +26,7 @@ from export.gate import MAIN, LayerSparsity
 from export.spec import ExportSpec
 from models.adapters import Adapter
 from models.loading import Source
+from models.offload import Offloaded
 from models.spec import ModelSpec
 from tasks import TASKS, Task, TaskModel
 from tasks.decoder import CachedDecoder
@@ -104,6 +106,15 @@ class RunContext:
     evaluation: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the run's (core/device.py)
     world: World | None = None  # under torchrun: the processes the calibrate stage's dense pass spreads over
+    offload: Offloaded | None = None  # model.offload: ``model`` is a meta skeleton over these weights
+
+    def model_digest(self) -> str:
+        """What statistics are cached under: the exact weights (of the files, when offloaded)."""
+        return self.offload.digest() if self.offload else state_digest(self.model)
+
+    def held(self, prefix: str, write: bool) -> contextlib.AbstractContextManager:
+        """Block ``prefix``'s weights in memory (and staged after, with ``write``); a no-op unless offloaded."""
+        return self.offload.block(prefix, write) if self.offload else contextlib.nullcontext()
 
     def to_cpu(self) -> None:
         """Move the model to the CPU for the rest of the run. Export (ONNX and GGUF) and token pruning

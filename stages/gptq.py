@@ -72,6 +72,7 @@ class Gptq(Stage):
     Args = GptqArgs
     changes_model = True
     keeps_grid = True
+    offloads = True
 
     @classmethod
     def needs_calibration(cls, args):
@@ -122,7 +123,7 @@ class Gptq(Stage):
                              round(r.loss / rtn, 4) if rtn else 1.0])
 
         engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, ctx.recipe.calibration.dtype),
-                                 ctx.events)
+                                 ctx.events, ctx.offload)
         engine.run({i: m for i, m in by_block.items() if m}, {"hessian"}, "sequential", on_block=on_block, keep=False)
         save_file({n: s.contiguous() for n, s in scales.items()}, str(folder / SCALES))
         ctx.weight_scales = scales

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from calibration.cache import cache_key, state_digest
+from calibration.cache import cache_key
 from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
 from core.errors import RecipeError
@@ -39,6 +39,7 @@ class PruneWeights(Stage):
     type = "prune_weights"
     Args = stage_args(CRITERIA, PruneWeightsBase)
     changes_model = True
+    offloads = True
 
     @classmethod
     def needs_calibration(cls, args):
@@ -58,6 +59,10 @@ class PruneWeights(Stage):
     def validate(self, recipe, model, adapter, field):
         chosen = self._targets(model, adapter, field)
         if CRITERIA[self.args.method].needs_gradients:
+            if recipe.model.offload:
+                raise RecipeError(f"{self.args.method} backpropagates through the whole model, which model.offload "
+                                  "keeps on disk: use wanda or sparsegpt, or set model.offload: false",
+                                  field=f"{field}.method")
             TASKS[recipe.model.task].check_gradients(f"{field}.method")
         if self.args.nm:
             m = self.args.nm[1]
@@ -76,6 +81,7 @@ class PruneWeights(Stage):
         chosen = self._targets(ctx.model, ctx.adapter, "stages")
         criterion = CRITERIA[args.method](args, ctx.statistics.gradients)
         t0 = time.perf_counter()
+        pruned: dict[str, tuple[str, int, int]] = {}  # name -> (shape, zeros, weights): offloaded weights go away
 
         def prune(names, stats: dict | None):
             for name in names:
@@ -83,24 +89,35 @@ class PruneWeights(Stage):
                 with torch.no_grad():
                     weight, _ = criterion.prune(name, module.weight.data, Stats(stats[name]) if stats else None)
                     module.weight.data.copy_(weight)
+                w = module.weight.data
+                pruned[name] = ("x".join(map(str, w.shape)), int((w == 0).sum()), w.numel())
 
         if not criterion.activations:
             info: dict = {"statistics": f"none ({args.method})"}
-            prune(chosen, None)
+            self._each_block(ctx, chosen, lambda names: prune(names, None))
         elif args.propagation == "dense":
             info = {"statistics": "dense, from the calibrate stage"}
-            prune(chosen, ctx.statistics.dense)
+            self._each_block(ctx, chosen, lambda names: prune(names, ctx.statistics.dense))
         else:
             info = self._sequential(ctx, chosen, criterion, prune)
         seconds = time.perf_counter() - t0
-        return self._report(ctx, folder, chosen, seconds, info)
+        return self._report(ctx, folder, {n: pruned[n] for n in chosen}, seconds, info)
+
+    @staticmethod
+    def _each_block(ctx: RunContext, chosen: dict[str, nn.Module], prune) -> None:
+        """``prune`` the chosen Linears block by block, each block in memory meanwhile (ctx.held)."""
+        for block in ctx.adapter.blocks(ctx.model):
+            names = [n for n in block.linears if n in chosen]
+            if names:
+                with ctx.held(block.prefix, write=True):
+                    prune(names)
 
     def _sequential(self, ctx: RunContext, chosen: dict[str, nn.Module], criterion: Criterion, prune) -> dict:
         """Wanda's protocol: statistics of block l see blocks < l already pruned; cached on disk."""
         key = self._sequential_key(ctx, chosen, criterion)
         cached = ctx.cache.load(key)
         if cached is not None:
-            prune(chosen, cached)
+            self._each_block(ctx, chosen, lambda names: prune(names, cached))
             return {"statistics": "sequential", "cache": "hit"}
         by_block: dict[int, dict[str, nn.Module]] = {}
         for block in ctx.adapter.blocks(ctx.model):
@@ -108,7 +125,8 @@ class PruneWeights(Stage):
             if hit:
                 by_block[block.index] = hit
         spec = ctx.recipe.calibration
-        engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events)
+        engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events,
+                                 ctx.offload)
         stats = engine.run(by_block, set(criterion.activations), "sequential", on_block=lambda block, s: prune(s, s))
         ctx.cache.save(key, stats)
         return {"statistics": "sequential", "cache": "miss", "compute_dtype": spec.dtype}
@@ -117,25 +135,23 @@ class PruneWeights(Stage):
         """Everything the sequential statistics depend on: the dense model and data, and every
         setting of the pruning that shaped upstream activations, the criterion's own ones included."""
         args = self.args
-        return cache_key(kind="sequential", model=state_digest(ctx.model), data=ctx.calibration.sha256,
+        return cache_key(kind="sequential", model=ctx.model_digest(), data=ctx.calibration.sha256,
                          dtype=ctx.recipe.calibration.dtype, method=args.method, pattern=args.pattern,
                          sparsity=args.target_sparsity, targets=sorted(chosen),
                          gradients=ctx.statistics.gradients_key if criterion.needs_gradients else None,
                          criterion=criterion.cache_fields())
 
-    def _report(self, ctx: RunContext, folder: Path, chosen: dict[str, nn.Module], seconds: float,
+    def _report(self, ctx: RunContext, folder: Path, pruned: dict[str, tuple[str, int, int]], seconds: float,
                 info: dict) -> StageResult:
         rows, zeros, total = [], 0, 0
-        for name, module in chosen.items():
-            w = module.weight.data
-            z = int((w == 0).sum())
-            zeros, total = zeros + z, total + w.numel()
-            rows.append([name, "x".join(map(str, w.shape)), round(z / w.numel(), 4)])
-            ctx.sparsity[name] = LayerSparsity(self.args.pattern, z / w.numel())
+        for name, (shape, z, n) in pruned.items():
+            zeros, total = zeros + z, total + n
+            rows.append([name, shape, round(z / n, 4)])
+            ctx.sparsity[name] = LayerSparsity(self.args.pattern, z / n)
         overall = zeros / total
         metrics = {"method": self.args.method, "pattern": self.args.pattern,
                    "target_sparsity": round(self.args.target_sparsity, 6), "achieved_sparsity": round(overall, 6),
-                   "layers": len(chosen), "pruned_weights": zeros, "targeted_weights": total,
+                   "layers": len(pruned), "pruned_weights": zeros, "targeted_weights": total,
                    "seconds_pruning": round(seconds, 3), **info,
                    "plots": figures.sparsity_per_layer(folder, ctx.workdir, {row[0]: row[2] for row in rows})}
         return StageResult(metrics, [Table("Sparsity per layer", ["layer", "shape", "sparsity"], rows)])

@@ -30,6 +30,7 @@ class SmoothQuant(Stage):
     type = "smoothquant"
     Args = SmoothQuantArgs
     changes_model = True
+    offloads = True
 
     @classmethod
     def needs_calibration(cls, args):
@@ -50,22 +51,12 @@ class SmoothQuant(Stage):
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         rows, ratios = [], []
-        for norm_name, names in ctx.adapter.smoothing_groups(ctx.model):
-            norm = ctx.model.get_submodule(norm_name)
-            if getattr(norm, "weight", None) is None:
-                raise StageFailed(f"{norm_name} has no affine weight to fold the smoothing scales into",
-                                  field="stages")
-            linears = [ctx.model.get_submodule(n) for n in names]
-            act = Stats(ctx.statistics.dense[names[0]]).abs_max
-            w_before = max(float(lin.weight.detach().abs().max()) for lin in linears)
-            scales = smoothing_scales(act, [lin.weight for lin in linears], self.args.alpha)
-            fold(norm, linears, scales, ctx.adapter.norm_offset)
-            act_after = act.double() / scales
-            ratio = outlier_ratio(act), outlier_ratio(act_after)
-            ratios.append(ratio)
-            rows.append([norm_name, len(names), round(float(act.max()), 3), round(float(act_after.max()), 3),
-                         round(ratio[0], 2), round(ratio[1], 2), round(w_before, 4),
-                         round(max(float(lin.weight.detach().abs().max()) for lin in linears), 4)])
+        groups = ctx.adapter.smoothing_groups(ctx.model)
+        for block in ctx.adapter.blocks(ctx.model):  # block by block: each in memory meanwhile (ctx.held)
+            with ctx.held(block.prefix, write=True):
+                for norm_name, names in groups:
+                    if norm_name.startswith(f"{block.prefix}."):
+                        rows.append(self._smooth(ctx, norm_name, names, ratios))
         metrics = {"alpha": self.args.alpha, "groups": len(rows),
                    "outlier_ratio_before": round(max(r[0] for r in ratios), 2),
                    "outlier_ratio_after": round(max(r[1] for r in ratios), 2)}
@@ -73,3 +64,21 @@ class SmoothQuant(Stage):
             "Smoothing per norm (outlier ratio = max / mean of the per-channel max|x|)",
             ["norm", "linears", "max|x| before", "max|x| after", "outlier ratio before", "after",
              "max|w| before", "max|w| after"], rows)])
+
+    def _smooth(self, ctx: RunContext, norm_name: str, names: tuple[str, ...], ratios: list) -> list:
+        """Fold one norm's scales; its table row."""
+        norm = ctx.model.get_submodule(norm_name)
+        if getattr(norm, "weight", None) is None:
+            raise StageFailed(f"{norm_name} has no affine weight to fold the smoothing scales into",
+                              field="stages")
+        linears = [ctx.model.get_submodule(n) for n in names]
+        act = Stats(ctx.statistics.dense[names[0]]).abs_max
+        w_before = max(float(lin.weight.detach().abs().max()) for lin in linears)
+        scales = smoothing_scales(act, [lin.weight for lin in linears], self.args.alpha)
+        fold(norm, linears, scales, ctx.adapter.norm_offset)
+        act_after = act.double() / scales
+        ratio = outlier_ratio(act), outlier_ratio(act_after)
+        ratios.append(ratio)
+        return [norm_name, len(names), round(float(act.max()), 3), round(float(act_after.max()), 3),
+                round(ratio[0], 2), round(ratio[1], 2), round(w_before, 4),
+                round(max(float(lin.weight.detach().abs().max()) for lin in linears), 4)]

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from calibration.cache import state_digest
 from core.errors import RecipeError
 from methods.weights import CRITERIA
 from pipeline.recipe import _validate, parse_recipe
@@ -66,7 +67,7 @@ def _key(gradients_key: str, **kw) -> str:
     model = torch.nn.Linear(4, 4)
     torch.nn.init.constant_(model.weight, 0.5)
     torch.nn.init.zeros_(model.bias)
-    ctx = SimpleNamespace(model=model, calibration=SimpleNamespace(sha256="data"),
+    ctx = SimpleNamespace(model=model, model_digest=lambda: state_digest(model), calibration=SimpleNamespace(sha256="data"),
                           recipe=SimpleNamespace(calibration=SimpleNamespace(dtype="float32")),
                           statistics=Statistics(gradients_key=gradients_key))
     stage = PruneWeights(_args(sparsity=0.5, **kw))

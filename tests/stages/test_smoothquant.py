@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +27,9 @@ def _ctx(llama_dir):
     blocks = adapter.blocks(model)
     dense = LayerwiseEngine(model, adapter, batches).run(
         {b.index: {n: model.get_submodule(n) for n in b.linears} for b in blocks}, {"abs_max"}, "dense")
-    return SimpleNamespace(model=model, adapter=adapter, statistics=Statistics(dense=dense)), batches
+    ctx = SimpleNamespace(model=model, adapter=adapter, statistics=Statistics(dense=dense),
+                          held=lambda prefix, write: contextlib.nullcontext())  # in memory: RunContext.held is a no-op
+    return ctx, batches
 
 
 def test_declarations():

@@ -1,0 +1,208 @@
+"""Models larger than memory (``model.offload: true``): a skeleton whose weights stay in safetensors files.
+
+The model is built from its config with every parameter on the meta device (buffers computed from
+the config, such as rotary frequencies, are real: no file holds them). `Offloaded.block` reads one
+block's tensors by name from the shards, in the compute dtype on the run's device, for as long as a
+pass needs it; a block a method changed is then written to the staging folder, which later reads
+prefer, and every block goes back to the meta device. `Offloaded.inputs` does the same for what
+runs before block 0 (the embeddings), and `Offloaded.save` writes the checkpoint one tensor group
+at a time, so no step holds more than one block (or the embedding table) of weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from core.files import sha256_path
+
+from .adapters import Adapter, pretrained
+
+INDEX = "model.safetensors.index.json"
+
+
+class Shards:
+    """Where each tensor of a safetensors folder lives (its index, or the keys of each file); read by name."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX
+        if index.is_file():
+            self.files = {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self.files = {}
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(path, framework="pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), path))
+
+    def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """``names``, each file opened once; floating tensors cast to ``dtype``."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        return {n: t for path, some in by_file.items() for n, t in read_file(path, some, dtype, device).items()}
+
+
+def read_file(path: Path, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """``names`` from one safetensors file; floating tensors cast to ``dtype``."""
+    out = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        for name in names:
+            t = f.get_tensor(name)
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def skeleton(cls, config) -> nn.Module:
+    """The model with its parameters on the meta device and its buffers real (from the config)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    return model.eval()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; elsewhere nothing). Without it the
+    activations' mid-sized buffers fragment glibc's heap and resident memory grew by ~80 MiB per block
+    of the 3B benchmark (0.8 to 3 GiB over 28 blocks) although nothing was held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+class Offloaded:
+    """The weights of ``model`` (a `skeleton`) in ``folder``'s shards, changed blocks in ``staging``."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, folder: Path, staging: Path, dtype: torch.dtype,
+                 device: torch.device):
+        self.model, self.adapter, self.staging = model, adapter, staging
+        self.dtype, self.device = dtype, device
+        self.shards = Shards(folder)
+        self.staged: dict[str, Path] = {}  # block prefix -> its file in staging
+        self.resident: set[str] = set()  # block prefixes materialized now
+        self.most_resident = 0  # the most blocks ever materialized at once (the tests read it)
+        self.loads = 0  # blocks materialized so far
+
+    def _names(self, prefix: str) -> list[str]:
+        """The tensors in the files under a module name (state-dict names: persistent buffers too)."""
+        module = self.model.get_submodule(prefix)
+        return [f"{prefix}.{n}" for n in module.state_dict(keep_vars=True)]
+
+    def _put(self, name: str, tensor: torch.Tensor) -> None:
+        owner, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[leaf] = tensor
+
+    def _release(self, names: list[str]) -> None:
+        """Back to the meta device (shapes kept): the memory goes once nothing else refers to it."""
+        state = self.model.state_dict(keep_vars=True)
+        for name in names:
+            self._put(name, state[name].detach().to("meta"))
+
+    def _read(self, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
+        if prefix in self.staged:
+            return read_file(self.staged[prefix], names, self.dtype, self.device)
+        return self.shards.read(names, self.dtype, self.device)
+
+    @contextlib.contextmanager
+    def block(self, prefix: str, write: bool = False) -> Iterator[None]:
+        """The block at ``prefix`` materialized; with ``write`` it is staged afterwards (a method changed it)."""
+        names = self._names(prefix)
+        for name, tensor in self._read(prefix, names).items():
+            self._put(name, tensor)
+        self.resident.add(prefix)
+        self.loads += 1
+        self.most_resident = max(self.most_resident, len(self.resident))
+        try:
+            yield
+            if write:
+                self._stage(prefix, names)
+        finally:
+            self._release(names)
+            self.resident.discard(prefix)
+            trim_heap()
+
+    def _stage(self, prefix: str, names: list[str]) -> None:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        path = self.staging / f"{prefix}.safetensors"
+        module = self.model.get_submodule(prefix)
+        state = module.state_dict()
+        save_file({f"{prefix}.{n}": t.detach().contiguous().cpu() for n, t in state.items()}, str(path))
+        self.staged[prefix] = path
+
+    def _outside_blocks(self) -> list[str]:
+        """File tensors outside the blocks, but for the output head (nothing before block 0 reads it)."""
+        layers, _ = self.adapter.layers(self.model)
+        head = getattr(pretrained(self.model), "get_output_embeddings", lambda: None)()
+        head_names = {f"{n}." for n, m in self.model.named_modules() if head is not None and m is head}
+        return [n for n in self.model.state_dict(keep_vars=True) if n in self.shards.files
+                and not n.startswith(f"{layers}.") and not any(n.startswith(h) for h in head_names)]
+
+    @contextlib.contextmanager
+    def inputs(self) -> Iterator[None]:
+        """What runs before block 0 (embeddings, their norms) materialized, released afterwards."""
+        names = self._outside_blocks()
+        for name, tensor in self.shards.read(names, self.dtype, self.device).items():
+            self._put(name, tensor)
+        try:
+            yield
+        finally:
+            self._release(names)
+
+    def _current(self) -> dict[str, Path]:
+        """Tensor name -> the file holding its current value."""
+        files = dict(self.shards.files)
+        for prefix, path in self.staged.items():
+            files.update({n: path for n in files if n.startswith(f"{prefix}.")})
+        return files
+
+    def digest(self) -> str:
+        """What the statistics cache keys the model by: the bytes of every file the weights come from."""
+        files = sorted({str(p) for p in self._current().values()})
+        return hashlib.sha256("".join(f"{Path(p).name}:{sha256_path(Path(p))}\n" for p in files).encode()).hexdigest()
+
+    def tensors(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """The model's tensors, one group at a time: each block, then each tensor outside the blocks."""
+        current = self._current()
+        blocks = [b.prefix for b in self.adapter.blocks(self.model)]
+        for prefix in blocks:
+            names = [n for n in current if n.startswith(f"{prefix}.")]
+            yield prefix, self._read(prefix, names)
+        for name in current:
+            if not any(name.startswith(f"{p}.") for p in blocks):
+                yield name, self.shards.read([name], self.dtype, torch.device("cpu"))
+
+    def nonzero(self) -> int:
+        """Nonzero entries over every weight file tensor, read one group at a time."""
+        return sum(int((t != 0).sum()) for _, group in self.tensors() for t in group.values())
+
+    def save(self, folder: Path) -> None:
+        """Write the weights as sharded safetensors (one file per group, an index), then read from there."""
+        folder.mkdir(parents=True, exist_ok=True)
+        weight_map = {}
+        for group, tensors in self.tensors():
+            file = f"{group}.safetensors"
+            save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(folder / file))
+            weight_map.update(dict.fromkeys(tensors, file))
+        (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        self.rebase(folder)
+
+    def rebase(self, folder: Path) -> None:
+        """Read from ``folder`` (a checkpoint this model saved), forgetting staged blocks."""
+        self.shards = Shards(folder)
+        self.staged.clear()
+        shutil.rmtree(self.staging, ignore_errors=True)
+
