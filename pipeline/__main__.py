@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--serial", action="store_true", help="run them one by one in this process, without Ray")
     how.add_argument("--address", help="an existing Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)")
     s.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
+    s.add_argument("--output", "-o", help="sweep folder (default: the file's 'output', relative to the file)")
     g = sub.add_parser("generate", help="write text with a decoder run's graphs (export.decoder) in ONNX Runtime")
     g.add_argument("run_dir", metavar="RUN_OR_DIR", help="a run folder or a pulled artifact")
     g.add_argument("--prompt", required=True)
@@ -131,7 +132,8 @@ def _command(args: argparse.Namespace) -> int | None:
     elif args.command == "sweep":
         from .sweep import sweep
 
-        return sweep(args.sweep_file, serial=args.serial, address=args.address, num_cpus=args.num_cpus)
+        return sweep(args.sweep_file, serial=args.serial, address=args.address, num_cpus=args.num_cpus,
+                     output=args.output)
     elif args.command == "generate":
         from .generate import generate
 

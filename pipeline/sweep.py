@@ -40,12 +40,14 @@ class Pending:
     log: Path
 
 
-def prepare(path: str | Path) -> tuple[Sweep, list[Pending], dict[str, dict]]:
-    """The sweep, the runs left to do and the records of those already complete (planning every run:
-    model, data and targets are checked as ``run`` checks them)."""
+def prepare(path: str | Path, output: str | Path | None = None) -> tuple[Sweep, list[Pending], dict[str, dict]]:
+    """The sweep (into ``output`` instead of the file's folder when given), the runs left to do and the records
+    of those already complete (planning every run: model, data and targets are checked as ``run`` checks them)."""
     from .runner import plan
 
     sweep = load_sweep(path)
+    if output is not None:
+        sweep.output = Path(output).resolve()
     todo, done = [], {}
     for job in sweep.jobs:
         p = plan(job.recipe)
@@ -100,9 +102,10 @@ def run_one(job: Job, folder: Path, log: Path, threads: int | None = None) -> di
     return {"status": "failed" if error else "done", "seconds": seconds, "error": error}
 
 
-def sweep(path: str | Path, serial: bool = False, address: str | None = None, num_cpus: int | None = None) -> int:
+def sweep(path: str | Path, serial: bool = False, address: str | None = None, num_cpus: int | None = None,
+          output: str | Path | None = None) -> int:
     """Run the sweep; 1 when any run failed, else 0."""
-    sweep_, todo, records = prepare(path)
+    sweep_, todo, records = prepare(path, output)
     out = sweep_.output
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

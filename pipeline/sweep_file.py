@@ -4,7 +4,7 @@
     output: sweeps/minilm                # the sweep folder, relative to this file
     grid:                                # every combination (cartesian product), or instead
       stages[prune_structured].ratio: [0.1, 0.3]
-      stages[distill]: [null, {type: distill, steps: 60}]   # null removes the stage
+      stages[distill]: [false, true]     # false (or null) removes the stage, true keeps it, a mapping replaces it
     # runs:                              # a list of runs, each a name (optional) and its overrides
     #   - {name: light, stages[1].ratio: 0.1}
     resources: {cpus: 1, gpus: 0, memory: 4GiB}   # what each run asks of Ray
@@ -125,7 +125,7 @@ def load_sweep(path: str | Path) -> Sweep:
     names = _names(entries, stages)
     jobs = [Job(name, overrides, _recipe(base, overrides, name, base_path.parent), where)
             for (where, overrides, _), name in zip(entries, names)]
-    return Sweep(path, spec, path.resolve().parent / spec.output, jobs)
+    return Sweep(path, spec, (path.resolve().parent / spec.output).resolve(), jobs)
 
 
 def _entries(spec: SweepSpec) -> list[tuple[str, dict[str, Any], str | None]]:
@@ -229,10 +229,13 @@ def _recipe(base: dict, overrides: dict[str, Any], name: str, folder: Path) -> R
         if path[0] == "stages":
             i = stage_index(base["stages"], path[1], key)
             if len(path) == 2:
-                if value is None:
+                if value is None or value is False:
                     removed.add(i)
-                else:
+                elif isinstance(value, dict):
                     raw["stages"][i] = copy.deepcopy(value)
+                elif value is not True:
+                    raise RecipeError(f"{quote(value)} is not allowed for a whole stage: true keeps it, false or null "
+                                      "removes it, a mapping replaces it", field=key)
                 continue
             target, path = raw["stages"][i], path[2:]
         for part in path[:-1]:
@@ -248,10 +251,15 @@ def _recipe(base: dict, overrides: dict[str, Any], name: str, folder: Path) -> R
 
 
 def _names(entries: list[tuple[str, dict[str, Any], str | None]], stages: list) -> list[str]:
-    """Given names, else names from the overrides; two runs with one name are refused."""
-    keys = [k for _, overrides, _ in entries for k in overrides]
-    lasts = [str(tokens(k, k)[-1]) for k in dict.fromkeys(keys)]
-    names = [given or derive(overrides, stages, clash={x for x in lasts if lasts.count(x) > 1})
+    """Given names, else names from the overrides that tell the runs apart (a grid key with one value is in
+    every run, so it is left out unless nothing else is left); two runs with one name are refused."""
+    keys = list(dict.fromkeys(k for _, overrides, _ in entries for k in overrides))
+    fixed = {k for k in keys if len({repr(o.get(k)) for _, o, _ in entries}) == 1 and len(entries) > 1}
+    if fixed == set(keys):
+        fixed = set()
+    lasts = [str(tokens(k, k)[-1]) for k in keys if k not in fixed]
+    clash = {x for x in lasts if lasts.count(x) > 1}
+    names = [given or derive({k: v for k, v in overrides.items() if k not in fixed}, stages, clash)
              for _, overrides, given in entries]
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
@@ -264,14 +272,15 @@ def _names(entries: list[tuple[str, dict[str, Any], str | None]], stages: list) 
 
 def derive(overrides: dict[str, Any], stages: list, clash: set[str] = frozenset()) -> str:  # type: ignore[assignment]
     """A short, filesystem-safe name from the overrides, in their order: the key's last part and the value
-    (``ratio0.2``); a removed stage is ``no-LABEL``; a key whose last part two keys share keeps its parent
+    (``ratio0.2``); a removed stage is ``no-LABEL``, a kept one ``LABEL``; a key whose last part two keys share keeps its parent
     too. Longer than 60 characters: cut, with a digest of the overrides for uniqueness."""
     parts = []
     for key, value in overrides.items():
         path = tokens(key, key)
         if path[0] == "stages" and len(path) == 2:
             label = stages[stage_index(stages, path[1], key)]["type"]
-            parts.append(f"no-{label}" if value is None else f"{label}-{_value(value)}")
+            parts.append(f"no-{label}" if value is None or value is False else
+                         label if value is True else f"{label}-{_value(value)}")
             continue
         last = str(path[-1])
         if last in clash and len(path) > 1:

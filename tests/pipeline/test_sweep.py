@@ -43,18 +43,17 @@ def test_grid_expands_to_every_combination_with_names_from_the_overrides(base):
                                       "stages[1].method": ["magnitude-sp", "wanda-sp"],
                                       "evaluation.latency.iterations": [3]})
     sweep = load_sweep(path)
-    assert [j.name for j in sweep.jobs] == [
-        "ratio0.25-methodmagnitude-sp-iterations3", "ratio0.25-methodwanda-sp-iterations3",
-        "ratio0.5-methodmagnitude-sp-iterations3", "ratio0.5-methodwanda-sp-iterations3"]
+    assert [j.name for j in sweep.jobs] == [  # a key with one value is in every run: not in the names
+        "ratio0.25-methodmagnitude-sp", "ratio0.25-methodwanda-sp", "ratio0.5-methodmagnitude-sp", "ratio0.5-methodwanda-sp"]
     r = sweep.jobs[3].recipe
     assert (r.name, r.stages[1].ratio, r.stages[1].method, r.evaluation.latency.iterations) == (
-        "ratio0.5-methodwanda-sp-iterations3", 0.5, "wanda-sp", 3)
+        "ratio0.5-methodwanda-sp", 0.5, "wanda-sp", 3)
     assert sweep.output == base.parent / "out-grid" and not sweep.output.exists()
     assert r.model.source == sweep.jobs[0].recipe.model.source  # paths resolved against the base recipe's folder
 
 
 def test_runs_list_names_removed_stages_clashing_keys_and_long_names(base):
-    path = _sweep(base, "runs", runs=[{"name": "mine", "stages[1].ratio": 0.5}, {"stages[evaluate]": None},
+    path = _sweep(base, "runs", runs=[{"name": "mine", "stages[1].ratio": 0.5}, {"stages[evaluate]": False},
                                       {"calibration.num_samples": 4, "evaluation.num_samples": 2},
                                       {"export.rtol": 0.001, **{"evaluation.latency.warmup": 2}, "stages[1].align": 16,
                                        "calibration.seed": 123456789, "evaluation.latency.iterations": 99999,
@@ -64,6 +63,9 @@ def test_runs_list_names_removed_stages_clashing_keys_and_long_names(base):
     assert [s.type for s in jobs[1].recipe.stages] == ["calibrate", "prune_structured", "export"]
     assert len(jobs[3].name) == 60 and jobs[3].name.startswith("rtol0.001-warmup2-align16-seed123456789-iter")
     assert load_sweep(path).jobs[3].name == jobs[3].name  # deterministic
+    toggled = _sweep(base, "toggle", grid={"stages[prune_structured]": [False, True]})
+    assert [(j.name, len(j.recipe.stages)) for j in load_sweep(toggled).jobs] == [
+        ("no-prune_structured", 3), ("prune_structured", 4)]
 
 
 @pytest.mark.parametrize("body, line", [
@@ -79,6 +81,7 @@ def test_runs_list_names_removed_stages_clashing_keys_and_long_names(base):
      "error: stages[1].ratio: run 'ratio2.0': 2.0 is out of range: "),
     ({"grid": {"name": ["x"]}}, "error: grid.name: the sweep names each run from its overrides: remove 'name'"),
     ({"grid": {}}, "error: recipe: 'grid' needs at least one key, each with a non-empty list of values"),
+    ({"grid": {"stages[1]": [3]}}, "error: stages[1]: 3 is not allowed for a whole stage: true keeps it, false or null "),
 ])
 def test_a_bad_sweep_is_one_line_exit_2_and_no_folder(base, capsys, body, line):
     path = _sweep(base, "bad", **body)
