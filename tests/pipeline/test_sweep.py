@@ -153,6 +153,16 @@ def test_local_ray_runs_the_sweep_as_tasks(base, capsys):
     assert "sweep: 2 done, 0 skipped, 0 failed" in capsys.readouterr().out
 
 
+def test_the_readme_sweep_is_recipes_sweep_minilm_verbatim_and_loads():
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index("\n## Sweeps\n"):].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert block == (root / "recipes" / "sweep-minilm.yaml").read_text()
+    jobs = load_sweep(root / "recipes" / "sweep-minilm.yaml").jobs
+    assert len(jobs) == 12 and jobs[0].name == "ratio0.2-no-distill-no-quantize"
+    assert [s.type for s in jobs[0].recipe.stages] == ["calibrate", "prune_structured", "export", "evaluate"]
+
+
 def _writer(root: str, seed: int, rounds: int) -> None:
     torch.set_num_threads(1)
     cache = StatsCache(Path(root))
