@@ -23,7 +23,7 @@ import hashlib
 import itertools
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class Job:
     name: str
     overrides: dict[str, Any]
     recipe: Recipe
-    where: str = field(repr=False, default="")  # grid / runs[i], for messages
 
 
 @dataclass
@@ -117,14 +116,15 @@ def load_sweep(path: str | Path) -> Sweep:
         raise RecipeError(f"the base recipe {quote(str(base_path))}: {e.message}", field=e.field) from None
     entries = _entries(spec)
     if len(entries) > MAX_RUNS:
-        raise RecipeError(f"{len(entries)} runs; a sweep holds at most {MAX_RUNS}: split it", field="grid")
+        raise RecipeError(f"{len(entries)} runs; a sweep holds at most {MAX_RUNS}: split it",
+                          field="grid" if spec.grid is not None else "runs")
     stages = base["stages"]
     for where, overrides, _ in entries:
         for key in overrides:
             check_key(key, stages, f"{where}.{key}")
     names = _names(entries, stages)
-    jobs = [Job(name, overrides, _recipe(base, overrides, name, base_path.parent), where)
-            for (where, overrides, _), name in zip(entries, names)]
+    jobs = [Job(name, overrides, _recipe(base, overrides, name, base_path.parent))
+            for (_, overrides, _), name in zip(entries, names)]
     return Sweep(path, spec, (path.resolve().parent / spec.output).resolve(), jobs)
 
 
@@ -270,7 +270,7 @@ def _names(entries: list[tuple[str, dict[str, Any], str | None]], stages: list) 
     return names
 
 
-def derive(overrides: dict[str, Any], stages: list, clash: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+def derive(overrides: dict[str, Any], stages: list, clash: frozenset[str] | set[str] = frozenset()) -> str:
     """A short, filesystem-safe name from the overrides, in their order: the key's last part and the value
     (``ratio0.2``); a removed stage is ``no-LABEL``, a kept one ``LABEL``; a key whose last part two keys share keeps its parent
     too. Longer than 60 characters: cut, with a digest of the overrides for uniqueness."""
