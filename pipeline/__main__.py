@@ -132,6 +132,9 @@ def _command(args: argparse.Namespace) -> int | None:
     elif args.command == "sweep":
         from .sweep import sweep
 
+        if args.num_cpus is not None and (args.serial or args.address):
+            raise RecipeError("sets the CPUs of the Ray started here: drop it with --serial or --address (a cluster's "
+                              "CPUs are its own; the sweep file's resources.cpus is per run)", field="--num-cpus")
         return sweep(args.sweep_file, serial=args.serial, address=args.address, num_cpus=args.num_cpus,
                      output=args.output)
     elif args.command == "generate":

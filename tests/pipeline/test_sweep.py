@@ -91,6 +91,13 @@ def test_a_bad_sweep_is_one_line_exit_2_and_no_folder(base, capsys, body, line):
     assert not (base.parent / "out-bad").exists()
 
 
+def test_num_cpus_only_for_a_local_ray(base, capsys):
+    path = _sweep(base, "flags", grid={"stages[1].ratio": [0.25]})
+    assert main(["sweep", str(path), "--serial", "--num-cpus", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --num-cpus: sets the CPUs of the Ray started here")
+    assert not (base.parent / "out-flags").exists()
+
+
 @pytest.fixture(scope="module")
 def serial(base):
     """Three runs, one of which fails in its export (a parity tolerance no graph meets), run twice."""
