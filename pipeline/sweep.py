@@ -201,16 +201,26 @@ def write_outputs(out: Path, rows: list[dict], wall: float, mode: str) -> set[st
         front = front_figure(list(table_rows.values()), out / "pareto.png", metric, lower, best=best, sized=True)
     summary = {"mode": mode, "wall_seconds": wall, "best": best, "pareto_front": sorted(front), "runs": rows}
     write_atomic(out / "sweep.json", dump(summary))
+    shared = _shared(rows)
     lines = []
     for r in rows:
         t = table_rows.get(r["name"])
-        lines.append([r["name"], ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()), r["status"],
-                      t.quality if t else None, t.latency_ms if t else None, t.speedup if t else None,
+        lines.append([r["name"], ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items() if k not in shared),
+                      r["status"], t.quality if t else None, t.latency_ms if t else None, t.speedup if t else None,
                       t.size if t else None, t.gate if t else None,
                       ("yes" if r["name"] in front else "") + (" (best)" if r["name"] == best else ""), r["error"]])
+    every = f"Every run: {', '.join(f'`{k}={json.dumps(v)}`' for k, v in shared.items())}.\n\n" if shared else ""
     plot = "\n\n![quality against latency, marker area: bytes](pareto.png)\n" if measured else "\n"
-    write_atomic(out / "sweep.md", f"# Sweep ({mode}, {wall:g} s)\n\n{md_table(HEADERS, lines, limit=1000)}{plot}")
+    write_atomic(out / "sweep.md", f"# Sweep ({mode}, {wall:g} s)\n\n{every}{md_table(HEADERS, lines, limit=1000)}{plot}")
     return front
+
+
+def _shared(rows: list[dict]) -> dict[str, Any]:
+    """Overrides every run has with one value: said once above the table instead of in every row."""
+    if len(rows) < 2:
+        return {}
+    first = rows[0]["overrides"]
+    return {k: v for k, v in first.items() if all(k in r["overrides"] and r["overrides"][k] == v for r in rows)}
 
 
 def _say(out: Path, rows: list[dict], front: set[str], failed: list[dict]) -> None:

@@ -135,7 +135,8 @@ def test_serial_sweep_records_every_run_and_isolates_the_failure(serial):
     assert set(record["pareto_front"]) <= {"ratio0.25", "ratio0.5", "dense"} and record["pareto_front"]
     md = record["md"]
     rows = [line for line in md.splitlines() if line.startswith("| ratio")]
-    assert [row.split(" | ")[2] for row in rows] == ["done", "done", "failed"]
+    assert [row.split(" | ")[1:3] for row in rows] == [["stages[1].ratio=0.25", "done"], ["stages[1].ratio=0.5", "done"],
+                                                       ["stages[1].ratio=0.5, export.rtol=1e-12", "failed"]]
     assert "![quality against latency, marker area: bytes](pareto.png)" in md
     png = (out / "pareto.png").read_bytes()
     assert png[:4] == b"\x89PNG" and struct.unpack(">II", png[16:24]) == (640, 440)
