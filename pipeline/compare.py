@@ -77,20 +77,26 @@ def front_figure(rows: list[Row], plot: Path, metric: str, lower: bool, best: st
     """Draw quality against latency with the Pareto front, the dense model as its own point when every row
     shares the model; ``best`` names a row to ring (a sweep's pick); ``sized``: marker areas follow each
     row's compressed bytes (a third axis for a sweep's many runs). Returns the names on the front."""
-    largest = max((r.bytes or 0 for r in rows), default=0)
-    points = [Point(r.name, r.latency_ms, r.quality, area=_area(r.bytes, largest) if sized else 36.0) for r in rows]
+    sizes = [r.bytes for r in rows if r.bytes]
+    span = (min(sizes), max(sizes)) if sized and sizes else None
+    points = [Point(r.name, r.latency_ms, r.quality, area=_area(r.bytes, span)) for r in rows]
     if len({r.model for r in rows}) == 1:
         points.append(Point("dense", statistics.median(r.dense_ms for r in rows), 1.0, reference=True))
     front = pareto(points, lower)
     chosen = next((p for p in points if p.label == best), None)
+    note = f"marker area: compressed ONNX bytes, {span[0] / 1e6:.1f} to {span[1] / 1e6:.1f} MB" if span else None
     front_plot(plot, points, front, f"{metric} against latency", "median latency (ms, ONNX Runtime)",
-               f"{metric} (dense = 1, {_better(lower)} is better)", best=chosen,
-               note="marker area: compressed ONNX bytes" if sized else None)
+               f"{metric} (dense = 1, {_better(lower)} is better)", best=chosen, note=note)
     return {p.label for p in front}
 
 
-def _area(size: int | None, largest: int) -> float:
-    return 36.0 if not size or not largest else 20.0 + 280.0 * size / largest
+def _area(size: int | None, span: tuple[int, int] | None) -> float:
+    """Marker area from the smallest artifact of the sweep (40 points²) to the largest (300): the span the note
+    states, so a few MB between runs still show."""
+    if not size or span is None:
+        return 36.0
+    low, high = span
+    return 40.0 + 260.0 * (size - low) / (high - low) if high > low else 120.0
 
 
 def _better(lower: bool) -> str:
