@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -74,6 +75,12 @@ class StatsCache:
                     aliases[key] = seen[id(t)]
                 else:
                     seen[id(t)], flat[key] = key, t.contiguous().cpu()  # files hold CPU tensors
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(flat, tmp, metadata=aliases or None)
-        tmp.replace(path)
+        # Runs of a sweep may save one key at once (processes, Ray workers on hosts sharing the folder): each
+        # writes its own temp file and renames it over the entry, so a reader sees one whole file, never a mix.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(flat, tmp, metadata=aliases or None)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)

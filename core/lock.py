@@ -101,8 +101,25 @@ def alive(pid: int, host: str) -> bool:
 
 
 @contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock tied to ``path`` (on the side file ``.NAME.flock`` beside it) while a cache
+    entry is built: concurrent runs of a sweep (threads, processes, Ray workers on one host or on a shared
+    file system with working locks) build a dense reference once and the others wait, then reuse it. The
+    kernel drops the lock when its holder dies, so a killed builder never blocks the next; the side file
+    stays (removing it would let two processes hold locks on two different files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _held(os.open(path.parent / f".{path.name}.flock", os.O_RDWR | os.O_CREAT, 0o644)):
+        yield
+
+
+@contextlib.contextmanager
 def _flocked(folder: Path) -> Iterator[None]:
-    fd = os.open(folder, os.O_RDONLY)
+    with _held(os.open(folder, os.O_RDONLY)):
+        yield
+
+
+@contextlib.contextmanager
+def _held(fd: int) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -15,7 +15,7 @@ from typing import Any
 
 from .files import write_atomic
 
-DENSE, COMPRESSED, FRONT = "#9e9e9e", "#1f77b4", "#d62728"
+DENSE, COMPRESSED, FRONT, BEST = "#9e9e9e", "#1f77b4", "#d62728", "#2ca02c"
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Point:
     x: float
     y: float
     reference: bool = False  # drawn grey (the dense model)
+    area: float = 36.0  # marker area in points² (matplotlib's default); a sweep scales it with the artifact's bytes
 
 
 def _figure(width: float, height: float) -> Any:
@@ -113,19 +114,26 @@ def grouped_bars(path: Path, categories: Sequence[str], series: dict[str, Sequen
 
 
 def front_plot(path: Path, points: Sequence[Point], front: Sequence[Point], title: str, xlabel: str,
-               ylabel: str) -> None:
-    """Every point labelled, the ``front`` (already ordered along x) joined by a red line."""
+               ylabel: str, best: Point | None = None, note: str | None = None) -> None:
+    """Every point labelled, the ``front`` (already ordered along x) joined by a red line; ``best`` (a sweep's
+    fastest run that passes its quality gate) ringed in green; ``note`` says what marker areas mean."""
     fig = _figure(6.4, 4.4)
     ax = fig.add_subplot()
-    ax.scatter([p.x for p in points], [p.y for p in points], color=[DENSE if p.reference else COMPRESSED for p in points],
-               zorder=3)
+    ax.scatter([p.x for p in points], [p.y for p in points], s=[p.area for p in points],
+               color=[DENSE if p.reference else COMPRESSED for p in points], alpha=0.8, zorder=3)
     if front:
         ax.plot([p.x for p in front], [p.y for p in front], color=FRONT, marker="o", fillstyle="none",
                 markersize=11, linewidth=1.2, label="Pareto front", zorder=2)
+    if best is not None:
+        ax.scatter([best.x], [best.y], s=max(best.area, 36.0) * 3, facecolors="none", edgecolors=BEST, linewidths=2,
+                   label=f"best passing the gate: {best.label}", zorder=4)
+    if front or best is not None:
         ax.legend(fontsize=8)
     for p in points:
         ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if note:
+        ax.text(0.99, 0.01, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color=DENSE)
     ax.ticklabel_format(useOffset=False)  # 0.9999, not "+1" and offsets
     ax.margins(x=0.15, y=0.12)
     ax.grid(alpha=0.3)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from calibration.cache import cache_key
+from core.lock import flocked
 from export import decoder
 from export import onnx as onnx_export
 from export.decoder import DECODE
@@ -26,12 +27,13 @@ def dense_onnx(module: TaskModel, example: tuple[torch.Tensor, ...], source_sha2
                     torch=torch.__version__)
     if isinstance(module, CachedDecoder):  # both graphs, the decode graph written last
         path = cache_dir() / "onnx" / key[:32] / "model.onnx"
-        if not path.with_name(f"{DECODE}.onnx").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            decoder.export(module, example, module.step(example), path, export.opset)
+        with flocked(path.parent):  # concurrent runs (a sweep): one exports, the others wait and reuse it
+            if not path.with_name(f"{DECODE}.onnx").is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                decoder.export(module, example, module.step(example), path, export.opset)
         return path
     path = cache_dir() / "onnx" / f"{key[:32]}.onnx"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx_export.export(module, example, path, module.input_names, module.output_names, export.opset)
+    with flocked(path):
+        if not path.is_file():
+            onnx_export.export(module, example, path, module.input_names, module.output_names, export.opset)
     return path

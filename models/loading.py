@@ -25,6 +25,7 @@ from torch import nn
 from core.echo import clip
 from core.errors import RecipeError
 from core.files import sha256_path
+from core.lock import flocked
 from core.network import hub_unreachable
 
 from .adapters import pretrained
@@ -263,11 +264,16 @@ def _converted_path(source: Source) -> Path:
 
 def _converted_gguf(source: Source) -> Path:
     """Dequantize a GGUF file once into a plain fp32 safetensors folder, cached by its hash."""
+    target = _converted_path(source)
+    with flocked(target):  # concurrent runs (a sweep) convert once; the others wait and reuse the folder
+        if not (target / CHECKPOINT_META).is_file():
+            _convert_gguf(source, target)
+    return target
+
+
+def _convert_gguf(source: Source, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _converted_path(source)
-    if (target / CHECKPOINT_META).is_file():
-        return target
     folder, name = source.local.parent, source.local.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
@@ -283,7 +289,6 @@ def _converted_gguf(source: Source) -> Path:
     (tmp / CHECKPOINT_META).write_text(json.dumps({"converted_from": name, "sha256": source.sha256}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
 def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> None:

@@ -1,4 +1,4 @@
-"""python -m pipeline (or edgeprune) run|validate|inspect|compare|push|pull|generate
+"""python -m pipeline (or edgeprune) run|validate|inspect|compare|sweep|push|pull|generate
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", metavar="RUN", type=Path)
     c.add_argument("--out", type=Path, help="folder for compare.png and compare.md (default: compare.png here)")
     c.add_argument("--metric", help="comparison metric on the quality axis (default: the task's first gate metric)")
+    s = sub.add_parser("sweep", help="many runs of one base recipe (a grid or a list of overrides) as Ray tasks: "
+                                      "one table, one quality-vs-latency-vs-size plot with the Pareto front")
+    s.add_argument("sweep_file", metavar="SWEEP.yaml")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--serial", action="store_true", help="run them one by one in this process, without Ray")
+    how.add_argument("--address", help="an existing Ray cluster: auto, or ray://HOST:10001 (default: start Ray here)")
+    s.add_argument("--num-cpus", type=int, help="CPUs of the Ray started here (default: all)")
+    s.add_argument("--output", "-o", help="sweep folder (default: the file's 'output', relative to the file)")
     g = sub.add_parser("generate", help="write text with a decoder run's graphs (export.decoder) in ONNX Runtime")
     g.add_argument("run_dir", metavar="RUN_OR_DIR", help="a run folder or a pulled artifact")
     g.add_argument("--prompt", required=True)
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        _command(args)
+        code = _command(args)
     except PipelineError as e:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
@@ -78,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
-def _command(args: argparse.Namespace) -> None:
+def _command(args: argparse.Namespace) -> int | None:
+    """The command's work; an exit code when it is not 0 without an error (a sweep with failed runs)."""
     if args.command == "run":
         from .recipe import load_recipe, with_device
 
@@ -121,6 +130,14 @@ def _command(args: argparse.Namespace) -> None:
             raise RecipeError("give two or more run folders to compare", field="runs")
         rows, plot, metric = compare(args.runs, args.out, args.metric)
         print_table(rows, metric, plot)
+    elif args.command == "sweep":
+        from .sweep import sweep
+
+        if args.num_cpus is not None and (args.serial or args.address):
+            raise RecipeError("sets the CPUs of the Ray started here: drop it with --serial or --address (a cluster's "
+                              "CPUs are its own; the sweep file's resources.cpus is per run)", field="--num-cpus")
+        return sweep(args.sweep_file, serial=args.serial, address=args.address, num_cpus=args.num_cpus,
+                     output=args.output)
     elif args.command == "generate":
         from .generate import generate
 
@@ -128,6 +145,7 @@ def _command(args: argparse.Namespace) -> None:
                  image=args.image)
     else:
         _inspect(Path(args.run_dir), args.json)
+    return None
 
 
 def _resumable(e: PipelineError) -> bool:

@@ -36,6 +36,7 @@ class Row:
     size: str
     gate: str
     model: str
+    bytes: int | None  # the compressed ONNX file(s); None when the size is counted in parameters
 
 
 def compare(runs: list[Path], out: Path | None, metric: str | None = None) -> tuple[list[list], Path, str]:
@@ -45,31 +46,61 @@ def compare(runs: list[Path], out: Path | None, metric: str | None = None) -> tu
     if len(tasks) > 1:
         raise RecipeError(f"the runs are of different tasks ({', '.join(sorted(tasks))}); compare runs of one task",
                           field="runs")
-    from tasks import TASKS  # only once the folders are known to be runs: it imports torch
-
-    accept = TASKS[tasks.pop()].accept_metrics
-    metric = metric or next(iter(accept.values()))
-    lower = any(field.startswith("max_") and m == metric for field, m in accept.items())
+    metric, lower = quality_axis(tasks.pop(), metric)
     names = [r.name for r in runs]
     names = names if len(set(names)) == len(names) else [str(r) for r in runs]  # runs/a/x and runs/b/x: the paths
-    rows = [_row(r, name, m, metric) for r, name, m in zip(runs, names, manifests)]
-    points = [Point(r.name, r.latency_ms, r.quality) for r in rows]
-    if len({r.model for r in rows}) == 1:
-        points.append(Point("dense", statistics.median(r.dense_ms for r in rows), 1.0, reference=True))
-    front = pareto(points, lower)
+    rows = [run_row(r, name, m, metric) for r, name, m in zip(runs, names, manifests)]
     folder = out or Path.cwd()
     folder.mkdir(parents=True, exist_ok=True)
     plot = folder / "compare.png"
-    better = "lower" if lower else "higher"
-    front_plot(plot, points, front, f"{metric} against latency", "median latency (ms, ONNX Runtime)",
-               f"{metric} (dense = 1, {better} is better)")
-    on_front = {p.label for p in front}
+    on_front = front_figure(rows, plot, metric, lower)
     table = [[r.name, r.stages, r.quality, r.latency_ms, r.speedup, r.size, r.gate,
               "yes" if r.name in on_front else ""] for r in rows]
     if out is not None:
-        write_atomic(out / "compare.md", f"# Runs compared on {metric} ({better} is better)\n\n"
+        write_atomic(out / "compare.md", f"# Runs compared on {metric} ({_better(lower)} is better)\n\n"
                      f"{md_table(HEADERS, table)}\n\n![{metric} against latency](compare.png)\n")
     return table, plot, metric
+
+
+def quality_axis(task: str, metric: str | None) -> tuple[str, bool]:
+    """The metric on the quality axis (the task's first gateable one unless ``metric`` names another) and
+    whether lower is better for it (a "max_" gate bounds it)."""
+    from tasks import TASKS  # only once the folders are known to be runs: it imports torch
+
+    accept = TASKS[task].accept_metrics
+    metric = metric or next(iter(accept.values()))
+    return metric, any(field.startswith("max_") and m == metric for field, m in accept.items())
+
+
+def front_figure(rows: list[Row], plot: Path, metric: str, lower: bool, best: str | None = None,
+                 sized: bool = False) -> set[str]:
+    """Draw quality against latency with the Pareto front, the dense model as its own point when every row
+    shares the model; ``best`` names a row to ring (a sweep's pick); ``sized``: marker areas follow each
+    row's compressed bytes (a third axis for a sweep's many runs). Returns the names on the front."""
+    sizes = [r.bytes for r in rows if r.bytes]
+    span = (min(sizes), max(sizes)) if sized and sizes else None
+    points = [Point(r.name, r.latency_ms, r.quality, area=_area(r.bytes, span)) for r in rows]
+    if len({r.model for r in rows}) == 1:
+        points.append(Point("dense", statistics.median(r.dense_ms for r in rows), 1.0, reference=True))
+    front = pareto(points, lower)
+    chosen = next((p for p in points if p.label == best), None)
+    note = f"marker area: compressed ONNX bytes, {span[0] / 1e6:.1f} to {span[1] / 1e6:.1f} MB" if span else None
+    front_plot(plot, points, front, f"{metric} against latency", "median latency (ms, ONNX Runtime)",
+               f"{metric} (dense = 1, {_better(lower)} is better)", best=chosen, note=note)
+    return {p.label for p in front}
+
+
+def _area(size: int | None, span: tuple[int, int] | None) -> float:
+    """Marker area from the smallest artifact of the sweep (40 points²) to the largest (300): the span the note
+    states, so a few MB between runs still show."""
+    if not size or span is None:
+        return 36.0
+    low, high = span
+    return 40.0 + 260.0 * (size - low) / (high - low) if high > low else 120.0
+
+
+def _better(lower: bool) -> str:
+    return "lower" if lower else "higher"
 
 
 def pareto(points: list[Point], lower_is_better: bool) -> list[Point]:
@@ -88,7 +119,7 @@ def _manifest(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _row(run: Path, name: str, m: dict, metric: str) -> Row:
+def run_row(run: Path, name: str, m: dict, metric: str) -> Row:
     ev = m.get("evaluation") or {}
     if "latency" not in ev:
         raise RecipeError(f"'{run}' has no latency measurement: compare needs runs with an export and an evaluate "
@@ -98,16 +129,16 @@ def _row(run: Path, name: str, m: dict, metric: str) -> Row:
         able = ", ".join(k for k in comparison if k != "samples")
         raise RecipeError(f"'{run}' has no {metric!r}; its comparison metrics: {able}", field="--metric")
     lat, size = ev["latency"], ev["size"]
-    if "onnx_bytes" in size["compressed"]:
-        d, c = size["dense"]["onnx_bytes"], size["compressed"]["onnx_bytes"]
-        shown = f"{c / 1e6:.1f} MB (x{c / d:.2f})"
+    c = size["compressed"].get("onnx_bytes")
+    if c is not None:
+        shown = f"{c / 1e6:.1f} MB (x{c / size['dense']['onnx_bytes']:.2f})"
     else:
         shown = f"{size['compressed']['params'] / 1e6:.2f} M params"
     judged = m.get("verdict") or {}
     gate = {True: "ACCEPTED", False: "REJECTED"}.get(judged.get("accepted"), "no gate")
     return Row(name, " → ".join(filter(None, map(_stage, m["stages"]))), comparison[metric],
                lat["compressed"]["median_ms"], lat["dense"]["median_ms"], lat["speedup"], shown, gate,
-               m["model"]["sha256"])
+               m["model"]["sha256"], c)
 
 
 def _stage(stage: dict) -> str:
