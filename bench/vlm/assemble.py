@@ -58,12 +58,17 @@ def generate(model, tokenizer, images: np.ndarray, questions: list[str], max_new
 
 def run(out: Path, clip_dir: Path, adapter_dir: Path, check: int, results: Path | None) -> dict:
     """Save the assembled model and its tokenizer/image processor to ``out``, reload it, answer ``check`` questions."""
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     model, tokenizer = build(clip_dir, adapter_dir)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    CLIPImageProcessor.from_pretrained(clip_dir).save_pretrained(out)
+    # The LLaVA stage trained on the bare question (no chat template), so the saved tokenizer has none:
+    # the pipeline's image-text-to-text prompt (tasks/chat.py) is then exactly the training layout.
+    tokenizer.chat_template = None
+    LlavaProcessor(CLIPImageProcessor.from_pretrained(clip_dir), tokenizer, patch_size=model.config.vision_config.patch_size,
+                   vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                   image_token=tokenizer.convert_ids_to_tokens(llava.IMAGE_TOKEN_ID),
+                   num_additional_image_tokens=1).save_pretrained(out)
     reloaded = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
     test = data.load("test")
     questions = np.concatenate(evaluate.held_out(test))[:check]
