@@ -1,4 +1,4 @@
-"""python -m bench.vlm {clip,projector,evaluate,assemble} OUT (README: easy-VQA VLM)."""
+"""python -m bench.vlm {clip,projector,evaluate,assemble,artifact} (README: easy-VQA VLM)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     asm.add_argument("out", type=Path)
     asm.add_argument("--check", type=int, default=32, help="test questions answered with generate() after reloading")
     asm.add_argument("--results", type=Path, default=RESULTS, help="JSON to record the check in (if it exists)")
+    art = sub.add_parser("artifact", help="exact match of exported run folders (generate's graphs) into the JSON")
+    art.add_argument("runs", type=Path, nargs="+", help="run folders of image-text-to-text recipes with export.decoder")
+    art.add_argument("--questions", type=int, default=200, help="the first held-out test questions")
+    art.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    art.add_argument("--results", type=Path, default=RESULTS, help="JSON the scores are added to (key 'exported')")
     for p in (clip, proj):
         p.add_argument("--seed", type=int, default=0)
     for p in (proj, ev, asm):
@@ -64,6 +69,13 @@ def main() -> None:
         from .evaluate import run as evaluate_run
 
         record = evaluate_run(args.out, args.clip, args.adapter)
+    elif args.stage == "artifact":
+        from .artifact import score
+
+        record = {run.name: score(run, args.questions, args.threads) for run in args.runs}
+        table = json.loads(args.results.read_text()) if args.results.is_file() else {}
+        table.setdefault("exported", {}).update(record)
+        args.results.write_text(json.dumps(table, indent=1) + "\n")
     else:
         from .assemble import run as assemble_run
 
