@@ -113,18 +113,24 @@ def build_vit():
 
 def build_tokenizer():
     """Word-level tokenizer over the caption vocabulary: <bos> words <eos>, right-padded with <pad>."""
+    return word_tokenizer({w for t in TEMPLATES for w in t.format("").split()} | {w for c in CLASSES for w in c.split()})
+
+
+def word_tokenizer(words: set[str], punctuation: bool = False, max_length: int | None = None):
+    """Word-level tokenizer over ``words`` (ids 0-3: <pad> <unk> <bos> <eos>, then the sorted words):
+    <bos> words <eos>, lower-cased, split on whitespace (and punctuation runs with ``punctuation``)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for t in TEMPLATES for w in t.format("").split()} | {w for c in CLASSES for w in c.split()})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *words])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *sorted(words)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace() if punctuation else pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
                                                        special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    limit = {"model_max_length": max_length} if max_length else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+                                   unk_token="<unk>", **limit)
 
 
 def build_clip(tokenizer):

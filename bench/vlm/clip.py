@@ -39,19 +39,11 @@ def words(text: str) -> list[str]:
 
 def build_tokenizer(questions: list[str]):
     """Word-level tokenizer over the caption and question vocabulary: <bos> words <eos>, right-padded with <pad>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from bench.fashion_mnist import word_tokenizer
 
     vocab_words = {w for t in TEMPLATES for w in words(t.format(c="", s=""))}
     vocab_words |= {w for c, s in CLASSES for w in (c, s)} | {w for q in questions for w in words(q)}
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<bos>", "<eos>", *sorted(vocab_words)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=MAX_TEXT)
+    return word_tokenizer(vocab_words, punctuation=True, max_length=MAX_TEXT)
 
 
 def vision_config() -> dict:
