@@ -70,12 +70,13 @@ class Export(Stage):
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         ex = ctx.recipe.export
         module = ctx.task_model()
-        inputs = export_inputs(ctx)
         path = ctx.workdir / "model.onnx"
         t0 = time.perf_counter()
         bar = ctx.events.task("export", total=2)  # two long, opaque steps: the bar shows which and for how long
         bar.doing("torch.onnx dynamo trace" + (" (prefill and decode graphs)" if ex.decoder else ""))
         vlm_graphs = _vlm_graphs(ctx) if ex.decoder is not None and ctx.task.reads_pruned_tokens else None
+        # a VLM's prefill window holds the K image tokens it reads, not the N placeholders the task's batches carry
+        inputs = [] if vlm_graphs is not None else export_inputs(ctx)
         if vlm_graphs is not None:
             protos, examples = [g.proto for g in vlm_graphs], [[g.example] for g in vlm_graphs]
             pretrained(ctx.model).generation_config.save_pretrained(ctx.workdir / GENERATION)
@@ -134,10 +135,14 @@ class Export(Stage):
 def _vlm_graphs(ctx: RunContext) -> list[vlm.Exported]:
     """A VLM's three graphs, traced on one calibration image and the first question behind its K placeholders."""
     ex = ctx.recipe.export
-    spec = ctx.recipe.calibration.model_copy(update={"num_samples": 1, "seq_len": ex.seq_len, "batch_size": 1})
-    pixels = ctx.task.calibration_batches(ctx.preprocessor, spec, image_size=ex.image_size).batches[0].inputs
+    spec = ctx.recipe.calibration.model_copy(update={"num_samples": 1, "batch_size": 1})
+    pixels = ctx.task.calibration_images(ctx.preprocessor, spec, image_size=ex.image_size).batches[0].inputs
     processor = ctx.preprocessor
-    row = prompt_ids(processor.tokenizer, QUESTIONS[0], processor.image_token_id, image_count(ctx.model))
+    k = image_count(ctx.model)
+    row = prompt_ids(processor.tokenizer, QUESTIONS[0], processor.image_token_id, k)
+    if len(row) > ex.seq_len:
+        raise RecipeError(f"the prefill window must hold the {k} image tokens and the question ({len(row)} tokens "
+                          f"for {QUESTIONS[0]!r}); raise seq_len to at least that", field="export.seq_len")
     ids = torch.zeros(1, ex.seq_len, dtype=torch.long)
     ids[0, :len(row)] = torch.tensor(row)
     assert ex.decoder is not None

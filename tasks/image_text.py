@@ -148,8 +148,14 @@ class ImageTextToText(ImageTask):
 
     def calibration_batches(self, preprocessor, spec, field: str = "calibration",
                             image_size: int | None = None) -> Batches:
-        images = random_images(preprocessor.image_processor, load_images(spec, field), spec, image_size)
-        return self._with_prompts(preprocessor, images, spec.seq_len, field)
+        return self._with_prompts(preprocessor, self.calibration_images(preprocessor, spec, field, image_size),
+                                  spec.seq_len, field)
+
+    def calibration_images(self, preprocessor, spec, field: str = "calibration",
+                           image_size: int | None = None) -> Batches:
+        """The calibration images alone (``pixel_values``): what the export traces the vision graph on, whatever
+        prompt window the decoder graphs get."""
+        return random_images(preprocessor.image_processor, load_images(spec, field), spec, image_size)
 
     def evaluation_batches(self, preprocessor, spec, batch_size: int, seq_len: int,
                            image_size: int | None = None, field: str = "evaluation") -> Batches:

@@ -27,10 +27,15 @@ QUESTION, NEW = "What color is the shape?", 6
 
 
 
-def recipe(model_dir, images, stages) -> dict:
+# The tiny BPE spells QUESTIONS[0] in about 35 tokens: the unpruned prompt (16 placeholders) needs the calibration's
+# 64, the pruned one (6) fits a 48-token prefill window.
+WINDOW = 48
+
+
+def recipe(model_dir, images, stages, window: int = WINDOW) -> dict:
     return {"name": "g", "model": {"source": str(model_dir), "task": "image-text-to-text"},
             "calibration": {"source": "images", "path": str(images), "num_samples": 4, "seq_len": 64, "batch_size": 2},
-            "stages": stages, "export": {"seq_len": 64, "batch_size": 1, "decoder": {"max_len": 80}}}
+            "stages": stages, "export": {"seq_len": window, "batch_size": 1, "decoder": {"max_len": window + 16}}}
 
 
 PRUNE = {"type": "token_prune", "method": "cls_attention", "keep": 6, "layer": 1, "output": True}
@@ -64,6 +69,7 @@ def test_vlm_run_ships_three_checked_graphs(vlm_run):
     assert [i["name"] for i in onnx["vision"]["inputs"]] == ["pixel_values"]
     assert onnx["vision"]["outputs"][0]["shape"] == [1, 6, 64]  # K = 6 projected image tokens
     assert onnx["inputs"][-1] == {"name": "image_embeds", "dtype": "float32", "shape": [1, 6, 64]}
+    assert onnx["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": [1, WINDOW]}
     for g in (onnx, onnx["decode"], onnx["vision"]):
         assert g["parity"]["max_rel_err"] <= 1e-4
     assert onnx["tensorrt"]["ok"] and onnx["token_pruning"]["topk_k"] == [6]
@@ -93,3 +99,11 @@ def test_vlm_generate_and_recipe_errors_are_one_line(vlm_run, llava_dir, vlm_ima
     with pytest.raises(RecipeError, match="export.decoder: an image-text-to-text run with export.decoder ends at "
                                           "export: its three graphs have no 'quantize' yet"):
         plan(load_recipe(write_recipe(tmp_path, recipe(llava_dir, vlm_images, stages))))
+
+
+def test_prefill_window_too_short_for_the_pruned_prompt_is_one_line(llava_dir, vlm_images, tmp_path):
+    with pytest.raises(RecipeError) as e:
+        run(write_recipe(tmp_path, recipe(llava_dir, vlm_images, [PRUNE, {"type": "export"}], window=24)),
+            output=tmp_path / "out")
+    assert str(e.value).startswith("export.seq_len: the prefill window must hold the 6 image tokens and the question")
+    assert "\n" not in str(e.value)
