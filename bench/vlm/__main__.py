@@ -37,11 +37,21 @@ def parser() -> argparse.ArgumentParser:
     art.add_argument("--questions", type=int, default=200, help="the first held-out test questions")
     art.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     art.add_argument("--results", type=Path, default=RESULTS, help="JSON the scores are added to (key 'exported')")
+    tok = sub.add_parser("tokens", help="exact match against kept image tokens, every selector, into the JSON OUT")
+    tok.add_argument("out", type=Path, nargs="?", default=RESULTS.with_name("easy-vqa-tokens.json"))
+    tok.add_argument("--methods", nargs="+", help="selectors (default: all of bench/vlm/tokens.py METHODS)")
+    tok.add_argument("--keeps", nargs="+", type=float, help="ratios of the 64 patch tokens (default: tokens.KEEPS)")
+    lat = sub.add_parser("latency", help="time to first token against kept image tokens into the JSON OUT")
+    lat.add_argument("out", type=Path, nargs="?", default=RESULTS.with_name("easy-vqa-latency.json"))
+    lat.add_argument("--runs", type=Path, nargs="+", help="exported runs, unpruned first (part 'windows')")
+    lat.add_argument("--questions", type=int, default=101, help="held-out questions per run (the first warms up)")
+    lat.add_argument("--iterations", type=int, default=200, help="runs of each vision tower graph (part 'selectors')")
+    lat.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     for p in (clip, proj):
         p.add_argument("--seed", type=int, default=0)
-    for p in (proj, ev, asm):
+    for p in (proj, ev, asm, tok, lat):
         p.add_argument("--clip", type=Path, default=CLIP, help="the CLIP stage's folder")
-    for p in (ev, asm):
+    for p in (ev, asm, tok):
         p.add_argument("--adapter", type=Path, default=LLAVA, help="the projector stage's folder")
     return ap
 
@@ -69,6 +79,20 @@ def main() -> None:
         from .evaluate import run as evaluate_run
 
         record = evaluate_run(args.out, args.clip, args.adapter)
+    elif args.stage == "tokens":
+        from . import tokens
+
+        record = tokens.run(args.clip, args.adapter, args.methods or list(tokens.METHODS),
+                            args.keeps or list(tokens.KEEPS))
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    elif args.stage == "latency":
+        from . import latency, tokens
+
+        record = {"selectors": latency.selectors(args.clip, list(tokens.METHODS), [k for k in tokens.KEEPS if k < 1],
+                                                 args.iterations, args.threads)}
+        if args.runs:
+            record["windows"] = latency.windows(args.runs, args.questions, args.threads)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
     elif args.stage == "artifact":
         from .artifact import score
 

@@ -43,13 +43,14 @@ def prior(train: data.Split) -> dict[str, str]:
 @torch.no_grad()
 def exact_match(lm, adapter, tokenizer, features: torch.Tensor, split: data.Split, picks: list[np.ndarray],
                 batch: int = 8) -> np.ndarray:
-    """Per question (in ``picks`` order): 1 where greedy decoding gives exactly the answer then <eos>."""
+    """Per question (in ``picks`` order): 1 where greedy decoding gives exactly the answer then <eos>.
+
+    ``features`` [len(picks), K, width]: the image tokens each group of questions reads."""
     correct = []
     for i in tqdm(range(0, len(picks), batch), desc="evaluate", mininterval=10):
         chunk = picks[i:i + batch]
         packed = llava.pack(llava.blocks_for(split, tokenizer, chunk), features.shape[1], tokenizer.eos_token_id)
-        rows = torch.from_numpy(split.image_rows[[p[0] for p in chunk]])
-        hits = llava.answer_logits(lm, adapter, features[rows], packed).argmax(-1) == packed.labels[packed.labels != -100]
+        hits = llava.answer_logits(lm, adapter, features[i:i + batch], packed).argmax(-1) == packed.labels[packed.labels != -100]
         lengths = [len(llava.answer_ids(tokenizer, split.answers[q])) for p in chunk for q in p]
         correct += [bool(h.all()) for h in torch.split(hits, lengths)]
     return np.array(correct)
@@ -84,7 +85,8 @@ def run(out: Path, clip_dir: Path, adapter_dir: Path) -> dict:
     features = llava.vision_features(clip.vision_model, test.images)
     order = np.concatenate(picks)
     kinds = [data.answer_type(test.answers[q]) for q in order]
-    hits = exact_match(lm, adapter, tokenizer, features, test, picks)
+    hits = exact_match(lm, adapter, tokenizer, features[torch.from_numpy(test.image_rows[[p[0] for p in picks]])], test,
+                       picks)
     guess = prior(train)
     prior_hits = np.array([test.answers[q] == guess[k] for q, k in zip(order, kinds)])
     record = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -117,3 +118,21 @@ def test_committed_adapter_has_projector_and_lora_shapes():
     assert tensors["lora.layers_0_q_proj.A"].shape == (rank, 576)
     assert tensors["lora.layers_29_v_proj.B"].shape == (192, rank)
     assert len([k for k in tensors if k.startswith("lora.")]) == 30 * 2 * 2
+
+
+def test_token_bench_selects_k_of_the_committed_towers_patches():
+    from bench.vlm import tokens
+
+    towers = tokens.Towers(MODELS / "easyvqa-clip")
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    questions = ["what color is the shape?", "is there a circle?", "what shape is in the image?"]
+    full = towers.features(images, questions, None, towers.patches)
+    assert full.shape == (3, 64, 128)
+    assert torch.equal(towers.features(images, questions, "cls_attention", 64), full)  # keeping all 64 is unpruned
+    for method in tokens.METHODS:
+        got = towers.features(images, questions, method, 16, seed=1)
+        assert got.shape == (3, 16, 128), method
+        if method != "visionzip":  # the others keep patches as they are; VisionZip merges some
+            assert (got[:, :, None] - full[:, None]).abs().amax(-1).amin(-1).max() == 0, method
+    random = [towers.features(images, questions, "random", 16, seed=s) for s in (1, 1, 2)]
+    assert torch.equal(random[0], random[1]) and not torch.equal(random[0], random[2])
