@@ -30,7 +30,7 @@ from methods.tokens.pruner import Placement, TokenPruner
 from models import loading as models
 from models.adapters import adapter_for
 from models.spec import ModelSpec
-from tasks import TASKS
+from tasks import TASKS, TaskModel
 from tasks.image_text import feature_block
 
 from .base import Stage, StageArgs, StageResult, Table
@@ -233,7 +233,8 @@ class _Probe:
 
 
 def _outputs(ctx: RunContext) -> np.ndarray:
-    """The first task output (e.g. the image embedding or the patch features) per calibration image."""
-    tm = ctx.task_model()
+    """The first task output (e.g. the image embedding, the patch features, a VLM's logits) per calibration image:
+    of the task's own model, which runs the vision tower (with ``export.decoder`` the exported decoder does not)."""
+    tm = TaskModel(ctx.model, ctx.recipe.model).eval()
     with torch.no_grad():
         return np.concatenate([tm(*tm.example(b.inputs))[0].float().numpy() for b in ctx.calibration])

@@ -11,13 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    AutoTokenizer,
-    CLIPModel,
-    CLIPTextModelWithProjection,
-)
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel
 
 from core.errors import RecipeError
 from evaluation.image_generation import OrtVlm
@@ -28,9 +22,12 @@ from methods.tokens.random import RandomK, per_image
 from methods.tokens.text import TextEncoder
 from methods.tokens.trim import Trim
 from models.adapters import adapter_for
+from models.loading import load_model, resolve_source
+from models.spec import ModelSpec
 from pipeline.generate import generate
 from pipeline.recipe import load_recipe
 from pipeline.runner import plan, run
+from tasks import TASKS
 from tasks.chat import chat_prompt_ids
 
 from ..conftest import write_recipe
@@ -141,8 +138,8 @@ def test_trim_with_a_clip_text_tower_picks_image_tokens_for_the_question(llava_d
     assert deployable("text_encoder.onnx") and deployable("text_tokenizer/tokenizer_config.json")
     # the text side is the named CLIP checkpoint's: its text tower for the question, its projection for the patches
     clip = CLIPModel.from_pretrained(llava_clip_dir).eval()
-    text = TextEncoder(CLIPTextModelWithProjection.from_pretrained(llava_clip_dir),
-                       AutoTokenizer.from_pretrained(llava_clip_dir), 16)
+    spec = ModelSpec(source=str(llava_clip_dir), task="feature-extraction")
+    text = TextEncoder(*load_model(spec, resolve_source(spec), TASKS[spec.task]), 16)
     asked, recipe_prompt = text.embed([QUESTION]), text.embed(["a shape"])
     fed = OrtVlm(out).selector_inputs(QUESTION, None, 0, 0)["text_embeds"]
     np.testing.assert_allclose(fed, asked.numpy(), rtol=1e-4, atol=1e-5)
