@@ -131,8 +131,8 @@ def text_checkpoint(folder: str, width: int, field: str):
     if not any(path.glob("*.safetensors")):
         raise RecipeError(f"{folder!r} has no .safetensors weights; only safetensors are loaded", field=field)
     if config.vision_config.hidden_size != width:
-        raise RecipeError(f"{folder!r}'s vision tower is {config.vision_config.hidden_size} wide and the pruned one "
-                          f"{width}: name the CLIP checkpoint whose vision tower this model uses", field=field)
+        raise RecipeError(f"the vision tower of {folder!r} is {config.vision_config.hidden_size} wide and the pruned "
+                          f"one {width}: name the CLIP checkpoint whose vision tower this model uses", field=field)
     no_tokenizer = RecipeError(f"{folder!r} has no usable tokenizer: save the CLIP checkpoint's tokenizer into the "
                                "folder (tokenizer.save_pretrained)", field=field)
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):

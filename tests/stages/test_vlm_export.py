@@ -97,7 +97,7 @@ def test_bad_text_tower_is_one_line(llava_dir, llava_clip_dir, clip_dir, vlm_ima
     assert refused(text_tower="missing-clip").startswith(
         f"stages[1].text_tower: {str(tmp_path / 'missing-clip')!r} is not a model folder (no config.json)")  # relative
     assert "is a 'llava' checkpoint, not a full CLIPModel" in refused(text_tower=str(llava_dir))
-    assert "vision tower is 16 wide and the pruned one 32: name the CLIP checkpoint whose vision tower this model " \
+    assert "is 16 wide and the pruned one 32: name the CLIP checkpoint whose vision tower this model " \
            "uses" in refused(text_tower=str(narrow))
     assert "has no usable tokenizer" in refused(text_tower=str(untokenized))
     assert refused(text_tower=str(llava_clip_dir), text_len=129).startswith(
