@@ -48,7 +48,7 @@ from methods.tokens.hiprune import OBJECT_FRACTION as HIPRUNE_OBJECT_FRACTION
 from methods.tokens.hiprune import HiPrune
 from methods.tokens.hiprune import anchor_count as hiprune_anchors
 from methods.tokens.pruner import Placement, TokenPruner
-from methods.tokens.random import RandomK, draw
+from methods.tokens.random import RandomK, draw, per_image
 from methods.tokens.trim import Trim
 from methods.tokens.visionzip import REFERENCE_RATIO, VisionZip, contextual_count
 from models.adapters import adapter_for
@@ -195,7 +195,7 @@ class TestSet:
 
 def per_image_subset(patches: int, k: int, seed: int, image: int) -> torch.Tensor:
     """vlm.md §6: a uniform subset of K patches for one image, seeded by (seed, image id)."""
-    return torch.from_numpy(np.sort(np.random.default_rng([seed, image]).permutation(patches)[:k]))
+    return torch.from_numpy(per_image(patches, k, seed, image))
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 A run folder's manifest.json declares every file of the run with its size and sha256
 (``artifacts``). The artifact is the deployable part of that set (`deployable`: recipe, report and
-the figures it links (``stages/*/*.png``), graphs, GGUF files, preprocessor/, generation/ and build/;
+the figures it links (``stages/*/*.png``), graphs, GGUF files, preprocessor/, generation/, text_tokenizer/
+and build/;
 not the checkpoint nor the rest of the per-stage bookkeeping),
 with manifest.json itself as the OCI config blob. The one kind of file that may be there without
 being declared is a TensorRT engine built later on the device by build/build_engine.sh, under
@@ -30,9 +31,11 @@ from core.errors import PipelineError
 TITLE = "org.opencontainers.image.title"
 PREPROCESSOR = "preprocessor"  # the tokenizer or image processor config the graph's inputs need (export stage)
 GENERATION = "generation"  # a decoder's generation config (export stage); its tokenizer is in preprocessor/
+TEXT_TOKENIZER = "text_tokenizer"  # the tokenizer of TRIM's text graph (methods/tokens/text.py)
 ENGINES = "build/engines/"
-_TOP = ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data", "vision.onnx", "vision.onnx.data")
-_FOLDERS = (PREPROCESSOR, GENERATION, "build", "stages")
+_TOP = ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data", "vision.onnx", "vision.onnx.data",
+        "text_encoder.onnx")
+_FOLDERS = (PREPROCESSOR, GENERATION, TEXT_TOKENIZER, "build", "stages")
 
 
 class RegistryError(PipelineError):
@@ -108,7 +111,7 @@ def deployable(rel: str) -> bool:
         return rel in _TOP or (rel.startswith("model-") and rel.endswith(".gguf"))
     if parts[0] == "stages":  # report.md's figures, so that its links work where it is pulled
         return len(parts) == 3 and rel.endswith(".png")
-    return parts[0] in (PREPROCESSOR, GENERATION, "build")
+    return parts[0] in (PREPROCESSOR, GENERATION, TEXT_TOKENIZER, "build")
 
 
 def _order(rel: str) -> tuple:

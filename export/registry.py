@@ -42,6 +42,7 @@ from core.lock import alive
 from .artifact import (
     GENERATION,
     PREPROCESSOR,
+    TEXT_TOKENIZER,
     TITLE,
     Descriptor,
     RegistryError,
@@ -138,7 +139,7 @@ def _media_type(rel: str) -> str:
                 "engine.json": f"{VENDOR}.trt.engineinfo.v1+json"}.get(p.name, f"{VENDOR}.trt.buildlog.v1")
     if p.parts[0] == GENERATION:
         return f"{VENDOR}.generation.v1"
-    if p.parts[0] == PREPROCESSOR:
+    if p.parts[0] in (PREPROCESSOR, TEXT_TOKENIZER):
         return f"{VENDOR}.preprocessor.v1"
     if p.suffix == ".png":
         return "image/png"

@@ -3,7 +3,7 @@
 TensorRT readiness (operators, constant TopK K below 3840, static shapes) is the export stage's
 ``export.tensorrt.check`` for the recipe's target, run on this same graph; here: the selection's
 own guarantees (K fixed in the graph, identical indices in ONNX Runtime and PyTorch) and the
-companion graphs (TRIM's text encoder).
+companion graphs (TRIM's text encoder, with the tokenizer its input ids are made with).
 """
 
 from __future__ import annotations
@@ -63,4 +63,7 @@ def _export_companion(folder: Path, companion, opset: int, rtol: float) -> dict:
     if par.max_rel_err > rtol:
         raise StageFailed(f"{companion.file}: ONNX Runtime differs from PyTorch: max relative error "
                           f"{par.max_rel_err:.3g} > export.rtol {rtol:g}", field="export")
-    return {"path": companion.file, **onnx_export.io_spec(proto), "parity": par.as_dict()}
+    for name, asset in companion.assets:  # e.g. the text graph's tokenizer: what its inputs are made with
+        asset.save_pretrained(folder / name)
+    return {"path": companion.file, **onnx_export.io_spec(proto), "parity": par.as_dict(),
+            "assets": [name for name, _ in companion.assets]}

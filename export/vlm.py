@@ -37,13 +37,14 @@ class Exported:
 def export(model: nn.Module, spec: ModelSpec, adapter: Adapter, max_len: int, pixel_values: torch.Tensor,
            input_ids: torch.Tensor, folder: Path, opset: int) -> list[Exported]:
     """The prefill graph (model.onnx), the decode graph (decode.onnx) and the vision graph (vision.onnx),
-    traced on one image (``pixel_values`` [1, 3, H, W]) and its prompt (``input_ids`` [1, seq_len], K
-    placeholders first, right-padded)."""
+    traced on one image (``pixel_values`` [1, 3, H, W], a token selector's inputs at their defaults) and
+    its prompt (``input_ids`` [1, seq_len], K placeholders first, right-padded)."""
     vision = VisionGraph(model, spec).eval()
     prefill = ImagePrefill(model, spec, adapter, max_len).eval()
     decode = ImageDecoder(model, spec, adapter, max_len).eval()
+    seen = vision.example({"pixel_values": pixel_values})  # the selector's inputs at their defaults
     with torch.no_grad():
-        images = vision(pixel_values)[0]
+        images = vision(*seen)[0]
     pos = torch.arange(input_ids.shape[1])
     first = (input_ids, pos.repeat(1, 1), pos, *prefill.empty_cache(1), images)  # no aliased inputs: they trace symbolic
     step = prefill.step(first)
@@ -54,7 +55,6 @@ def export(model: nn.Module, spec: ModelSpec, adapter: Adapter, max_len: int, pi
     for p in paths:
         onnx.checker.check_model(str(p), full_check=True)
     vision_path = folder / f"{VISION}.onnx"
-    vision_proto = onnx_export.export(vision, (pixel_values,), vision_path, vision.input_names, vision.output_names,
-                                      opset)
+    vision_proto = onnx_export.export(vision, seen, vision_path, vision.input_names, vision.output_names, opset)
     return [Exported(MAIN, pair[0], paths[0], prefill, first), Exported(DECODE, pair[1], paths[1], decode, step),
-            Exported(VISION, vision_proto, vision_path, vision, (pixel_values,))]
+            Exported(VISION, vision_proto, vision_path, vision, seen)]

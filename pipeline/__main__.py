@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sampled")
-    g.add_argument("--seed", type=int, default=0, help="for sampling")
+    g.add_argument("--seed", type=int, default=0, help="for sampling (and a random-K VLM's patches, with the image)")
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--image", type=Path, help="the image a VLM run (image-text-to-text) answers the prompt about")

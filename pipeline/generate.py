@@ -3,13 +3,15 @@
 Everything comes from the folder: the prefill and decode graphs, the ONNX Runtime settings the run
 recorded, the tokenizer and its chat template under preprocessor/ and the generation config (the
 end-of-sequence ids) under generation/. Tokens stream to stdout as they come; time to first token and
-decode speed go to stderr.
+decode speed go to stderr. A VLM whose vision graph reads a token selector's inputs gets them from
+the prompt (TRIM's question embedding) or from ``--seed`` and the image's bytes (random-K's patches).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import zlib
 from pathlib import Path
 from typing import TextIO
 
@@ -64,7 +66,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 128, temper
         tokenizer, ids = processor.tokenizer, chat_prompt_ids(processor.tokenizer, prompt, raw)
         vlm = OrtVlm(folder, threads, disabled)
         result = vlm.generate(_pixels(processor, image), ids, processor.image_token_id, max_new_tokens, temperature,
-                              eos, seed, _Stream(tokenizer, out))
+                              eos, seed, _Stream(tokenizer, out), question=prompt, image=zlib.crc32(image.read_bytes()))
         ids = result.prompt
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder / PREPROCESSOR)

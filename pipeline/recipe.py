@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -141,7 +142,14 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
             files = [local(f) for f in d.data_files] if isinstance(d.data_files, list) else local(d.data_files)
             update["dataset"] = d.model_copy(update={"data_files": files})
         sections[key] = spec.model_copy(update=update)
-    return recipe.model_copy(update=sections)
+    stages = [_local_paths(args, local) for args in recipe.stages]
+    return recipe.model_copy(update={**sections, "stages": stages})
+
+
+def _local_paths(args: Any, local: Callable[[str], str]) -> Any:
+    """A stage's path fields (its Args' ``path_fields``, e.g. TRIM's ``text_tower``) made absolute."""
+    update = {f: local(getattr(args, f)) for f in getattr(args, "path_fields", ()) if getattr(args, f) is not None}
+    return args.model_copy(update=update) if update else args
 
 
 def parse_recipe(raw: Any, remote_code: RemoteCode = "refuse") -> Recipe:

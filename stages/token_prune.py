@@ -28,7 +28,9 @@ from methods.tokens import SELECTORS
 from methods.tokens.base import Build, Env, Method, block_index, check_keep
 from methods.tokens.pruner import Placement, TokenPruner
 from models import loading as models
-from tasks import TASKS
+from models.adapters import adapter_for
+from models.spec import ModelSpec
+from tasks import TASKS, TaskModel
 from tasks.image_text import feature_block
 
 from .base import Stage, StageArgs, StageResult, Table
@@ -157,11 +159,28 @@ class TokenPrune(Stage):
         _install(ctx, r.placement, self.selector.build(self.args, result.metrics["keep"], self._env(ctx)))
 
     def _env(self, ctx: RunContext) -> Env:
-        """The encoder, plus the checkpoint's text tower (task feature-extraction) if the selector reads one."""
-        text = None
-        if self.selector.text_tower:
+        """The encoder, plus CLIP's text tower (task feature-extraction) if the selector reads one: the model's
+        own checkpoint's, or that of the CLIP checkpoint it names (`Method.text_source`), with its joint space."""
+        if not self.selector.text_tower:
+            return Env(ctx.model, ctx.adapter, ctx.recipe.export.batch_size)
+        folder = self.selector.text_source(self.args)
+        if folder is None:
             text = models.load_model(ctx.recipe.model, ctx.source, TASKS["feature-extraction"])
-        return Env(ctx.model, ctx.adapter, ctx.recipe.export.batch_size, text)
+            return Env(ctx.model, ctx.adapter, ctx.recipe.export.batch_size, text)
+        spec = ModelSpec(source=folder, task="feature-extraction")
+        source = models.resolve_source(spec)
+        return Env(ctx.model, ctx.adapter, ctx.recipe.export.batch_size,
+                   models.load_model(spec, source, TASKS["feature-extraction"]), _joint_space(spec, source))
+
+
+def _joint_space(spec: ModelSpec, source: models.Source) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """CLIP's image side of the joint space (post-LN, visual projection) of a full CLIP checkpoint."""
+    task = TASKS["image-feature-extraction"]
+    vision = task.auto_class(source.model_type).from_pretrained(
+        source.local, config=models.model_config(spec, source, task), dtype=torch.float32, use_safetensors=True)
+    joint = adapter_for(source.model_type, task.name).joint_space(vision.eval())
+    assert joint is not None  # plan time checked a full CLIP checkpoint (methods/tokens/prompted.py)
+    return joint
 
 
 def _check_vlm(args, r: Resolved, model, field: str) -> None:
@@ -214,7 +233,8 @@ class _Probe:
 
 
 def _outputs(ctx: RunContext) -> np.ndarray:
-    """The first task output (e.g. the image embedding or the patch features) per calibration image."""
-    tm = ctx.task_model()
+    """The first task output (e.g. the image embedding, the patch features, a VLM's logits) per calibration image:
+    of the task's own model, which runs the vision tower (with ``export.decoder`` the exported decoder does not)."""
+    tm = TaskModel(ctx.model, ctx.recipe.model).eval()
     with torch.no_grad():
         return np.concatenate([tm(*tm.example(b.inputs))[0].float().numpy() for b in ctx.calibration])

@@ -2,6 +2,8 @@
 
 ``vision.onnx``: pixel_values [B, 3, H, W] -> image_embeds [B, K, hidden], the projected image
 tokens (after token pruning when a token_prune stage put a selector at the feature layer), K fixed.
+The selector's own inputs follow pixel_values (random's ``keep_idx``, TRIM's ``text_embeds``), so
+the host chooses them per image and question.
 ``model.onnx`` (prefill): the causal LM's prefill graph (tasks/decoder.py) with one more input,
 ``image_embeds``, spliced in where ``input_ids`` holds the image placeholder (Gather and Where, as
 the task model does); ``decode.onnx``: the causal LM's one-token graph, unchanged, since decode
@@ -31,17 +33,25 @@ VISION = "vision"  # the vision graph's name (its engine, golden folder); the fi
 
 
 class VisionGraph(TaskModel):
-    """pixel_values -> the K projected image tokens the language model reads."""
+    """pixel_values, then the token selector's inputs -> the K projected image tokens the language model reads."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec):
         super().__init__(model, spec)
-        self.input_names, self.output_names = ("pixel_values",), (IMAGE_EMBEDS,)
+        extra = () if self.tokens is None else self.tokens.input_names
+        self.input_names, self.output_names = ("pixel_values", *extra), (IMAGE_EMBEDS,)
+
+    def example(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Positional inputs for ``pixel_values`` (and any selector input given); the selector's defaults fill
+        the rest."""
+        batch = inputs["pixel_values"].shape[0]
+        return tuple(inputs[n] if n in inputs else self._default(n, batch) for n in self.input_names)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        (pixel_values,) = inputs
+        pixel_values, *extra = inputs
         if self.tokens is None:
             return (image_tokens(self.model, pixel_values),)
-        return self.tokens.run(lambda: (image_tokens(self.model, pixel_values),), {})
+        return self.tokens.run(lambda: (image_tokens(self.model, pixel_values),),
+                               dict(zip(self.tokens.input_names, extra)))
 
 
 class ImageDecoder(CachedDecoder):

@@ -262,9 +262,32 @@ def build_llava(folder: Path) -> Path:
     return folder
 
 
+def build_llava_clip(folder: Path, llava: Path) -> Path:
+    """A full CLIPModel whose vision tower is the tiny LLaVA's (its weights copied), with a random text tower
+    and projections and the real tokenizer: the text side TRIM and CDPruner read for that VLM (``text_tower``)."""
+    import transformers as tf
+
+    vision = tf.LlavaForConditionalGeneration.from_pretrained(llava).model.vision_tower
+    torch.manual_seed(1)
+    cfg = tf.CLIPConfig(text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=0,
+                                         bos_token_id=101, eos_token_id=102),  # the tokenizer's [PAD], [CLS], [SEP]
+                        vision_config=vision.config.to_dict(), projection_dim=16)
+    clip = tf.CLIPModel(cfg)
+    clip.vision_model.load_state_dict(vision.state_dict())
+    clip.save_pretrained(folder)
+    _tokenizer_into(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def llava_dir(tmp_path_factory):
     return build_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def llava_clip_dir(llava_dir, tmp_path_factory):
+    return build_llava_clip(tmp_path_factory.mktemp("llava-clip"), llava_dir)
 
 
 @pytest.fixture(scope="session")

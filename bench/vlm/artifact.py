@@ -3,7 +3,8 @@
 What `python -m pipeline generate RUN --image IMG --prompt Q` does, over the first held-out test
 questions, with one set of sessions per run: the answer counts when the greedy tokens before the
 end-of-sequence token decode to exactly the expected word. Time to first token is ONNX Runtime's,
-prompt in (vision graph included) to first new token out.
+prompt in (vision graph included) to first new token out. A selector's own vision-graph inputs are
+what generate feeds: the question's text embedding (TRIM), patches drawn per question (random-K).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def score(run: Path, questions: int, threads: int) -> dict:
         pixels = processor.image_processor(images=[Image.fromarray(test.images[test.image_rows[q]])],
                                            return_tensors="np")["pixel_values"]
         ids = chat_prompt_ids(processor.tokenizer, test.questions[q], raw=False)
-        out = vlm.generate(pixels, ids, processor.image_token_id, 4, eos=eos)
+        # the question's text for a prompted selector (TRIM), and random-K's patches seeded by the question's index
+        out = vlm.generate(pixels, ids, processor.image_token_id, 4, eos=eos, question=test.questions[q], image=int(q))
         answer = processor.tokenizer.decode([t for t in out.tokens if t not in eos], skip_special_tokens=True).strip()
         hits.setdefault(data.answer_type(test.answers[q]), []).append(answer == test.answers[q])
         first.append(out.first_token_s)

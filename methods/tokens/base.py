@@ -104,7 +104,10 @@ class Env:
     model: nn.Module
     adapter: Adapter
     batch: int  # export batch size: the example shape of companion graphs
-    text: tuple[nn.Module, Any] | None = None  # the checkpoint's text tower and tokenizer (`Method.text_tower`)
+    text: tuple[nn.Module, Any] | None = None  # CLIP's text tower and tokenizer (`Method.text_tower`)
+    # CLIP's image side of the joint space (post-LN, visual projection) when the text tower is another
+    # checkpoint's (`Method.text_source`); None: the model's own (`Adapter.joint_space`)
+    joint: tuple[nn.Module, nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class Method(ABC):
     Args: ClassVar[type[SelectorArgs]]
     inputs: ClassVar[tuple[str, ...]] = ()  # extra graph inputs the method reads (`Build.defaults` fills them)
     calibration_images: ClassVar[bool] = False  # a calibrate stage must come first (`calibrate` runs on its images)
-    text_tower: ClassVar[bool] = False  # the stage loads the checkpoint's text tower into `Env.text`
+    text_tower: ClassVar[bool] = False  # the stage loads CLIP's text tower into `Env.text` (`text_source`)
 
     def __init__(self, k: int):
         self.k = k
@@ -161,6 +164,12 @@ class Method(ABC):
     @classmethod
     def validate(cls, args: SelectorArgs, spec: ModelSpec, model: nn.Module, adapter: Adapter, field: str) -> None:
         """Recipe checks against the model's structure (a meta-device copy) and its checkpoint."""
+
+    @classmethod
+    def text_source(cls, args: SelectorArgs) -> str | None:
+        """The folder of the full CLIP checkpoint whose text tower and joint space the stage loads
+        (`text_tower`); None: the model's own checkpoint."""
+        return None
 
     @classmethod
     def resolve(cls, args: SelectorArgs, layer: int, blocks: int, keep: int | None, field: str) -> int | None:

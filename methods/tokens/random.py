@@ -2,8 +2,9 @@
 
 The indices are a graph input, ``keep_idx`` [B, K] int64 (distinct patch indices in [0, N), any
 order: the graph sorts them into raster order), so the host draws a fresh subset per image, seeded
-by (seed, image id). Where no host supplies them (the pipeline's calibration, sweep, parity and
-evaluate passes) every image gets the default: one subset drawn with ``seed``, i.e. a fixed pattern.
+by (seed, image id) (`per_image`: what `pipeline generate` and the benchmarks draw). Where no host
+supplies them (the pipeline's calibration, sweep, parity and evaluate passes) every image gets the
+default: one subset drawn with ``seed``, i.e. a fixed pattern.
 Recipe: ``{type: token_prune, method: random, layer: -2, keep: 16, output: true, seed: 0}``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -21,6 +23,11 @@ from .select import raster_order
 def draw(patches: int, k: int, seed: int) -> torch.Tensor:
     """[k] int64: a uniform random subset of the patch indices, ascending, reproducible from ``seed``."""
     return torch.randperm(patches, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def per_image(patches: int, k: int, seed: int, image: int) -> np.ndarray:
+    """[k] int64: the host's subset for one image, uniform, ascending, reproducible from (seed, image id)."""
+    return np.sort(np.random.default_rng([seed, image]).permutation(patches)[:k]).astype(np.int64)
 
 
 @SELECTORS.register

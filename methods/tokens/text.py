@@ -8,6 +8,7 @@ CLIP pools at the first end-of-text token under a causal mask, so right padding 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +40,10 @@ class TextEncoder(nn.Module):
 
 @dataclass(frozen=True)
 class Companion:
-    """A graph exported next to model.onnx: ``module`` at the shapes of ``example``."""
+    """A graph exported next to model.onnx: ``module`` at the shapes of ``example``, and what its inputs
+    are made with (``assets``: folder name and an object with ``save_pretrained``, e.g. the tokenizer)."""
 
     file: str
     module: nn.Module
     example: tuple[torch.Tensor, ...]
+    assets: tuple[tuple[str, Any], ...] = ()

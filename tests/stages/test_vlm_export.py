@@ -64,10 +64,43 @@ def test_token_prune_fp16_exports(llava_dir, vlm_images, tmp_path):
     (prune_tokens(layer=2), "stages[1].layer: layer 2 is not where the projector reads: vision_feature_layer -2 "
                             "is block 1; set layer: 1"),
     (prune_tokens(output=False), "stages[1].output: a vision-language model prunes the patches its projector reads"),
-    (prune_tokens(method="trim", keep=None, prompt="a dog"), "stages[1].method: trim scores patches in CLIP's"),
+    (prune_tokens(method="trim", keep=None, prompt="a dog"), "stages[1].text_tower: trim scores patches in CLIP's "
+                                                             "image-text space, and a vision-language model has "
+                                                             "neither"),
+    (prune_tokens(method="cdpruner", prompt="a dog"), "set text_tower to the folder of the full CLIPModel"),
 ])
 def test_bad_vlm_token_prune_is_one_line(llava_dir, vlm_images, tmp_path, stage, message):
     recipe = vlm_recipe(llava_dir, vlm_images, [{"type": "calibrate"}, stage])
     with pytest.raises(RecipeError) as e:
         plan(load_recipe(write_recipe(tmp_path, recipe)))
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_text_tower_is_one_line(llava_dir, llava_clip_dir, clip_dir, vlm_images, tmp_path):
+    import transformers as tf
+
+    narrow = tmp_path / "narrow-clip"  # a full CLIPModel whose vision tower is 16 wide, not the VLM's 32
+    tf.CLIPModel(tf.CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, vocab_size=128, bos_token_id=1, eos_token_id=2),
+                               vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2))).save_pretrained(narrow)
+    untokenized = tmp_path / "no-tokenizer"  # the right CLIPModel without its tokenizer
+    tf.CLIPModel.from_pretrained(llava_clip_dir).save_pretrained(untokenized)
+
+    def refused(**kw) -> str:
+        stage = prune_tokens(method="trim", prompt="a dog", **kw)
+        with pytest.raises(RecipeError) as e:
+            plan(load_recipe(write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, [{"type": "calibrate"}, stage]))))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert refused(text_tower="missing-clip").startswith(
+        f"stages[1].text_tower: {str(tmp_path / 'missing-clip')!r} is not a model folder (no config.json)")  # relative
+    assert "is a 'llava' checkpoint, not a full CLIPModel" in refused(text_tower=str(llava_dir))
+    assert "is 16 wide and the pruned one 32: name the CLIP checkpoint whose vision tower this model " \
+           "uses" in refused(text_tower=str(narrow))
+    assert "has no usable tokenizer" in refused(text_tower=str(untokenized))
+    assert refused(text_tower=str(llava_clip_dir), text_len=129).startswith(
+        "stages[1].text_len: text_len 129 is longer than the text tower's 128 positions")
+    plan(load_recipe(write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, [
+        {"type": "calibrate"}, prune_tokens(method="trim", prompt="a dog", text_tower=str(llava_clip_dir))]))))

@@ -3,6 +3,8 @@ builds (text input, text graph), and its calibration of K on a stand-in probe.""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,11 @@ def test_validate_needs_a_clip_vision_tower_and_a_text_tower_long_enough(vit, cl
     with pytest.raises(RecipeError, match="CLIP vision tower") as e:
         Trim.validate(args(), vit_spec, vit, adapter_for("vit", "image-classification"), "s")
     assert e.value.field == "s.method"
+    Trim.validate(args(text_tower=str(clip_dir)), spec, clip_vision, CLIP_VISION, "s")  # a named checkpoint
+    with pytest.raises(RecipeError, match="not a model folder") as e:
+        Trim.validate(args(text_tower=str(vit_dir / "nothing")), spec, clip_vision, CLIP_VISION, "s")
+    assert e.value.field == "s.text_tower"
+    assert (Trim.text_source(args()), Trim.text_source(args(text_tower="c"))) == (None, "c")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +91,10 @@ def test_build_binds_the_prompt_embedding_and_the_text_graph(env):
     text = built.companions[0]
     assert text.file == TEXT_FILE and text.example[0].shape == (3, 16)
     torch.testing.assert_close(built.defaults["text_embeds"], text.module.embed(["a photo of stripes"]))
+    assert text.assets == (("text_tokenizer", text.module.tokenizer),)
+    joint = (torch.nn.Identity(), torch.nn.Linear(32, 16))  # another checkpoint's joint space, when the stage gave one
+    other = Trim.build(args(), 5, replace(env, joint=joint)).method
+    assert (other.norm, other.projection) == joint
 
 
 class StandInProbe:
