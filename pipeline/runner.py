@@ -22,7 +22,7 @@ from core import memory
 from core.device import on_cpu, resolve
 from core.errors import GateRejected, PipelineError, RecipeError
 from core.events import Events
-from core.files import dump, now, remove_tree, write_atomic
+from core.files import dump, now, remove_tree, sha256_path, write_atomic
 from evaluation.verdict import verdict
 from models import loading as models
 from models.adapters import Adapter, adapter_for
@@ -195,7 +195,8 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: 
     try:
         for i, (stage, label) in enumerate(zip(p.stages, p.labels)):
             extra = recipe.dump(include=set(stage.settings))
-            fingerprint = _chain(fingerprint, {"args": stage.args.model_dump(mode="json"), **extra})
+            fingerprint = _chain(fingerprint, {"args": stage.args.model_dump(mode="json"), **extra,
+                                               **_path_field_contents(stage.args)})
             ctx.stage_index, events.stage = i, label
             if stage.cpu_only:
                 ctx.to_cpu()
@@ -233,6 +234,19 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: 
     finally:
         events.close()
     return manifest
+
+
+def _path_field_contents(args) -> dict:
+    """The files a stage reads from its path fields (TRIM's ``text_tower``), by content: a checkpoint
+    changed in place must not resume the stage that read the old one. Only the path's own files
+    (a checkpoint folder's config, tokenizer, weights), not its subfolders."""
+    out = {}
+    for name in getattr(args, "path_fields", ()):
+        where = getattr(args, name, None)
+        if where is not None:
+            files = [Path(where)] if Path(where).is_file() else sorted(p for p in Path(where).glob("*") if p.is_file())
+            out[name] = {p.name: sha256_path(p) for p in files}
+    return out
 
 
 def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprint: str, folder: RunFolder,

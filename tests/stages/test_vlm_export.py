@@ -104,3 +104,29 @@ def test_bad_text_tower_is_one_line(llava_dir, llava_clip_dir, clip_dir, vlm_ima
         "stages[1].text_len: text_len 129 is longer than the text tower's 128 positions")
     plan(load_recipe(write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, [
         {"type": "calibrate"}, prune_tokens(method="trim", prompt="a dog", text_tower=str(llava_clip_dir))]))))
+
+
+def test_a_text_tower_changed_in_place_is_not_resumed(llava_dir, llava_clip_dir, vlm_images, tmp_path):
+    import shutil
+
+    from core.errors import StageFailed
+
+    tower = shutil.copytree(llava_clip_dir, tmp_path / "clip")
+    stages = [{"type": "calibrate"}, prune_tokens(method="trim", prompt="a dog", keep=6, text_tower=str(tower)),
+              {"type": "export"}]
+    strict = write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, stages, rtol=1e-12), "strict.yaml")
+    ok = write_recipe(tmp_path, vlm_recipe(llava_dir, vlm_images, stages), "ok.yaml")
+    out = tmp_path / "out"
+
+    def resumed_statuses(change_tower: bool) -> list[str]:
+        with pytest.raises(StageFailed, match="export.rtol"):  # leaves calibrate and token_prune to resume
+            run(strict, output=out)
+        if change_tower:  # same folder, other bytes
+            (tower / "config.json").write_text((tower / "config.json").read_text() + "\n")
+        done = run(ok, output=out, resume=True)
+        statuses = [s["status"] for s in json.loads((done / "manifest.json").read_text())["stages"]]
+        shutil.rmtree(done)
+        return statuses
+
+    assert resumed_statuses(change_tower=False) == ["resumed", "resumed", "ran"]
+    assert resumed_statuses(change_tower=True) == ["resumed", "ran", "ran"]
