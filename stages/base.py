@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import onnx
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import RecipeError
 from export import onnx as onnx_export
+from export import vlm
 from export.graph import opset
 from tasks import TASKS
+from tasks.image_text import QUESTIONS, image_count, prompt_ids
 
 from .context import RunContext
 
@@ -200,3 +203,21 @@ def parity_table(title: str, parity: dict) -> Table:
     return Table(title, ["samples", "max abs err", "max rel err", "rtol"],
                  [[parity["samples"], f"{parity['max_abs_err']:.3g}", f"{parity['max_rel_err']:.3g}",
                    "not gated" if parity["rtol"] is None else f"{parity['rtol']:g}"]])
+
+
+def vlm_traced(ctx: RunContext) -> list[vlm.Traced]:
+    """A VLM's three graphs' modules, traced on one calibration image and the first question behind its K
+    placeholders (the export writes them; quantize gates its rewrites on them)."""
+    ex = ctx.recipe.export
+    spec = ctx.recipe.calibration.model_copy(update={"num_samples": 1, "batch_size": 1})
+    pixels = ctx.task.calibration_images(ctx.preprocessor, spec, image_size=ex.image_size).batches[0].inputs
+    processor = ctx.preprocessor
+    k = image_count(ctx.model)
+    row = prompt_ids(processor.tokenizer, QUESTIONS[0], processor.image_token_id, k)
+    if len(row) > ex.seq_len:
+        raise RecipeError(f"the prefill window must hold the {k} image tokens and the question ({len(row)} tokens "
+                          f"for {QUESTIONS[0]!r}); raise seq_len to at least that", field="export.seq_len")
+    ids = torch.zeros(1, ex.seq_len, dtype=torch.long)
+    ids[0, :len(row)] = torch.tensor(row)
+    assert ex.decoder is not None
+    return vlm.traced(ctx.model, ctx.recipe.model, ctx.adapter, ex.decoder.max_len, pixels["pixel_values"], ids)

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from rich.markup import escape
 
 from core.errors import RecipeError
@@ -30,7 +29,6 @@ from models.adapters import pretrained
 from tasks import TASKS
 from tasks.decoder import check_decoder, is_cache
 from tasks.image_decoder import VISION
-from tasks.image_text import QUESTIONS, image_count, prompt_ids
 
 from .base import (
     Stage,
@@ -43,6 +41,7 @@ from .base import (
     parity_table,
     tensorrt_headline,
     tensorrt_table,
+    vlm_traced,
 )
 from .context import OnnxArtifact, RunContext
 
@@ -61,11 +60,10 @@ class Export(Stage):
         check_positions(recipe, model, recipe.export.seq_len, "export.seq_len")
         if recipe.export.decoder is not None:
             check_decoder(model, adapter, recipe.model.task, recipe.export.decoder.max_len, "export.decoder")
-            later = [a.type for a in recipe.stages if a.type in ("quantize", "evaluate")]
-            if TASKS[recipe.model.task].reads_pruned_tokens and later:
-                raise RecipeError(f"an image-text-to-text run with export.decoder ends at export: its three graphs "
-                                  f"have no '{later[0]}' yet (remove it, or export.decoder for the one-graph "
-                                  "logits export)", field="export.decoder")
+            if TASKS[recipe.model.task].reads_pruned_tokens and any(a.type == "evaluate" for a in recipe.stages):
+                raise RecipeError("an image-text-to-text run with export.decoder has no 'evaluate' stage yet: its "
+                                  "three graphs are scored by `python -m pipeline generate` (remove evaluate, or drop "
+                                  "export.decoder for the one-graph logits export)", field="export.decoder")
 
     def run(self, ctx: RunContext, folder: Path) -> StageResult:
         ex = ctx.recipe.export
@@ -74,7 +72,9 @@ class Export(Stage):
         t0 = time.perf_counter()
         bar = ctx.events.task("export", total=2)  # two long, opaque steps: the bar shows which and for how long
         bar.doing("torch.onnx dynamo trace" + (" (prefill and decode graphs)" if ex.decoder else ""))
-        vlm_graphs = _vlm_graphs(ctx) if ex.decoder is not None and ctx.task.reads_pruned_tokens else None
+        vlm_graphs = None
+        if ex.decoder is not None and ctx.task.reads_pruned_tokens:
+            vlm_graphs = vlm.export(vlm_traced(ctx), ctx.workdir, ex.opset)
         # a VLM's prefill window holds the K image tokens it reads, not the N placeholders the task's batches carry
         inputs = [] if vlm_graphs is not None else export_inputs(ctx)
         if vlm_graphs is not None:
@@ -130,24 +130,6 @@ class Export(Stage):
 
     def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
         ctx.onnx = OnnxArtifact.load(ctx.workdir / "model.onnx", folder / "onnx.json")
-
-
-def _vlm_graphs(ctx: RunContext) -> list[vlm.Exported]:
-    """A VLM's three graphs, traced on one calibration image and the first question behind its K placeholders."""
-    ex = ctx.recipe.export
-    spec = ctx.recipe.calibration.model_copy(update={"num_samples": 1, "batch_size": 1})
-    pixels = ctx.task.calibration_images(ctx.preprocessor, spec, image_size=ex.image_size).batches[0].inputs
-    processor = ctx.preprocessor
-    k = image_count(ctx.model)
-    row = prompt_ids(processor.tokenizer, QUESTIONS[0], processor.image_token_id, k)
-    if len(row) > ex.seq_len:
-        raise RecipeError(f"the prefill window must hold the {k} image tokens and the question ({len(row)} tokens "
-                          f"for {QUESTIONS[0]!r}); raise seq_len to at least that", field="export.seq_len")
-    ids = torch.zeros(1, ex.seq_len, dtype=torch.long)
-    ids[0, :len(row)] = torch.tensor(row)
-    assert ex.decoder is not None
-    return vlm.export(ctx.model, ctx.recipe.model, ctx.adapter, ex.decoder.max_len, pixels["pixel_values"], ids,
-                      ctx.workdir, ex.opset)
 
 
 def _io_rows(graph: str, kind: str, tensors: list[dict]) -> list[list]:

@@ -9,7 +9,8 @@ asks; the result passes the one gate (export/gate.py: parity with the float PyTo
 format's tolerance, or for causal LMs perplexity ratio and top-1 token agreement with it; pruned
 zeros kept, the Q/DQ layout TensorRT fuses, readiness). Weights a gptq stage put on the format's
 grid are stored with its scales (``RunContext.weight_scales``). SmoothQuant is its own stage,
-before export.
+before export. A VLM exported with ``export.decoder`` has its language model's prefill and decode
+graphs rewritten (weight-only formats, as for any decoder export); vision.onnx ships as exported.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from export.formats import FORMATS, Format, FormatContext, LayerArgs, Rewritten
 from export.gate import MAIN, GateGraph, gate
 from export.inspect import linear_nodes
 from export.trt_targets import TARGETS
+from tasks.image_decoder import VISION
 
 from .base import (
     Stage,
@@ -44,6 +46,7 @@ from .base import (
     parity_table,
     tensorrt_headline,
     tensorrt_table,
+    vlm_traced,
 )
 from .context import OnnxArtifact, RunContext
 
@@ -182,16 +185,26 @@ class Quantize(Stage):
         fidelity = bool(ctx.task.quantized_bounds) and self.args.rtol is None
         rtol = None if fidelity else self.format.tolerance
         staged = self._stage_files(ctx, work, outs)
-        module = ctx.task_model()
-        inputs = export_inputs(ctx)
+        vlm_graphs = vlm_traced(ctx) if VISION in ctx.onnx.info else None
+        if vlm_graphs is None:
+            module = ctx.task_model()
+            inputs = export_inputs(ctx)
+            decode, steps = module, [module.step(i) for i in inputs] if len(outs) > 1 else []
+        else:  # a VLM's prefill and decode graphs have their own modules (tasks/image_decoder.py)
+            module, inputs = vlm_graphs[0].module, [vlm_graphs[0].example]
+            decode, steps = vlm_graphs[1].module, [vlm_graphs[1].example]
         graphs = [GateGraph(MAIN, outs[0], staged[0], ctx.onnx.path, module, inputs, ctx.onnx.info, rtol, fidelity)]
         if len(outs) > 1:
             # The task's bounds need whole windows, and the decode graph takes one token: it is gated on
             # continuing its own prefill graph instead, and its parity with the float model is measured.
             details["continuation"] = decoder.check_continuation(staged[0], staged[1], module.input_names, inputs[0],
                                                                  self.format.tolerance, where)
-            graphs.append(GateGraph(DECODE, outs[1], staged[1], ctx.onnx.graphs[1][1], module,
-                                    [module.step(i) for i in inputs], ctx.onnx.info["decode"], None))
+            graphs.append(GateGraph(DECODE, outs[1], staged[1], ctx.onnx.graphs[1][1], decode, steps,
+                                    ctx.onnx.info[DECODE], None))
+        if vlm_graphs is not None:  # vision.onnx ships as exported; it joins the gate so build/ keeps all three
+            vision = ctx.onnx.path.with_name(f"{VISION}.onnx")
+            graphs.append(GateGraph(VISION, onnx.load(vision), vision, vision, vlm_graphs[2].module,
+                                    [vlm_graphs[2].example], ctx.onnx.info[VISION], ctx.recipe.export.rtol))
         reports = gate(graphs, ctx.sparsity, ctx.recipe.export.tensorrt, folder, field=where, rtol_field=f"{where}.rtol",
                        target_field=where, log=lambda m: ctx.events.log(escape(m)))
         report, info = reports[0], ctx.onnx.info

@@ -1,7 +1,8 @@
 """Time to first token of the exported easy-VQA VLM against the image tokens its language model reads.
 
 Time to first token = the vision graph (image -> K projected image tokens) + the prefill graph (the
-K image tokens and the question in a static window of K + 12 tokens) up to the first new token.
+K image tokens and the question in a static window of K + 12 tokens) up to the first new token; the
+prefill graph's MatMul FLOPs (export/inspect.py) are the language-model compute the window costs.
 
 ``windows``: exported pipeline runs, one per K (bench/results/recipes/easyvqa-window-k*.yaml), each
 held-out question through every run in turn, so machine noise hits every run alike; medians.
@@ -20,8 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
+from export import inspect as onnx_inspect
 from export import onnx as onnx_export
 from models.spec import ModelSpec
 from tasks import TaskModel
@@ -59,12 +62,15 @@ def windows(runs: list[Path], questions: int, threads: int) -> dict:
     out = {}
     for name, vlm in vlms.items():
         vision, prefill = (statistics.median(times[name][k]) * 1e3 for k in ("vision", "prefill"))
+        prefill_graph = onnx.load(str(next(r for r in runs if r.name == name) / "model.onnx"), load_external_data=False)
         out[name] = {"image_tokens": int(vlm.vision.get_outputs()[0].shape[1]), "window": vlm.decoder.prompt_len,
+                     "prefill_gflops": round(onnx_inspect.matmul_flops(prefill_graph) / 1e9, 3),
                      "vision_ms": round(vision, 2), "prefill_ms": round(prefill, 2),
                      "first_token_ms": round(vision + prefill, 2)}
-    base = out[runs[0].name]["first_token_ms"]
+    base = out[runs[0].name]
     for row in out.values():
-        row["first_token_vs_first_run"] = round(row["first_token_ms"] / base, 3)
+        for key in ("first_token_ms", "prefill_gflops"):
+            row[f"{key}_vs_first_run"] = round(row[key] / base[key], 3)
     return {"questions": len(chosen) - 1, "threads": threads, "runs": out}
 
 

@@ -32,7 +32,7 @@ def _export(model, processor, folder, k):
     ids = torch.zeros(1, SEQ, dtype=torch.long)
     row = [IMAGE] * k + chat_prompt_ids(processor.tokenizer, QUESTIONS[0], raw=False)
     ids[0, :len(row)] = torch.tensor(row)
-    return vlm.export(model, SPEC, adapter_for("llava", TASK), MAX_LEN, pixels, ids, folder, 18)
+    return vlm.export(vlm.traced(model, SPEC, adapter_for("llava", TASK), MAX_LEN, pixels, ids), folder, 18)
 
 
 def _ort(folder, model, processor, pixels, question, **kw):

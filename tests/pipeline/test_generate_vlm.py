@@ -8,6 +8,7 @@ import json
 import zlib
 
 import numpy as np
+import onnx as onnx_lib
 import pytest
 import torch
 from PIL import Image
@@ -108,10 +109,32 @@ def test_vlm_generate_and_recipe_errors_are_one_line(vlm_run, llava_dir, vlm_ima
     with pytest.raises(RecipeError, match="--image: cannot read image"):
         generate(vlm_run, QUESTION, max_new_tokens=2, image=tmp_path / "not-an-image.png", out=io.StringIO(),
                  err=io.StringIO())
-    stages = [PRUNE, {"type": "export"}, {"type": "quantize", "format": "fp16"}]
-    with pytest.raises(RecipeError, match="export.decoder: an image-text-to-text run with export.decoder ends at "
-                                          "export: its three graphs have no 'quantize' yet"):
-        plan(load_recipe(write_recipe(tmp_path, recipe(llava_dir, vlm_images, stages))))
+    evaluated = recipe(llava_dir, vlm_images, [PRUNE, {"type": "export"}, {"type": "evaluate"}])
+    evaluated["evaluation"] = {"source": "images", "path": str(vlm_images), "num_samples": 2}
+    with pytest.raises(RecipeError, match="export.decoder: an image-text-to-text run with export.decoder has no "
+                                          "'evaluate' stage yet"):
+        plan(load_recipe(write_recipe(tmp_path, evaluated)))
+
+
+def test_int4_rewrites_the_language_model_graphs_and_still_answers(llava_dir, vlm_images, tmp_path):
+    stages = [PRUNE, {"type": "export"}, {"type": "quantize", "format": "int4", "group_size": 32}]
+    data = recipe(llava_dir, vlm_images, stages)
+    data["export"]["tensorrt"] = {"target": "x86-trt10"}  # int4's blocked DequantizeLinear needs opset 21
+    out = run(write_recipe(tmp_path, data), output=tmp_path / "out")
+    onnx = json.loads((out / "stages" / "02-quantize" / "onnx.json").read_text())
+    details = onnx["quantization"]
+    assert details["layers"] == 14 and details["continuation"]["top1_same"]  # 2 LM blocks x 7 Linears
+    for name in ("model", "decode"):  # both LM graphs hold int4 weights; the vision graph ships as exported
+        graph = onnx_lib.load(str(out / f"{name}.onnx"), load_external_data=False)
+        assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) >= 14
+    exported = json.loads((out / "stages" / "01-export" / "onnx.json").read_text())
+    assert onnx["vision"]["bytes"] == exported["vision"]["bytes"] and onnx["bytes"] < exported["bytes"]
+    assert 0 < details["parity"]["max_rel_err"] <= 0.5  # int4's tolerance on the prefill logits
+    build = json.loads((out / "build" / "build_spec.json").read_text())
+    assert [g["name"] for g in build["graphs"]] == ["model", "decode", "vision"]
+    image = vlm_images / "checks" / "0.png"
+    result = generate(out, QUESTION, max_new_tokens=NEW, image=image, out=io.StringIO(), err=io.StringIO())
+    assert result.tokens[0] == _reference(llava_dir, image)[0]  # the float model's first answer token
 
 
 def test_prefill_window_too_short_for_the_pruned_prompt_is_one_line(llava_dir, vlm_images, tmp_path):
