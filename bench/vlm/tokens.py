@@ -144,3 +144,30 @@ def run(clip_dir: Path, adapter_dir: Path, methods: list[str], keeps: list[float
     return {"held_out": f"{len(order)} test questions (evaluate.py's held-out set), one per sequence",
             "layer": f"vision block {towers.layer} output (the VLM's feature layer), no fused token",
             "random_seeds": list(RANDOM_SEEDS), "rows": rows}
+
+
+def markdown(record: dict, latency: dict | None = None) -> str:
+    """The README table: exact match per selector (columns) and kept tokens (rows), relative to unpruned, with
+    the time to first token of each K's prefill window where ``latency`` (latency.py's windows) has it."""
+    rows = record["rows"]
+    base = next(r for r in rows if r["method"] == "unpruned")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"))
+    by_k: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r["method"] != "unpruned":
+            by_k.setdefault(r["k"], {})[r["method"]] = r
+    ttft = {v["image_tokens"]: v["first_token_ms_vs_first_run"] for v in (latency or {}).get("runs", {}).values()}
+    lines = ["| kept | " + " | ".join(f"`{m}`" for m in methods) + " | time to first token |",
+             "|---" * (len(methods) + 2) + "|",
+             f"| 64 (100%) | {base['all']:.3f} (unpruned) |" + " |" * (len(methods) - 1) + " 1.00x |"]
+    for k, found in sorted(by_k.items(), reverse=True):
+        best = max(v["all"] for v in found.values())
+        cells = []
+        for m in methods:
+            v = found[m]["all"]
+            text = f"{v:.3f}" + (f" ± {found[m]['all_std']:.3f}" if "all_std" in found[m] else "")
+            cells.append(f"**{text}**" if v == best else text)
+        keep = next(iter(found.values()))["keep"]
+        speed = f" {ttft[k]:.2f}x |" if k in ttft else " |"
+        lines.append(f"| {k} ({keep:.0%}) | " + " | ".join(cells) + " |" + speed)
+    return "\n".join(lines)

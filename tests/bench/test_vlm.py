@@ -136,3 +136,14 @@ def test_token_bench_selects_k_of_the_committed_towers_patches():
             assert (got[:, :, None] - full[:, None]).abs().amax(-1).amin(-1).max() == 0, method
     random = [towers.features(images, questions, "random", 16, seed=s) for s in (1, 1, 2)]
     assert torch.equal(random[0], random[1]) and not torch.equal(random[0], random[2])
+
+
+def test_token_bench_table_marks_the_best_selector_per_k():
+    from bench.vlm import tokens
+
+    record = {"rows": [{"method": "unpruned", "keep": 1.0, "k": 64, "all": 0.654},
+                       {"method": "cls_attention", "keep": 0.25, "k": 16, "all": 0.67},
+                       {"method": "random", "keep": 0.25, "k": 16, "all": 0.64, "all_std": 0.01}]}
+    latency = {"runs": {"k16": {"image_tokens": 16, "first_token_ms_vs_first_run": 0.406}}}
+    assert tokens.markdown(record, latency).splitlines()[2:] == [
+        "| 64 (100%) | 0.654 (unpruned) | | 1.00x |", "| 16 (25%) | **0.670** | 0.640 ± 0.010 | 0.41x |"]
