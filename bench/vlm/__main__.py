@@ -85,7 +85,7 @@ def main() -> None:
         record = tokens.run(args.clip, args.adapter, args.methods or list(tokens.METHODS),
                             args.keeps or list(tokens.KEEPS))
         args.out.write_text(json.dumps(record, indent=1) + "\n")
-        print(tokens.markdown(record))
+        print(tokens.markdown(record), tokens.markdown(record, key="balanced"), sep="\n\n")
     elif args.stage == "latency":
         from . import latency, tokens
 

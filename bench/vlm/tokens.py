@@ -105,6 +105,12 @@ def _with_projection(cls, tower_config, config, parts: dict[str, torch.nn.Module
     return model.eval()
 
 
+def balanced(row: dict) -> float:
+    """The mean of the three question types' exact match: 72% of the held-out questions are yes/no, which the
+    overall score weighs accordingly; this weighs colour and shape questions alike."""
+    return round(float(np.mean([row[t] for t in data.TYPES])), 4)
+
+
 def subset(patches: int, k: int, seed: int, item: int) -> torch.Tensor:
     """A uniform random subset of K patch indices, ascending, seeded by (seed, item)."""
     return torch.from_numpy(np.sort(np.random.default_rng([seed, item]).permutation(patches)[:k]))
@@ -125,7 +131,8 @@ def run(clip_dir: Path, adapter_dir: Path, methods: list[str], keeps: list[float
         t0 = time.perf_counter()
         feats = towers.features(images, questions, method, k, seed)
         hits = evaluate.exact_match(lm, adapter, tokenizer, feats, test, picks)
-        return {**evaluate.by_type(hits, kinds), "seconds": round(time.perf_counter() - t0, 1)}
+        row = evaluate.by_type(hits, kinds)
+        return {**row, "balanced": balanced(row), "seconds": round(time.perf_counter() - t0, 1)}
 
     rows = [{"method": "unpruned", "keep": 1.0, "k": towers.patches, **score(None, towers.patches)}]
     for keep in keeps:
@@ -136,7 +143,7 @@ def run(clip_dir: Path, adapter_dir: Path, methods: list[str], keeps: list[float
             if method == "random":
                 runs = [score(method, k, s) for s in RANDOM_SEEDS]
                 row = {key: round(float(np.mean([r[key] for r in runs])), 4) for key in runs[0]}
-                row["all_std"] = round(float(np.std([r["all"] for r in runs])), 4)
+                row.update({f"{key}_std": round(float(np.std([r[key] for r in runs])), 4) for key in ("all", "balanced")})
             else:
                 row = score(method, k)
             rows.append({"method": method, "keep": keep, "k": k, **row})
@@ -146,9 +153,10 @@ def run(clip_dir: Path, adapter_dir: Path, methods: list[str], keeps: list[float
             "random_seeds": list(RANDOM_SEEDS), "rows": rows}
 
 
-def markdown(record: dict, latency: dict | None = None) -> str:
-    """The README table: exact match per selector (columns) and kept tokens (rows), relative to unpruned, with
-    the time to first token of each K's prefill window where ``latency`` (latency.py's windows) has it."""
+def markdown(record: dict, latency: dict | None = None, key: str = "all") -> str:
+    """The README table: exact match (``key``: all questions, or ``balanced`` over the types) per selector
+    (columns) and kept tokens (rows), with the time to first token of each K's prefill window where
+    ``latency`` (latency.py's windows) has it."""
     rows = record["rows"]
     base = next(r for r in rows if r["method"] == "unpruned")
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unpruned"))
@@ -157,17 +165,18 @@ def markdown(record: dict, latency: dict | None = None) -> str:
         if r["method"] != "unpruned":
             by_k.setdefault(r["k"], {})[r["method"]] = r
     ttft = {v["image_tokens"]: v["first_token_ms_vs_first_run"] for v in (latency or {}).get("runs", {}).values()}
-    lines = ["| kept | " + " | ".join(f"`{m}`" for m in methods) + " | time to first token |",
-             "|---" * (len(methods) + 2) + "|",
-             f"| 64 (100%) | {base['all']:.3f} (unpruned) |" + " |" * (len(methods) - 1) + " 1.00x |"]
+    timed = " time to first token |" if ttft else ""
+    lines = ["| kept | " + " | ".join(f"`{m}`" for m in methods) + " |" + timed,
+             "|---" * (len(methods) + 1 + bool(ttft)) + "|",
+             f"| 64 (100%) | {base[key]:.3f} (unpruned) |" + " |" * (len(methods) - 1) + (" 1.00x |" if ttft else "")]
     for k, found in sorted(by_k.items(), reverse=True):
-        best = max(v["all"] for v in found.values())
+        best = max(v[key] for v in found.values())
         cells = []
         for m in methods:
-            v = found[m]["all"]
-            text = f"{v:.3f}" + (f" ± {found[m]['all_std']:.3f}" if "all_std" in found[m] else "")
+            v = found[m][key]
+            text = f"{v:.3f}" + (f" ± {found[m][key + '_std']:.3f}" if key + "_std" in found[m] else "")
             cells.append(f"**{text}**" if v == best else text)
         keep = next(iter(found.values()))["keep"]
-        speed = f" {ttft[k]:.2f}x |" if k in ttft else " |"
+        speed = (f" {ttft[k]:.2f}x |" if k in ttft else " |") if ttft else ""
         lines.append(f"| {k} ({keep:.0%}) | " + " | ".join(cells) + " |" + speed)
     return "\n".join(lines)
