@@ -187,7 +187,7 @@ class Offloaded:
 
     def nonzero(self) -> int:
         """Nonzero entries over every weight file tensor, read one group at a time."""
-        return sum(int((t != 0).sum()) for _, group in self.tensors() for t in group.values())
+        return sum(int(torch.count_nonzero(t)) for _, group in self.tensors() for t in group.values())
 
     def save(self, folder: Path) -> None:
         """Write the weights as sharded safetensors (one file per group, an index), then read from there."""
