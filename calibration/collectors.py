@@ -126,7 +126,8 @@ class Stats:
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / tokens (fp64): the Hessian of the layer's squared output error in its weights,
         averaged over tokens so its scale does not grow with the calibration set."""
-        return 2 * self.t["xtx"] / max(self.tokens, 1)
+        h = 2 * self.t["xtx"]
+        return h.div_(max(self.tokens, 1))  # in place: one K x K temporary, not two (512 MiB each at K = 8192)
 
 
 class _StopForward(Exception):

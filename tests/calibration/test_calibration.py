@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calibration import collectors
 from calibration.batches import Batch, Batches
 from calibration.cache import StatsCache, cache_key, state_digest
-from calibration import collectors
 from calibration.collectors import GradientHooks, InputHooks, InputStats, Stats
 from calibration.layerwise import LayerwiseEngine, block_outputs
 from calibration.spec import CalibrationSpec
