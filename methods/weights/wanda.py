@@ -16,6 +16,7 @@ class Wanda(Criterion):
 
     name = "wanda"
     activations = frozenset({"sq_norm"})
+    row_scores = True
 
     class Args(WeightArgs):
         method: Literal["wanda"]
