@@ -11,6 +11,13 @@ stage records (``result.json``, the manifest's ``stages[].memory``), so a run cu
 the stages it completed (``--collect``). Sizes are compared with one block's bytes.
 
     python bench/offload_3b.py [--folder /tmp/llama-3b] [--samples 8] [--seq-len 256] [--collect]
+                               [--layers N --tag NAME [--code DIR]]
+
+``--layers N`` runs the first N blocks only (a folder beside the model whose config says N layers and
+whose shards link to the model's): every block has the same sizes, so a few blocks measure the
+per-block time and peak in minutes. Such runs go to offload-3b-blocks.json under ``--tag``, beside
+the runs already there; ``--code`` runs the pipeline of another checkout of this repository (the
+code before a change, say), so one file compares them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import ROOT, write_json
+from common import RESULTS, ROOT, write_json
 
 CONFIG = {  # Llama-3.2-3B's published sizes; the vocabulary is SmolLM2's (see the docstring)
     "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
@@ -88,17 +95,37 @@ def sizes() -> dict:
             "block_mib": round(2 * block / MIB, 1), "embedding_mib": round(2 * v * h / MIB, 1)}
 
 
-def recipe(folder: Path, samples: int, seq_len: int) -> dict:
+STAGES = {"calibrate": {"type": "calibrate"}, "prune_weights": {"type": "prune_weights", "method": "wanda", "pattern": "2:4"},
+          "gptq": {"type": "gptq", "bits": 4, "group_size": 128}}
+
+
+def recipe(folder: Path, samples: int, seq_len: int, stages: list[str]) -> dict:
     return {"name": "offload-3b", "model": {"source": str(folder), "task": "causal-lm", "offload": True},
             "calibration": {"num_samples": samples, "seq_len": seq_len, "batch_size": samples, "dtype": "bfloat16"},
-            "stages": [{"type": "calibrate"}, {"type": "prune_weights", "method": "wanda", "pattern": "2:4"},
-                       {"type": "gptq", "bits": 4, "group_size": 128}]}
+            "stages": [STAGES[s] for s in stages]}
 
 
-def baseline_rss_mib() -> float:
+def first_blocks(folder: Path, layers: int) -> Path:
+    """A folder with the model's first ``layers`` blocks: its config and index say so, its files link to the model's."""
+    out = folder.parent / f"{folder.name}-blocks{layers}"
+    out.mkdir(exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    keep = {n: f for n, f in index["weight_map"].items()
+            if not n.startswith("model.layers.") or int(n.split(".")[2]) < layers}
+    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": keep}, indent=1))
+    for path in folder.iterdir():
+        link = out / path.name
+        if path.name not in ("config.json", "model.safetensors.index.json") and not link.exists():
+            link.symlink_to(path.resolve())
+    return out
+
+
+def baseline_rss_mib(code: Path) -> float:
     """Resident memory of a process that imported the pipeline and nothing else (no model)."""
-    code = ("import pipeline.runner, re; print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1])")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    probe = ("import pipeline.runner, re; print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=code, capture_output=True, text=True, check=True)
     return round(int(out.stdout) / 1024, 1)
 
 
@@ -113,33 +140,41 @@ def stage_records(run: Path) -> list[dict]:
     return rows
 
 
-def in_progress(run: Path) -> dict | None:
+def in_progress(run: Path, blocks: int) -> dict | None:
     """The stage a cut-short run was in: blocks it had staged and seconds since it began (its folder's age)."""
     partial = run.parent / f".{run.name}.partial"
     started = [d for d in sorted((partial / "stages").glob("*")) if not (d / "result.json").is_file()]
     if run.is_dir() or not started:
         return None
     staged = len(list((partial / "offload").glob("*.safetensors")))
-    return {"stage": started[0].name, "blocks_staged": staged, "of": CONFIG["num_hidden_layers"],
+    return {"stage": started[0].name, "blocks_staged": staged, "of": blocks,
             "seconds_so_far": round(time.time() - (started[0] / "before").stat().st_mtime)}
 
 
 def report(run: Path, args, wall: float | None, finished: bool) -> Path:
     size = sizes()
-    base = baseline_rss_mib()
+    base = baseline_rss_mib(args.code)
     stages = stage_records(run)
+    blocks = args.layers or CONFIG["num_hidden_layers"]
     for s in stages:
         s["above_baseline_mib"] = round(s["peak_rss_mib"] - base, 1)
         s["above_baseline_in_blocks"] = round(s["above_baseline_mib"] / size["block_mib"], 2)
+        if s["stage"].split("-", 1)[1] in ("prune_weights", "gptq"):
+            s["seconds_per_block"] = round(s["seconds"] / blocks, 1)
     manifest = run / "manifest.json"
     extra = {"nonzero_params_after": json.loads(manifest.read_text())["model"]["nonzero_params_after"]} \
         if manifest.is_file() else {}
-    return write_json("offload-3b", {
-        "model": {**size, **{k: CONFIG[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                                    "vocab_size")}},
-        "calibration": {"samples": args.samples, "seq_len": args.seq_len, "dtype": "bfloat16"},
-        "process_baseline_rss_mib": base, "stages": stages, "finished": finished, "cut_short_in": in_progress(run),
-        "wall_seconds": wall, "threads": torch.get_num_threads(), **extra})
+    result = {"model": {**size, **{k: CONFIG[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                          "vocab_size")}, "blocks_run": blocks},
+              "calibration": {"samples": args.samples, "seq_len": args.seq_len, "dtype": "bfloat16"},
+              "process_baseline_rss_mib": base, "stages": stages, "finished": finished,
+              "cut_short_in": in_progress(run, blocks), "wall_seconds": wall, "threads": torch.get_num_threads(),
+              **extra}
+    if not args.layers:
+        return write_json("offload-3b", result)
+    path = RESULTS / "offload-3b-blocks.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    return write_json("offload-3b-blocks", {"runs": {**runs, args.tag: {"code": str(args.code), **result}}})
 
 
 def main() -> None:
@@ -148,20 +183,33 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--collect", action="store_true", help="only write the JSON from what the run has completed")
+    p.add_argument("--layers", type=int, help="run the first N blocks only (a linked folder beside --folder)")
+    p.add_argument("--stages", default="calibrate,prune_weights,gptq", help="of: " + ",".join(STAGES))
+    p.add_argument("--tag", help="with --layers: the run's name in offload-3b-blocks.json")
+    p.add_argument("--code", type=Path, default=ROOT, help="the checkout whose pipeline runs (default: this one)")
     args = p.parse_args()
-    run = args.folder.parent / f"{args.folder.name}-run"
+    if bool(args.layers) != bool(args.tag):
+        p.error("--layers and --tag go together (a few blocks' run is filed under its tag)")
+    stages = args.stages.split(",")
+    if args.layers is not None and not 0 < args.layers <= CONFIG["num_hidden_layers"]:
+        p.error(f"--layers must be 1..{CONFIG['num_hidden_layers']}")
+    if not set(stages) <= set(STAGES) or stages[0] != "calibrate":
+        p.error(f"--stages: calibrate first, then any of {', '.join(STAGES)} (comma-separated)")
+    name = f"{args.folder.name}-blocks{args.layers}-{args.tag}" if args.layers else args.folder.name
+    run = args.folder.parent / f"{name}-run"
     if args.collect:
         print(report(run, args, None, (run / "manifest.json").is_file()))
         return
     t0 = time.perf_counter()
     make_model(args.folder)
     print(f"model written in {time.perf_counter() - t0:.0f} s: {sizes()}", flush=True)
-    path = args.folder.parent / f"{args.folder.name}-recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe(args.folder, args.samples, args.seq_len), sort_keys=False))
+    folder = first_blocks(args.folder, args.layers) if args.layers else args.folder
+    path = args.folder.parent / f"{name}-recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(folder, args.samples, args.seq_len, stages), sort_keys=False))
     t = time.perf_counter()
-    with open(args.folder.parent / f"{args.folder.name}-run.log", "w") as log:
+    with open(args.folder.parent / f"{name}-run.log", "w") as log:
         code = subprocess.call([sys.executable, "-m", "pipeline", "run", str(path), "--output", str(run), "--force"],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+                               cwd=args.code, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     wall = round(time.perf_counter() - t, 1)
     print(report(run, args, wall, code == 0))
 

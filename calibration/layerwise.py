@@ -125,7 +125,8 @@ class LayerwiseEngine:
 
         ``on_block(block, stats)`` runs after a block's statistics are complete (e.g. to prune it).
         Returns the statistics of every target; with ``keep=False`` none (``on_block`` consumed
-        them, and a model's worth of Hessians is not held at once). With ``world`` every rank runs
+        them, and may pop them as it goes: a model's worth of Hessians is not held at once, nor a
+        block's once each is used). With ``world`` every rank runs
         this on its shard of the batches and a block's statistics are summed over the ranks before
         ``on_block`` sees them (calibration/distributed.py).
         """

@@ -8,6 +8,7 @@ figure is the process's peak so far, and ``since`` says so.
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from pathlib import Path
@@ -46,3 +47,10 @@ def _rss_high_water_kib() -> float:
         pass
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return maxrss / 1024 if sys.platform == "darwin" else float(maxrss)
+
+
+def row_slices(t: torch.Tensor, elements: int) -> list[slice]:
+    """Slices of ``t``'s first axis of about ``elements`` entries each (at least one row): a large
+    tensor worked on a slice at a time keeps its temporaries (upcasts, sorts) at that size."""
+    step = max(1, elements // max(math.prod(t.shape[1:]), 1))
+    return [slice(r, r + step) for r in range(0, t.shape[0], step)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import torch
 from torch import nn
 
 from export import inspect as onnx_inspect
@@ -16,7 +17,7 @@ def params(model: nn.Module) -> int:
 
 
 def nonzero(model: nn.Module) -> int:
-    return sum(int((p != 0).sum()) for p in model.parameters())
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
 
 
 def size(dense: nn.Module, compressed: nn.Module, dense_onnx: Path | None = None,

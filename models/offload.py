@@ -80,11 +80,25 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(size: int = 2**20) -> None:
+    """Allocations of ``size`` bytes and more get their own mapping, handed back to the OS when freed
+    (glibc's mallopt; elsewhere nothing). glibc's default threshold rises to 32 MiB as large blocks
+    are freed, after which masks, activations and weight slices of a few MiB to 32 MiB come from the
+    heap and fragment it: an offloaded 3B model's Wanda peaked 200 MiB higher (1182 against 979 MiB
+    on 3 blocks) for the same tensors."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, size)
+
+
 class Offloaded:
     """The weights of ``model`` (a `skeleton`) in ``folder``'s shards, changed blocks in ``staging``."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, folder: Path, staging: Path, dtype: torch.dtype,
                  device: torch.device):
+        map_large_allocations()
         self.model, self.adapter, self.staging = model, adapter, staging
         self.dtype, self.device = dtype, device
         self.shards = Shards(folder)
@@ -187,7 +201,7 @@ class Offloaded:
 
     def nonzero(self) -> int:
         """Nonzero entries over every weight file tensor, read one group at a time."""
-        return sum(int((t != 0).sum()) for _, group in self.tensors() for t in group.values())
+        return sum(int(torch.count_nonzero(t)) for _, group in self.tensors() for t in group.values())
 
     def save(self, folder: Path) -> None:
         """Write the weights as sharded safetensors (one file per group, an index), then read from there."""

@@ -344,7 +344,7 @@ def _manifest(ctx: RunContext, records: list[dict], params_before: int) -> dict:
                   "architecture": src.model_type, "class": type(ctx.model).__name__, "task": recipe.model.task,
                   "params_before": params_before, "params_after": _params(ctx.model),
                   "nonzero_params_after": (ctx.offload.nonzero() if ctx.offload
-                                           else sum(int((q != 0).sum()) for q in ctx.model.parameters()))},
+                                           else sum(int(torch.count_nonzero(q)) for q in ctx.model.parameters()))},
         "calibration": calibration,
         "stages": records,
         "onnx": ctx.onnx.record() if ctx.onnx is not None else None,

@@ -108,9 +108,9 @@ class Gptq(Stage):
         rows: list[list] = []
 
         def on_block(block, stats: dict[str, dict[str, torch.Tensor]]) -> None:
-            for name in stats:
+            for name in list(stats):  # popped: a Hessian is freed once the last Linear sharing it is rounded
                 weight = ctx.model.get_submodule(name).weight
-                hessian = Stats(stats[name]).hessian
+                hessian = Stats(stats.pop(name)).hessian
                 try:
                     r = gptq(weight.data, hessian, args.bits, args.group_size, args.dampening, args.act_order,
                              args.blocksize, name)

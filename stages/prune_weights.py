@@ -90,7 +90,7 @@ class PruneWeights(Stage):
                     weight, _ = criterion.prune(name, module.weight.data, Stats(stats[name]) if stats else None)
                     module.weight.data.copy_(weight)
                 w = module.weight.data
-                pruned[name] = ("x".join(map(str, w.shape)), int((w == 0).sum()), w.numel())
+                pruned[name] = ("x".join(map(str, w.shape)), w.numel() - int(torch.count_nonzero(w)), w.numel())
 
         if not criterion.activations:
             info: dict = {"statistics": f"none ({args.method})"}

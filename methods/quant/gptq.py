@@ -30,8 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from core.memory import row_slices
+
 from ..obs import fp32_factor, usable_hessian
 from .grid import Grid
+
+_SLICE = 2**20  # weights per slice of rows in output_error
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,11 @@ class GptqResult:
 def output_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
     """1/2 tr((W - Q) H (W - Q)^T) for H = 2 X^T X / tokens (calibration/collectors.py): the mean over
     calibration tokens of the squared output error ||(W - Q) x||^2."""
-    d = weight.double() - new.double()
-    return float(0.5 * ((d @ hessian.double()) * d).sum())
+    h, total = hessian.double(), 0.0
+    for rows in row_slices(weight, _SLICE):  # fp64 temporaries of 8 MiB, not five Linear-sized ones
+        d = weight[rows].double() - new[rows].double()
+        total += float(((d @ h) * d).sum())
+    return 0.5 * total
 
 
 @torch.no_grad()
@@ -66,7 +73,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=h.device)
     w, zero = w[:, order], (w == 0)[:, order]
     group_of = order // grid.width(k)  # group (original columns) of each column in walk order
-    u = fp32_factor(h[order][:, order], dampening, name)
+    u = fp32_factor(h[order][:, order] if act_order else h, dampening, name)  # no copies in the given order
     q = torch.zeros_like(w)
     for start in range(0, k, blocksize):
         end = min(start + blocksize, k)

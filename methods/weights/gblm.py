@@ -22,6 +22,7 @@ class GBLM(Wanda):
 
     name = "gblm"
     needs_gradients = True
+    row_scores = False  # its gradients are the whole weight's
 
     class Args(WeightArgs):
         method: Literal["gblm"]

@@ -16,6 +16,7 @@ class Magnitude(Criterion):
 
     name = "magnitude"
     matrix_group = True
+    row_scores = True
 
     class Args(WeightArgs):
         method: Literal["magnitude"]

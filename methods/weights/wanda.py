@@ -16,9 +16,10 @@ class Wanda(Criterion):
 
     name = "wanda"
     activations = frozenset({"sq_norm"})
+    row_scores = True
 
     class Args(WeightArgs):
         method: Literal["wanda"]
 
     def score(self, name, weight, stats):
-        return weight.abs() * stats.sq_norm.sqrt().unsqueeze(0)
+        return weight.abs().mul_(stats.sq_norm.sqrt().unsqueeze(0))  # in place: no third Linear-sized copy

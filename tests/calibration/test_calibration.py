@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calibration import collectors
 from calibration.batches import Batch, Batches
 from calibration.cache import StatsCache, cache_key, state_digest
 from calibration.collectors import GradientHooks, InputHooks, InputStats, Stats
@@ -55,6 +56,24 @@ def test_hessian_is_the_sum_of_outer_products_over_real_tokens():
     torch.testing.assert_close(s.tensors()["xtx"], real.T @ real)
     torch.testing.assert_close(stats.hessian, 2 * real.T @ real / 8)
     assert stats.hessian.dtype == torch.float64 and "sum_sq" not in s.tensors()
+
+
+def test_statistics_upcast_a_slice_of_tokens_at_a_time_equal_one_slice(monkeypatch):
+    """Tokens are upcast and summed a slice at a time (bounded temporaries), the Hessian in place."""
+    x = torch.randn(3, 7, 4, dtype=torch.bfloat16) * 100
+    mask = torch.rand(3, 7) > 0.3
+    kinds = {"sq_norm", "mean_var", "abs_max", "hessian"}
+
+    def sums():
+        s = InputStats(kinds)
+        s.update(x, mask)
+        s.update(x, None)
+        return s.tensors()
+
+    whole = sums()
+    monkeypatch.setattr(collectors, "_UPCAST", 12)  # 3 tokens per slice
+    for key, t in sums().items():
+        torch.testing.assert_close(t, whole[key], rtol=1e-12, atol=0)
 
 
 def test_linears_fed_one_input_share_one_set_of_sums(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from calibration.collectors import InputStats, Stats
 from export.formats.int4 import int4_blocks
 from export.formats.int8 import int8_per_channel
+from methods.quant import gptq as gptq_module
 from methods.quant.gptq import gptq, output_error
 from methods.quant.grid import Grid
 
@@ -110,6 +111,15 @@ def test_weights_lie_exactly_on_the_returned_grid_and_the_formats_store_them(bit
     else:
         q, scale = int8_per_channel(out.weight.numpy(), 0, out.scales[:, 0].numpy())
         assert np.array_equal(q.astype(np.float32) * scale[:, None], out.weight.numpy())
+
+
+def test_output_error_by_slices_of_rows_equals_the_whole_trace(monkeypatch):
+    w, h = _weight(50, 6, 8), _hessian(_inputs(51, 8))
+    new = Grid(4, 8).nearest(w)
+    d = (w - new).double()
+    whole = float(0.5 * ((d @ h) * d).sum())
+    monkeypatch.setattr(gptq_module, "_SLICE", 16)  # 2 rows per slice
+    assert output_error(w, new, h) == pytest.approx(whole, rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from methods.weights import CRITERIA, matrix_mask, nm_mask, row_mask
+from methods.weights import CRITERIA, base, matrix_mask, nm_mask, row_mask
 
 
 def _args(**kw):
@@ -45,6 +45,14 @@ def test_ties_break_by_position_stably():
     score = torch.ones(1, 8)
     assert row_mask(score, 0.5).tolist() == [[True] * 4 + [False] * 4]
     assert nm_mask(score, 2, 4).tolist() == [[True, True, False, False] * 2]
+
+
+def test_masks_sorted_a_few_rows_at_a_time_equal_one_sort(monkeypatch):
+    """Per-row masks sort slices of rows (bounded temporaries); the mask is the whole-matrix sort's."""
+    score = torch.randint(0, 4, (9, 16)).float()  # ties, so a stable order matters
+    whole = row_mask(score, 0.5), nm_mask(score, 2, 4)
+    monkeypatch.setattr(base, "_SORTED", 40)  # 2 rows per slice, the last one a single row
+    assert torch.equal(row_mask(score, 0.5), whole[0]) and torch.equal(nm_mask(score, 2, 4), whole[1])
 
 
 def test_args_target_sparsity():

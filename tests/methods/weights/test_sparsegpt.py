@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from calibration.collectors import InputStats, Stats
 from export import inspect as onnx_inspect
-from methods.obs import inverse_hessian_factor
+from methods.obs import inverse_hessian_factor, upper_inverse
 from methods.weights import CRITERIA
 from methods.weights.sparsegpt import SparseGPT
 from pipeline.runner import run
@@ -110,6 +110,15 @@ def test_columns_after_the_last_pruned_one_are_least_squares_optimal():
         torch.testing.assert_close(d[p:], optimum, rtol=1e-4, atol=1e-5)  # the loop runs in fp32
         checked += 1
     assert checked >= 3
+
+
+def test_upper_inverse_by_blocks_of_columns_equals_one_solve():
+    """Column blocks solve only their leading rows; the inverse is the one solve against I gives."""
+    a = torch.randn(10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    upper = torch.linalg.cholesky(a @ a.T + torch.eye(10, dtype=torch.float64)).T
+    whole = torch.linalg.solve_triangular(upper, torch.eye(10, dtype=torch.float64), upper=True)
+    for columns in (1, 3, 10):
+        torch.testing.assert_close(upper_inverse(upper, columns), whole, rtol=0, atol=1e-14)
 
 
 def test_factor_and_dead_inputs():

@@ -35,3 +35,17 @@ def test_wanda_compares_within_rows_and_has_no_own_arguments():
     mask = Wanda(Wanda.Args(method="wanda", sparsity=0.5)).mask("l", w, _stats(torch.ones(1, 1, 2)))
     assert mask.sum(1).tolist() == [1, 1]  # a whole-matrix threshold would take row 0 only
     assert Wanda(Wanda.Args(method="wanda", pattern="2:4")).cache_fields() == {}
+
+
+def test_scored_a_slice_of_rows_at_a_time_the_mask_is_the_whole_weights(monkeypatch):
+    """Wanda scores a few rows at a time (no whole fp32 copy of the weight); the masks do not change."""
+    from methods.weights import base
+
+    w = torch.randn(9, 16).to(torch.bfloat16)
+    stats = _stats(torch.randn(2, 5, 16))
+    for args in (Wanda.Args(method="wanda", pattern="2:4"), Wanda.Args(method="wanda", sparsity=0.3)):
+        whole = base.nm_mask(Wanda(args).score("l", w.float(), stats), 2, 4) if args.nm else \
+            base.row_mask(Wanda(args).score("l", w.float(), stats), 0.3)
+        monkeypatch.setattr(base, "_SORTED", 40)  # 2 rows per slice
+        assert torch.equal(Wanda(args).mask("l", w, stats), whole)
+        monkeypatch.undo()
