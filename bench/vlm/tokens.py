@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from methods.tokens.random import per_image
+from methods.tokens.text import TextEncoder
+
 from . import data, evaluate, llava
 
 KEEPS = (1.0, 0.5, 0.25, 0.11, 0.05)
@@ -47,15 +50,10 @@ class Towers:
         self.text = _with_projection(CLIPTextModelWithProjection, clip.config.text_config, clip.config,
                                      {"text_model": clip.text_model, "text_projection": clip.text_projection})
         self.tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+        self.encoder = TextEncoder(self.text, self.tokenizer, self.text.config.max_position_embeddings)
         self.adapter = adapter_for(self.vision.config.model_type, TASK)
         self.layer = len(self.adapter.vision_blocks(self.vision)) - 1  # LLaVA's vision_feature_layer -1
         self.patches = self.adapter.vision_tokens(self.vision).patches
-
-    @torch.no_grad()
-    def text_embeds(self, questions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(questions, padding="max_length", max_length=self.text.config.max_position_embeddings,
-                             truncation=True, return_tensors="pt")["input_ids"]
-        return self.text(input_ids=ids).text_embeds
 
     def install(self, method: str, k: int):
         """The selector as the token_prune stage builds it (registry, its own Args, defaults, object layer)."""
@@ -87,9 +85,10 @@ class Towers:
                 pixels = data.pixels(images[i:i + batch])
                 inputs = {}
                 if "text_embeds" in pruner.input_names:
-                    inputs["text_embeds"] = self.text_embeds(questions[i:i + batch])
+                    inputs["text_embeds"] = self.encoder.embed(questions[i:i + batch])
                 if "keep_idx" in pruner.input_names:
-                    inputs["keep_idx"] = torch.stack([subset(self.patches, k, seed, i + j) for j in range(len(pixels))])
+                    inputs["keep_idx"] = torch.from_numpy(np.stack([per_image(self.patches, k, seed, i + j)
+                                                                   for j in range(len(pixels))]))
                 parts.append(pruner.run(lambda p=pixels: self.vision(pixel_values=p), inputs)[0])
         finally:
             pruner.remove()
@@ -109,11 +108,6 @@ def balanced(row: dict) -> float:
     """The mean of the three question types' exact match: 72% of the held-out questions are yes/no, which the
     overall score weighs accordingly; this weighs colour and shape questions alike."""
     return round(float(np.mean([row[t] for t in data.TYPES])), 4)
-
-
-def subset(patches: int, k: int, seed: int, item: int) -> torch.Tensor:
-    """A uniform random subset of K patch indices, ascending, seeded by (seed, item)."""
-    return torch.from_numpy(np.sort(np.random.default_rng([seed, item]).permutation(patches)[:k]))
 
 
 def run(clip_dir: Path, adapter_dir: Path, methods: list[str], keeps: list[float]) -> dict:
