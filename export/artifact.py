@@ -31,7 +31,9 @@ from core.errors import PipelineError
 TITLE = "org.opencontainers.image.title"
 PREPROCESSOR = "preprocessor"  # the tokenizer or image processor config the graph's inputs need (export stage)
 GENERATION = "generation"  # a decoder's generation config (export stage); its tokenizer is in preprocessor/
-TEXT_TOKENIZER = "text_tokenizer"  # the tokenizer of TRIM's text graph (methods/tokens/text.py)
+# TRIM's text graph's tokenizer: methods/tokens/text.py writes it (literal here, as text_encoder.onnx below, so that
+# push/pull never import torch; tests/export/test_artifact.py checks the two names agree)
+TEXT_TOKENIZER = "text_tokenizer"
 ENGINES = "build/engines/"
 _TOP = ("recipe.yaml", "report.md", "model.onnx", "decode.onnx", "model.onnx.data", "vision.onnx", "vision.onnx.data",
         "text_encoder.onnx")

@@ -18,13 +18,12 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from core.errors import RecipeError
-from export.artifact import TEXT_TOKENIZER
 from models.adapters import pretrained
 from models.loading import model_config, resolve_source
 from tasks import TASKS
 
 from .base import Build, Method, SelectorArgs
-from .text import TEXT_FILE, Companion, TextEncoder
+from .text import TEXT_FILE, TEXT_TOKENIZER, Companion, TextEncoder
 
 SIGNS = {"paper": 1.0, "released_code": -1.0}  # +1: favour the patches most similar to the text; -1: least
 

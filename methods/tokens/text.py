@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 TEXT_FILE = "text_encoder.onnx"
+TEXT_TOKENIZER = "text_tokenizer"  # the folder next to it holding its tokenizer (shipped with the artifact)
 
 
 class TextEncoder(nn.Module):

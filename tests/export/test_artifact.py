@@ -280,3 +280,11 @@ def test_a_damaged_folder_registry_index_is_one_line(deploy_run, tmp_path):
         for argv in (["push", str(deploy_run), ref], ["pull", ref, str(tmp_path / "out")]):
             assert assert_one_line(*cli(*argv)[::2], 1) == f"error: {index} is not a valid OCI index; repair or remove it"
         assert index.read_text() == damage and not (tmp_path / "out").exists()
+
+
+def test_the_text_graph_files_the_artifact_ships_are_the_ones_the_selectors_write():
+    from export import artifact
+    from methods.tokens import text
+
+    assert artifact.TEXT_TOKENIZER == text.TEXT_TOKENIZER
+    assert text.TEXT_FILE in artifact._TOP
