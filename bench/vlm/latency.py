@@ -27,6 +27,7 @@ import torch
 from export import inspect as onnx_inspect
 from export import onnx as onnx_export
 from models.spec import ModelSpec
+from stages.token_prune import keep_count
 from tasks import TaskModel
 
 from . import data, evaluate, tokens
@@ -82,7 +83,7 @@ def selectors(clip_dir: Path, methods: list[str], keeps: list[float], iterations
     with tempfile.TemporaryDirectory() as tmp:
         graphs = {"unpruned": _export(towers.vision, Path(tmp) / "unpruned.onnx", pixels)}
         for keep in keeps:
-            k = tokens.keep_count(keep, towers.patches)
+            k = keep_count(keep, towers.patches, "--keeps")
             for method in methods:
                 pruner = towers.install(method, k)
                 graphs[f"{method}@{k}"] = _export(towers.vision, Path(tmp) / f"{method}-{k}.onnx", pixels)

@@ -22,6 +22,7 @@ import torch
 
 from methods.tokens.random import per_image
 from methods.tokens.text import TextEncoder
+from stages.token_prune import keep_count
 
 from . import data, evaluate, llava
 
@@ -29,11 +30,6 @@ KEEPS = (1.0, 0.5, 0.25, 0.11, 0.05)
 METHODS = ("cls_attention", "global_attention", "trim", "divprune", "hiprune", "visionzip", "cdpruner", "random")
 RANDOM_SEEDS = (0, 1, 2)
 TASK = "image-feature-extraction"  # the CLIP vision tower on its own, as the adapters see it
-
-
-def keep_count(keep: float, patches: int) -> int:
-    """The token_prune stage's rounding of a ratio."""
-    return max(1, int(round(keep * patches)))
 
 
 class Towers:
@@ -130,7 +126,7 @@ def run(clip_dir: Path, adapter_dir: Path, methods: list[str], keeps: list[float
 
     rows = [{"method": "unpruned", "keep": 1.0, "k": towers.patches, **score(None, towers.patches)}]
     for keep in keeps:
-        k = keep_count(keep, towers.patches)
+        k = keep_count(keep, towers.patches, "--keeps")
         if k == towers.patches:
             continue
         for method in methods:
