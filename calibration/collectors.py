@@ -1,7 +1,8 @@
 """Statistics at the inputs of Linear layers, and per-weight gradient magnitudes.
 
 Everything is upcast to fp32 before squaring and accumulated in fp64 (LLaMA down_proj inputs reach
-1e3-1e4, whose squares overflow fp16), and padding positions are excluded from sums and counts.
+1e3-1e4, whose squares overflow fp16), and padding positions are excluded from sums and counts. The
+sums stay fp64 (two processes' sums equal one's to 1e-12); methods read the Hessian in fp32 (`Stats.hessian`).
 
 Kinds (what a stage can ask the calibrate stage for):
 - ``sq_norm``  S1: sum over tokens of x_j^2 per input channel (Wanda, GBLM, Wanda-sp, FLAP WIFN)
@@ -25,34 +26,35 @@ _UPCAST = 2**22
 _SUMS = {"sq_norm": ("sum_sq",), "mean_var": ("sum_sq", "sum"), "abs_max": ("abs_max",), "hessian": ("xtx",)}
 
 
-def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str]) -> dict:
-    """Per-channel sums of one input batch: fp32 values, fp64 accumulation, padding excluded.
+def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str],
+              sums: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel sums of one input batch, added in place to ``sums`` (new zeros when None): fp32
+    values, fp64 accumulation, padding excluded. Returns the sums.
 
     The tokens are upcast _UPCAST values (16 MiB) at a time and the Hessian summed in place, so the
     temporaries stay at a few MiB: an 8192-wide MLP input of 2048 tokens upcast whole was 64 MiB in
-    fp32, its square 64 more and its fp64 copy 128, beside a 512 MiB X^T X per batch."""
-    seqs = x.shape[0]
+    fp32, its square 64 more and its fp64 copy 128, and a batch's own X^T X beside the running one 512."""
     x = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
-    part: dict[str, int | torch.Tensor] = {"tokens": x.shape[0], "sequences": seqs}
     c = x.shape[-1]
-    for key in sorted({key for kind in kinds for key in _SUMS[kind]}):
-        part[key] = torch.zeros((c, c) if key == "xtx" else (c,), dtype=torch.float64, device=x.device)
+    sums = {} if sums is None else sums
+    for key in sorted({key for kind in kinds for key in _SUMS[kind]} - sums.keys()):
+        sums[key] = torch.zeros((c, c) if key == "xtx" else (c,), dtype=torch.float64, device=x.device)
     for rows in row_slices(x, _UPCAST):
-        _accumulate(part, x[rows].float())  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 overflow
-    return part
+        _accumulate(sums, x[rows].float())  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 overflow
+    return sums
 
 
-def _accumulate(part: dict, x: torch.Tensor) -> None:
-    """Add one fp32 chunk of tokens [T, C] to the fp64 sums of ``part``."""
-    if "sum_sq" in part:
-        part["sum_sq"] += (x * x).sum(0, dtype=torch.float64)
-    if "sum" in part:
-        part["sum"] += x.sum(0, dtype=torch.float64)
-    if "abs_max" in part and x.shape[0]:
-        torch.maximum(part["abs_max"], x.abs().amax(0).double(), out=part["abs_max"])
-    if "xtx" in part:
+def _accumulate(sums: dict, x: torch.Tensor) -> None:
+    """Add one fp32 chunk of tokens [T, C] to the fp64 ``sums``."""
+    if "sum_sq" in sums:
+        sums["sum_sq"] += (x * x).sum(0, dtype=torch.float64)
+    if "sum" in sums:
+        sums["sum"] += x.sum(0, dtype=torch.float64)
+    if "abs_max" in sums and x.shape[0]:
+        torch.maximum(sums["abs_max"], x.abs().amax(0).double(), out=sums["abs_max"])
+    if "xtx" in sums:
         xd = x.double()
-        part["xtx"].addmm_(xd.T, xd)
+        sums["xtx"].addmm_(xd.T, xd)
 
 
 class InputStats:
@@ -66,22 +68,9 @@ class InputStats:
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """``x`` is [B, T, C] (or [B, C]); ``mask`` [B, T] bool marks real tokens."""
-        self.add(summarize(x, mask, self.kinds))
-
-    def add(self, part: dict) -> None:
-        """Take in a `summarize` result: the first one's tensors become the sums (no copy of a
-        C_in^2 Hessian), later ones are added in place."""
-        self.tokens += part["tokens"]
-        self.sequences += part["sequences"]
-        for key in ("sum_sq", "sum", "xtx", "abs_max"):
-            if key not in part:
-                continue
-            if key not in self.sums:
-                self.sums[key] = part[key]
-            elif key == "abs_max":
-                torch.maximum(self.sums[key], part[key], out=self.sums[key])
-            else:
-                self.sums[key] += part[key]
+        self.tokens += int(mask.sum()) if mask is not None else x.shape[:-1].numel()
+        self.sequences += x.shape[0]
+        summarize(x, mask, self.kinds, self.sums)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state as flat tensors (what the on-disk cache stores)."""
@@ -124,10 +113,17 @@ class Stats:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / tokens (fp64): the Hessian of the layer's squared output error in its weights,
-        averaged over tokens so its scale does not grow with the calibration set."""
-        h = 2 * self.t["xtx"]
-        return h.div_(max(self.tokens, 1))  # in place: one K x K temporary, not two (512 MiB each at K = 8192)
+        """H = 2 X^T X / tokens in fp32: the Hessian of the layer's squared output error in its weights,
+        averaged over tokens so its scale does not grow with the calibration set.
+
+        fp32 as in the GPTQ and SparseGPT references: the methods' factor and column walk run in fp32,
+        and an fp64 H is twice the memory (512 MiB at K = 8192, a 3B model's down_proj). Converted a
+        slice of rows at a time, so no fp64 K x K temporary is made beside the sums."""
+        xtx = self.t["xtx"]
+        h = torch.empty(xtx.shape, dtype=torch.float32, device=xtx.device)
+        for rows in row_slices(xtx, _UPCAST):
+            torch.mul(xtx[rows], 2 / max(self.tokens, 1), out=h[rows])
+        return h
 
 
 class _StopForward(Exception):

@@ -54,8 +54,9 @@ def test_hessian_is_the_sum_of_outer_products_over_real_tokens():
     real = x[mask].double()
     stats = Stats(s.tensors())
     torch.testing.assert_close(s.tensors()["xtx"], real.T @ real)
-    torch.testing.assert_close(stats.hessian, 2 * real.T @ real / 8)
-    assert stats.hessian.dtype == torch.float64 and "sum_sq" not in s.tensors()
+    torch.testing.assert_close(stats.hessian, (2 * real.T @ real / 8).float())
+    assert s.tensors()["xtx"].dtype == torch.float64 and "sum_sq" not in s.tensors()  # sums fp64, H read in fp32
+    assert stats.hessian.dtype == torch.float32
 
 
 def test_statistics_upcast_a_slice_of_tokens_at_a_time_equal_one_slice(monkeypatch):

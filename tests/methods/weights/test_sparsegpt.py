@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from calibration.collectors import InputStats, Stats
 from export import inspect as onnx_inspect
-from methods.obs import inverse_hessian_factor, upper_inverse
+from methods.obs import inverse_hessian_factor, invert_upper_
 from methods.weights import CRITERIA
 from methods.weights.sparsegpt import SparseGPT
 from pipeline.runner import run
@@ -38,7 +38,7 @@ def _sparsegpt(**kw) -> SparseGPT:
 
 
 def _damped(stats: Stats, dampening: float = 0.01) -> torch.Tensor:
-    h = stats.hessian
+    h = stats.hessian.double()  # the reference in fp64
     return h + dampening * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
 
 
@@ -112,18 +112,20 @@ def test_columns_after_the_last_pruned_one_are_least_squares_optimal():
     assert checked >= 3
 
 
-def test_upper_inverse_by_blocks_of_columns_equals_one_solve():
-    """Column blocks solve only their leading rows; the inverse is the one solve against I gives."""
+def test_upper_inverse_in_place_by_blocks_of_columns_equals_one_solve():
+    """Blocked in place: the inverse is the one solve against I gives, whatever the block width."""
     a = torch.randn(10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     upper = torch.linalg.cholesky(a @ a.T + torch.eye(10, dtype=torch.float64)).T
     whole = torch.linalg.solve_triangular(upper, torch.eye(10, dtype=torch.float64), upper=True)
     for columns in (1, 3, 10):
-        torch.testing.assert_close(upper_inverse(upper, columns), whole, rtol=0, atol=1e-14)
+        copy = upper.clone()
+        assert invert_upper_(copy, columns) is copy
+        torch.testing.assert_close(copy, whole, rtol=0, atol=1e-14)
 
 
 def test_factor_and_dead_inputs():
     stats = _stats(_inputs(5, channels=8, tokens=64))
-    u = inverse_hessian_factor(stats.hessian, 0.01)
+    u = inverse_hessian_factor(stats.hessian.double(), 0.01)  # in H's dtype: the algorithm, exactly
     torch.testing.assert_close(u.T @ u, torch.linalg.inv(_damped(stats)))
     assert torch.equal(u, u.triu())
     x = _inputs(5, channels=8, tokens=64)
