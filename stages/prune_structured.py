@@ -5,7 +5,8 @@ projections, methods/structured/allocation.py decides what each block keeps, bia
 (methods/structured/bias.py) folds the removed channels' means into the biases, and the adapter
 slices the Linears for real (docs/methods/structured-pruning.md). Deviations from the reference are
 recorded in the stage metrics: the exact unbiased variance (the reference approximates it), and the
-allocation rules listed in methods/structured/allocation.py.
+allocation rules listed in methods/structured/allocation.py. On an offloaded model (``model.offload``)
+each block is read for its scores, then again to be sliced and staged with its new shapes, one at a time.
 """
 
 from __future__ import annotations
