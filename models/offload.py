@@ -4,7 +4,8 @@ The model is built from its config with every parameter on the meta device (buff
 the config, such as rotary frequencies, are real: no file holds them). `Offloaded.block` reads one
 block's tensors by name from the shards, in the compute dtype on the run's device, for as long as a
 pass needs it; a block a method changed is then written to the staging folder, which later reads
-prefer, and every block goes back to the meta device. `Offloaded.inputs` does the same for what
+prefer, and every block goes back to the meta device (keeping the shapes a structured prune sliced
+it to). `Offloaded.inputs` does the same for what
 runs before block 0 (the embeddings), and `Offloaded.save` writes the checkpoint one tensor group
 at a time, so no step holds more than one block (or the embedding table) of weights.
 """
