@@ -6,14 +6,16 @@ run is calibrate (builtin text, 16 x 256 tokens: the stages' statistics, not the
 what is measured) then one stage, in its own process (`common.run_recipe`) with an empty statistics
 cache (a cached gradient or Hessian pass would hide that stage's memory); the figures are the
 stage records' own peaks (`stages[].memory`: RSS high-water mark reset as each stage starts). A
-stage that needs the whole model (GBLM's backward pass, FLAP's slicing) has no offloaded run: the
-recipe is refused with one line, which is recorded.
+stage that needs the whole model (GBLM's backward pass) has no offloaded run: the recipe is refused
+with one line, which is recorded.
 
-    python bench/memory_smollm2.py        # BENCH_REUSE=1 reads back runs already complete
+    python bench/memory_smollm2.py              # BENCH_REUSE=1 reads back runs already complete
+    python bench/memory_smollm2.py --only flap  # those rows (by first word), the others kept from the JSON
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -71,10 +73,16 @@ def refusal(spec: dict, tag: str) -> str | None:
     return done.stderr.strip().splitlines()[-1] if done.returncode else None
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
+    unknown = sorted(set(only) - {name.split()[0] for name in STAGES})
+    if unknown:
+        sys.exit(f"--only: no row {', '.join(unknown)}; use {', '.join(n.split()[0] for n in STAGES)}")
     local_copy()
-    rows, out = [], {}
+    kept = RESULTS / "memory-smollm2.json"
+    rows, out = [], (json.loads(kept.read_text())["runs"] if only and kept.is_file() else {})
     for name, stage in STAGES.items():
+        if only and name.split()[0] not in only:
+            continue
         entry = {}
         for offload in (False, True):
             tag = f"memory-smollm2-{name.split()[0]}-{'offload' if offload else 'memory'}"
@@ -101,4 +109,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=[], help="run these rows (first word: wanda, flap, ...)")
+    main(parser.parse_args().only)

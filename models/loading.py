@@ -238,16 +238,13 @@ def open_offloaded(spec: ModelSpec, source: Source, task: TaskLoading, staging: 
 
 
 def save_offloaded(weights: Offloaded, preprocessor, folder: Path, task: str) -> None:
-    """`save_checkpoint` for an offloaded model, streamed group by group in the compute dtype. Offloaded
-    runs change weights, never shapes, so the config is the source's and the folder plain transformers."""
-    weights.save(folder)
-    config = pretrained(weights.model).config
+    """`save_checkpoint` for an offloaded model, streamed group by group in the compute dtype: the same
+    config and metadata (the skeleton carries any pruned shapes), the zero biases in a file of their own."""
+    config, meta, zeros = _checkpoint_form(weights.model, task, weights.dtype)
+    weights.save(folder, zeros)
     config.save_pretrained(folder)
-    if preprocessor is not None:
-        preprocessor.save_pretrained(folder)
-    meta = {"task": task, "model_type": config.model_type, "plain_transformers": True,
-            "offloaded_dtype": str(weights.dtype).removeprefix("torch.")}
-    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+    meta["offloaded_dtype"] = str(weights.dtype).removeprefix("torch.")
+    _write_rest(folder, preprocessor, meta)
 
 
 def _hub_weight_hashes(model: nn.Module) -> dict[str, str]:
@@ -300,28 +297,42 @@ def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> 
     `load_checkpoint`). Otherwise the per-layer sizes go into the config as ``edgeprune_structure``,
     which only `load_checkpoint` rebuilds; the metadata says which of the two the folder is, and why.
     """
-    from .adapters import adapter_for, pretrained
+    folder.mkdir(parents=True, exist_ok=True)
+    config, meta, zeros = _checkpoint_form(model, task)
+    hf = pretrained(model)
+    if meta["plain_transformers"]:
+        hf.save_pretrained(folder, safe_serialization=True, state_dict={**hf.state_dict(), **zeros})
+        config.save_pretrained(folder)
+    else:
+        hf.save_pretrained(folder, safe_serialization=True)
+    _write_rest(folder, preprocessor, meta)
+
+
+def _checkpoint_form(model: nn.Module, task: str, dtype: torch.dtype | None = None
+                     ) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """What a checkpoint of ``model`` carries besides its weights: the config (`save_checkpoint` says which),
+    the metadata, and the zero biases a plain config implies (in ``dtype``, by default their weight's)."""
+    from .adapters import adapter_for
     from .plain import plain_form
 
-    folder.mkdir(parents=True, exist_ok=True)
-    hf = pretrained(model)
-    config = hf.config
+    config = pretrained(model).config
     adapter = adapter_for(config.model_type, task)
     if hasattr(config, "edgeprune_structure"):
         del config.edgeprune_structure
     form = plain_form(model, adapter)
     meta: dict[str, Any] = {"task": task, "model_type": config.model_type, "plain_transformers": form.plain}
-    if form.config is not None:
-        state = hf.state_dict()
-        weights = {name: state[name.rpartition(".")[0] + ".weight"] for name in form.zero_biases}
-        zeros = {name: torch.zeros(w.shape[0], dtype=w.dtype) for name, w in weights.items()}
-        hf.save_pretrained(folder, safe_serialization=True, state_dict={**state, **zeros})
-        form.config.save_pretrained(folder)
-        meta["zero_biases"] = list(form.zero_biases)
-    else:
+    if form.config is None:
         config.edgeprune_structure = [adapter.shape(model, b).as_dict() for b in adapter.blocks(model)]
-        hf.save_pretrained(folder, safe_serialization=True)
         meta["not_plain_because"] = form.reason
+        return config, meta, {}
+    state = pretrained(model).state_dict()
+    weights = {name: state[name.rpartition(".")[0] + ".weight"] for name in form.zero_biases}
+    meta["zero_biases"] = list(form.zero_biases)
+    return form.config, meta, {name: torch.zeros(w.shape[0], dtype=dtype or w.dtype) for name, w in weights.items()}
+
+
+def _write_rest(folder: Path, preprocessor, meta: dict[str, Any]) -> None:
+    """The preprocessor, then the metadata that marks the checkpoint complete."""
     if preprocessor is not None:
         preprocessor.save_pretrained(folder)
     (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))

@@ -4,7 +4,8 @@ The model is built from its config with every parameter on the meta device (buff
 the config, such as rotary frequencies, are real: no file holds them). `Offloaded.block` reads one
 block's tensors by name from the shards, in the compute dtype on the run's device, for as long as a
 pass needs it; a block a method changed is then written to the staging folder, which later reads
-prefer, and every block goes back to the meta device. `Offloaded.inputs` does the same for what
+prefer, and every block goes back to the meta device (keeping the shapes a structured prune sliced
+it to). `Offloaded.inputs` does the same for what
 runs before block 0 (the embeddings), and `Offloaded.save` writes the checkpoint one tensor group
 at a time, so no step holds more than one block (or the embedding table) of weights.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -142,6 +144,7 @@ class Offloaded:
         self.most_resident = max(self.most_resident, len(self.resident))
         try:
             yield
+            names = self._names(prefix)  # a structured prune may have sliced it, added biases
             if write:
                 self._stage(prefix, names)
         finally:
@@ -177,10 +180,12 @@ class Offloaded:
             self._release(names)
 
     def _current(self) -> dict[str, Path]:
-        """Tensor name -> the file holding its current value."""
-        files = dict(self.shards.files)
+        """Tensor name -> the file holding its current value, for the tensors the model has (a plain
+        checkpoint's zero biases are not: models/plain.py)."""
+        state = self.model.state_dict(keep_vars=True)
+        files = {n: p for n, p in self.shards.files.items() if n in state}
         for prefix, path in self.staged.items():
-            files.update({n: path for n in files if n.startswith(f"{prefix}.")})
+            files.update({n: path for n in state if n.startswith(f"{prefix}.")})
         return files
 
     def digest(self) -> str:
@@ -203,11 +208,12 @@ class Offloaded:
         """Nonzero entries over every weight file tensor, read one group at a time."""
         return sum(int(torch.count_nonzero(t)) for _, group in self.tensors() for t in group.values())
 
-    def save(self, folder: Path) -> None:
-        """Write the weights as sharded safetensors (one file per group, an index), then read from there."""
+    def save(self, folder: Path, extra: dict[str, torch.Tensor]) -> None:
+        """Write the weights as sharded safetensors (one file per group, ``extra``'s tensors in one more: the
+        zero biases a plain config implies, which the model lacks), an index; then read from there."""
         folder.mkdir(parents=True, exist_ok=True)
         weight_map = {}
-        for group, tensors in self.tensors():
+        for group, tensors in itertools.chain(self.tensors(), [("extra", extra)] if extra else []):
             file = f"{group}.safetensors"
             save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(folder / file))
             weight_map.update(dict.fromkeys(tensors, file))

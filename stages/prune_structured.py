@@ -5,11 +5,13 @@ projections, methods/structured/allocation.py decides what each block keeps, bia
 (methods/structured/bias.py) folds the removed channels' means into the biases, and the adapter
 slices the Linears for real (docs/methods/structured-pruning.md). Deviations from the reference are
 recorded in the stage metrics: the exact unbiased variance (the reference approximates it), and the
-allocation rules listed in methods/structured/allocation.py.
+allocation rules listed in methods/structured/allocation.py. On an offloaded model (``model.offload``)
+each block is read for its scores, then again to be sliced and staged with its new shapes, one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -59,6 +61,7 @@ class PruneStructured(Stage):
     type = "prune_structured"
     Args = stage_args(SCORES, PruneStructuredBase)
     changes_model = True
+    offloads = True
 
     @classmethod
     def needs_calibration(cls, args):
@@ -121,19 +124,20 @@ class PruneStructured(Stage):
         shapes_before = {b.index: (b.num_heads, b.num_kv_heads, b.intermediate_size) for b in blocks}
         if score.calibrates_sequentially():
             engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration,
-                                     getattr(torch, ctx.recipe.calibration.dtype), ctx.events)
+                                     getattr(torch, ctx.recipe.calibration.dtype), ctx.events, ctx.offload)
             targets = {b.index: {n: ctx.model.get_submodule(n) for n in (b.o, b.mlp_out)} for b in blocks}
 
-            def prune_now(block, stats):
-                plan = self._plan(ctx.model, [block], stats, self._hidden(ctx.model, block), len(blocks))[0]
+            def prune_now(block, stats):  # the engine holds the block (and stages it, when offloaded)
+                plan = self._plan(ctx, [block], stats, len(blocks), held=True)[0]
                 self._apply(ctx, plan, stats)
 
             engine.run(targets, score.kinds(), "sequential", on_block=prune_now)
             source = "sequential"
         else:
             stats = ctx.statistics.dense if score.kinds() else None
-            for plan in self._plan(ctx.model, blocks, stats, self._hidden(ctx.model, blocks[0]), len(blocks)):
-                self._apply(ctx, plan, stats)
+            for plan in self._plan(ctx, blocks, stats, len(blocks)):
+                with ctx.held(plan.block.prefix, write=True):  # read, sliced, staged with its new shapes
+                    self._apply(ctx, plan, stats)
             source = "dense, from the calibrate stage" if stats else "none (weights only)"
         after_blocks = [b for b in ctx.adapter.blocks(ctx.model) if b.index in shapes_before]
         after = self._prunable(ctx.model, after_blocks)
@@ -143,6 +147,19 @@ class PruneStructured(Stage):
                               time.perf_counter() - t0)
         result.metrics["plots"] = figures.kept_per_layer(folder, ctx.workdir, result.metrics["layers"])
         return result
+
+    def restore(self, ctx: RunContext, folder: Path, result: StageResult) -> None:
+        """An offloaded model's skeleton takes the shapes of the reused checkpoint it now reads (the stage
+        record's kept units); in memory the runner loads that checkpoint itself."""
+        if not ctx.offload:
+            return
+        layers = {layer["block"]: layer for layer in result.metrics["layers"]}
+        for b in ctx.adapter.blocks(ctx.model):
+            if b.index in layers:
+                kept = layers[b.index]
+                ctx.adapter.reshape_block(ctx.model, b, _shape(ctx.adapter.shape(ctx.model, b), b, kept["heads"],
+                                                               kept["kv_heads"], kept["mlp_channels"],
+                                                               self.args.bias_compensation))
 
     @staticmethod
     def _hidden(model, block: Block) -> int:
@@ -156,17 +173,19 @@ class PruneStructured(Stage):
             total += sum(model.get_submodule(n).weight.numel() for n in names)
         return total
 
-    def _plan(self, model: nn.Module, blocks: list[Block], stats: dict | None, hidden: int,
-              n_blocks: int) -> list[BlockPlan]:
-        """Score the output projections' input channels, then allocate (``n_blocks``: blocks pruned in all)."""
-        args, score = self.args, SCORES[self.args.method](self.args)
+    def _plan(self, ctx: RunContext, blocks: list[Block], stats: dict | None, n_blocks: int,
+              held: bool = False) -> list[BlockPlan]:
+        """Score the output projections' input channels, then allocate (``n_blocks``: blocks pruned in all).
+        An offloaded block is read for its scores unless ``held`` (the caller holds it); the scores are small."""
+        args, score, model = self.args, SCORES[self.args.method](self.args), ctx.model
         attn, mlp = {}, {}
         for b in blocks:
-            if args.attention:
-                attn[b.index] = score.attention(model.get_submodule(b.o).weight, _stats(stats, b.o))
-            if args.mlp:
-                mlp[b.index] = score.mlp(model.get_submodule(b.mlp_out).weight, _stats(stats, b.mlp_out))
-        return allocate(args, blocks, attn, mlp, hidden, n_blocks)
+            with contextlib.nullcontext() if held else ctx.held(b.prefix, write=False):
+                if args.attention:
+                    attn[b.index] = score.attention(model.get_submodule(b.o).weight, _stats(stats, b.o))
+                if args.mlp:
+                    mlp[b.index] = score.mlp(model.get_submodule(b.mlp_out).weight, _stats(stats, b.mlp_out))
+        return allocate(args, blocks, attn, mlp, self._hidden(model, blocks[0]), n_blocks)
 
     def _apply(self, ctx: RunContext, plan: BlockPlan, stats: dict | None) -> None:
         """Bias compensation from the unsliced weights, then the physical slice."""
@@ -222,7 +241,6 @@ def _probe(model: nn.Module, adapter, args, biases: bool) -> nn.Module:
     biases when ``biases``."""
     probe = copy.deepcopy(model)
     for b in adapter.blocks(probe):
-        shape = adapter.shape(probe, b)
         heads, kv, inter = b.num_heads, b.num_kv_heads, b.intermediate_size
         if args.attention and args.gqa == "per-group" and heads > kv:
             heads -= kv
@@ -230,9 +248,15 @@ def _probe(model: nn.Module, adapter, args, biases: bool) -> nn.Module:
             heads, kv = heads - heads // kv, kv - 1
         if args.mlp and inter > args.align:
             inter -= args.align
-        adapter.reshape_block(probe, b, BlockShape(heads, kv, inter, shape.o_bias or (biases and heads < b.num_heads),
-                                                   shape.mlp_out_bias or (biases and inter < b.intermediate_size)))
+        adapter.reshape_block(probe, b, _shape(adapter.shape(probe, b), b, heads, kv, inter, biases))
     return probe
+
+
+def _shape(before: BlockShape, b: Block, heads: int, kv: int, inter: int, biases: bool) -> BlockShape:
+    """Block ``b`` (of shape ``before``) pruned to these sizes; bias compensation (``biases``) gives an output
+    projection whose inputs lost units a bias."""
+    return BlockShape(heads, kv, inter, before.o_bias or (biases and heads < b.num_heads),
+                      before.mlp_out_bias or (biases and inter < b.intermediate_size))
 
 
 def _stats(stats: dict | None, name: str) -> Stats | None:

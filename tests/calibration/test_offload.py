@@ -1,5 +1,6 @@
 """model.offload: a tiny Llama in sharded safetensors runs block by block from disk and gives exactly what the
-in-memory run gives (statistics; Wanda, SparseGPT, AWQ, GPTQ and SmoothQuant weights; the saved checkpoint),
+in-memory run gives (statistics; Wanda, SparseGPT, AWQ, GPTQ and SmoothQuant weights; FLAP's and the -sp
+baselines' sliced blocks; the saved checkpoint),
 never holding more than one block; stages that need the whole model are refused in one line."""
 
 from __future__ import annotations
@@ -127,26 +128,100 @@ def test_smoothquant_equal_in_memory(sharded, tmp_path):
     assert not torch.equal(a["model.layers.0.input_layernorm.weight"], torch.ones(64))  # scales were folded
 
 
-def test_resume_reads_the_last_stage_snapshot(sharded, tmp_path, monkeypatch):
-    """A resumed offloaded run reads the reused stage's checkpoint, not the source: same result as one go."""
+def _resumed(sharded, tmp_path, monkeypatch, stages: list[dict], interrupted_cls) -> tuple:
+    """The offloaded run in one go, and again interrupted in its last stage (``interrupted_cls``) then resumed."""
     from core.errors import StageFailed
-    from stages.gptq import Gptq
 
-    recipe = write_recipe(tmp_path, text_recipe(sharded, "causal-lm", [{"type": "calibrate"}, WANDA_24, GPTQ_16],
-                                                model={"offload": True}))
+    recipe = write_recipe(tmp_path, text_recipe(sharded, "causal-lm", stages, model={"offload": True}))
     whole = run(recipe, output=tmp_path / "whole")
-    real = Gptq.run
 
     def interrupted(self, ctx, folder):
-        raise StageFailed("interrupted", field="stages[2]")
+        raise StageFailed("interrupted", field=f"stages[{len(stages) - 1}]")
 
-    monkeypatch.setattr(Gptq, "run", interrupted)
-    with pytest.raises(StageFailed):
-        run(recipe, output=tmp_path / "out")
-    monkeypatch.setattr(Gptq, "run", real)
+    with monkeypatch.context() as patch:
+        patch.setattr(interrupted_cls, "run", interrupted)
+        with pytest.raises(StageFailed):
+            run(recipe, output=tmp_path / "out")
     out = run(recipe, output=tmp_path / "out", resume=True)
-    m = json.loads((out / "manifest.json").read_text())
-    assert [s["status"] for s in m["stages"]] == ["resumed", "resumed", "ran"]
+    statuses = [s["status"] for s in json.loads((out / "manifest.json").read_text())["stages"]]
+    assert statuses == ["resumed"] * (len(stages) - 1) + ["ran"]
+    return whole, out
+
+
+def test_resume_reads_the_last_stage_snapshot(sharded, tmp_path, monkeypatch):
+    """A resumed offloaded run reads the reused stage's checkpoint, not the source: same result as one go."""
+    from stages.gptq import Gptq
+
+    whole, out = _resumed(sharded, tmp_path, monkeypatch, [{"type": "calibrate"}, WANDA_24, GPTQ_16], Gptq)
+    _assert_same(_weights(whole / "checkpoint"), _weights(out / "checkpoint"))
+
+
+FLAP = {"type": "prune_structured", "method": "flap", "ratio": 0.25, "align": 32}
+
+
+@pytest.mark.parametrize("prune", [
+    FLAP,  # per-layer widths: a checkpoint tasks.load_checkpoint rebuilds from edgeprune_structure
+    {**FLAP, "structure": "UL-UM", "plain_checkpoint": True},  # one width: plain transformers, zero q/k/v biases
+    {"type": "prune_structured", "method": "wanda-sp", "ratio": 0.25, "align": 32},  # sliced inside the sequential engine
+])
+def test_structured_prune_equals_in_memory(sharded, tmp_path, prune):
+    """Scores from each block read in turn, the allocation from all of them, then each block read, sliced
+    (with its bias compensation) and staged with its new shapes, one at a time; Wanda runs on the result."""
+    from transformers import AutoModelForCausalLM
+
+    stages = [{"type": "calibrate"}, prune, {"type": "calibrate"}, WANDA_24]
+    mem = _run(text_recipe(sharded, "causal-lm", stages), tmp_path, "mem")
+    off = _run(text_recipe(sharded, "causal-lm", stages, model={"offload": True}), tmp_path, "off")
+    metas = [json.loads((f / "checkpoint" / loading.CHECKPOINT_META).read_text()) for f in (mem, off)]
+    assert metas[1].pop("offloaded_dtype") == "float32" and metas[0] == metas[1]
+    _assert_same(_weights(mem / "checkpoint"), _weights(off / "checkpoint"))
+    layers = [json.loads((f / "manifest.json").read_text())["stages"][1]["metrics"]["layers"] for f in (mem, off)]
+    assert layers[0] == layers[1] and any(x["mlp_channels"] < 128 for x in layers[0])
+    if prune.get("plain_checkpoint"):
+        plain = AutoModelForCausalLM.from_pretrained(off / "checkpoint")
+        assert plain.config.intermediate_size == layers[0][0]["mlp_channels"] < 128
+        assert plain.model.layers[0].mlp.down_proj.bias is not None  # bias compensation, stated by the config
+    b = _weights(off / "checkpoint")
+    assert (b["model.layers.2.mlp.down_proj.weight"] == 0).float().mean() == 0.5
+
+
+def test_structured_prune_one_block_at_a_time(sharded, tmp_path):
+    """FLAP reads each block twice (scores, then the slice), never two at once; the skeleton takes the new shapes."""
+    from stages.context import RunContext
+
+    spec = ModelSpec(source=str(sharded), task="causal-lm")
+    model, tok = loading.load_model(spec, loading.resolve_source(spec), TASKS["causal-lm"])
+    off = _opened(sharded, tmp_path)
+    batches = TASKS["causal-lm"].calibration_batches(tok, CalibrationSpec(num_samples=6, seq_len=16, batch_size=3))
+    adapter = adapter_for("llama", "causal-lm")
+
+    def targets(m):
+        return {b.index: {n: m.get_submodule(n) for n in (b.o, b.mlp_out)} for b in adapter.blocks(m)}
+
+    stats = LayerwiseEngine(off.model, adapter, batches, offload=off).run(targets(off.model), {"mean_var"}, "dense")
+    recipe = parse_recipe(text_recipe(sharded, "causal-lm", [{"type": "calibrate"}, FLAP], model={"offload": True}))
+    from stages import REGISTRY
+
+    stage = REGISTRY["prune_structured"](recipe.stages[1])
+    ctx = RunContext(recipe=recipe, source=None, model=off.model, preprocessor=tok, adapter=adapter,
+                     workdir=tmp_path, cache=None, events=None, offload=off)
+    ctx.statistics.dense = stats
+    loads = off.loads
+    (tmp_path / "stage").mkdir()
+    result = stage.run(ctx, tmp_path / "stage")
+    assert (off.loads - loads, off.most_resident, off.resident) == (2 * LAYERS, 1, set())
+    assert all(p.is_meta for p in off.model.parameters()) and set(off.staged) == {f"model.layers.{i}" for i in range(3)}
+    for layer, block in zip(result.metrics["layers"], adapter.blocks(off.model)):
+        assert (block.num_heads, block.intermediate_size) == (layer["heads"], layer["mlp_channels"])
+        assert off.model.get_submodule(block.o).in_features == 16 * layer["heads"]
+
+
+def test_resume_after_a_structured_prune(sharded, tmp_path, monkeypatch):
+    """A resumed offloaded run reshapes its skeleton to the reused FLAP checkpoint before Wanda reads it."""
+    from stages.prune_weights import PruneWeights
+
+    stages = [{"type": "calibrate"}, FLAP, {"type": "calibrate"}, WANDA_24]
+    whole, out = _resumed(sharded, tmp_path, monkeypatch, stages, PruneWeights)
     _assert_same(_weights(whole / "checkpoint"), _weights(out / "checkpoint"))
 
 
@@ -155,8 +230,8 @@ def test_resume_reads_the_last_stage_snapshot(sharded, tmp_path, monkeypatch):
      "stage 'export' needs the whole model in memory and cannot run with model.offload (offloaded runs take: "),
     ([{"type": "calibrate"}, {"type": "prune_weights", "method": "gblm", "pattern": "2:4"}], "stages[1].method",
      "gblm backpropagates through the whole model, which model.offload keeps on disk"),
-    ([{"type": "calibrate"}, {"type": "prune_structured", "method": "flap", "ratio": 0.25}], "stages[1]",
-     "stage 'prune_structured' needs the whole model in memory"),
+    ([{"type": "calibrate"}, FLAP, {"type": "distill"}], "stages[2]",
+     "stage 'distill' needs the whole model in memory"),
 ])
 def test_refused_under_offload(sharded, stages, field, words):
     from pipeline.runner import plan

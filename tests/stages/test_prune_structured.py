@@ -71,8 +71,9 @@ def test_sliced_model_equals_masked_dense_model(kind, gqa, bert_dir, llama_dir):
         {b.index: {n: model.get_submodule(n) for n in b.linears} for b in blocks}, {"mean_var"}, "dense")
     masked = copy.deepcopy(model)
     stage = PruneStructured(_args(structure="UL-UM", align=8, gqa=gqa, min_heads=1))
+    ctx = SimpleNamespace(model=model, adapter=adapter)  # in memory: every block is held
     with torch.no_grad():
-        plans = stage._plan(model, blocks, stats, model.get_submodule(blocks[0].o).out_features, len(blocks))
+        plans = stage._plan(ctx, blocks, stats, len(blocks), held=True)
         removed_any = False
         for p in plans:
             b = p.block
@@ -86,7 +87,7 @@ def test_sliced_model_equals_masked_dense_model(kind, gqa, bert_dir, llama_dir):
                 if lin.bias is None:
                     lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features))
                 lin.bias += comp
-            stage._apply(SimpleNamespace(model=model, adapter=adapter), p, stats)
+            stage._apply(ctx, p, stats)
     assert removed_any
     sliced = adapter.blocks(model)
     if gqa == "per-group":
