@@ -1,15 +1,16 @@
 """Statistics at the inputs of Linear layers, and per-weight gradient magnitudes.
 
-Everything is upcast to fp32 before squaring and accumulated in fp64 (LLaMA down_proj inputs reach
-1e3-1e4, whose squares overflow fp16), and padding positions are excluded from sums and counts. The
-sums stay fp64 (two processes' sums equal one's to 1e-12); methods read the Hessian in fp32 (`Stats.hessian`).
+Everything is upcast to fp32 before squaring (LLaMA down_proj inputs reach 1e3-1e4, whose squares
+overflow fp16), and padding positions are excluded from sums and counts. Per-channel sums accumulate in
+fp64; X^T X in fp32, as in the GPTQ and SparseGPT references: it is C_in^2 values (256 MiB at a 3B
+model's 8192-wide down_proj input, 512 in fp64) and the methods that read it run in fp32.
 
 Kinds (what a stage can ask the calibrate stage for):
 - ``sq_norm``  S1: sum over tokens of x_j^2 per input channel (Wanda, GBLM, Wanda-sp, FLAP WIFN)
 - ``mean_var`` S2: per-channel mean and unbiased variance (FLAP IFV/WIFV, bias compensation)
 - ``abs_max``  per-channel max |x_j| (SmoothQuant)
 - ``hessian``  sum over tokens of x x^T, [C_in, C_in] (SparseGPT; the layer-wise Hessian is 2 X^T X).
-  C_in^2 fp64 values per input: Linears fed the same tensor (q/k/v, gate/up) share one.
+  C_in^2 fp32 values per input: Linears fed the same tensor (q/k/v, gate/up) share one.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ _SUMS = {"sq_norm": ("sum_sq",), "mean_var": ("sum_sq", "sum"), "abs_max": ("abs
 
 def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str],
               sums: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Per-channel sums of one input batch, added in place to ``sums`` (new zeros when None): fp32
-    values, fp64 accumulation, padding excluded. Returns the sums.
+    """Per-channel sums of one input batch, added in place to ``sums`` (new zeros when None), padding
+    excluded. Returns the sums.
 
     The tokens are upcast _UPCAST values (16 MiB) at a time and the Hessian summed in place, so the
     temporaries stay at a few MiB: an 8192-wide MLP input of 2048 tokens upcast whole was 64 MiB in
@@ -38,14 +39,15 @@ def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str],
     c = x.shape[-1]
     sums = {} if sums is None else sums
     for key in sorted({key for kind in kinds for key in _SUMS[kind]} - sums.keys()):
-        sums[key] = torch.zeros((c, c) if key == "xtx" else (c,), dtype=torch.float64, device=x.device)
+        dtype = torch.float32 if key == "xtx" else torch.float64
+        sums[key] = torch.zeros((c, c) if key == "xtx" else (c,), dtype=dtype, device=x.device)
     for rows in row_slices(x, _UPCAST):
         _accumulate(sums, x[rows].float())  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 overflow
     return sums
 
 
 def _accumulate(sums: dict, x: torch.Tensor) -> None:
-    """Add one fp32 chunk of tokens [T, C] to the fp64 ``sums``."""
+    """Add one fp32 chunk of tokens [T, C] to ``sums``."""
     if "sum_sq" in sums:
         sums["sum_sq"] += (x * x).sum(0, dtype=torch.float64)
     if "sum" in sums:
@@ -53,8 +55,7 @@ def _accumulate(sums: dict, x: torch.Tensor) -> None:
     if "abs_max" in sums and x.shape[0]:
         torch.maximum(sums["abs_max"], x.abs().amax(0).double(), out=sums["abs_max"])
     if "xtx" in sums:
-        xd = x.double()
-        sums["xtx"].addmm_(xd.T, xd)
+        sums["xtx"].addmm_(x.T, x)
 
 
 class InputStats:
@@ -113,17 +114,10 @@ class Stats:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / tokens in fp32: the Hessian of the layer's squared output error in its weights,
-        averaged over tokens so its scale does not grow with the calibration set.
-
-        fp32 as in the GPTQ and SparseGPT references: the methods' factor and column walk run in fp32,
-        and an fp64 H is twice the memory (512 MiB at K = 8192, a 3B model's down_proj). Converted a
-        slice of rows at a time, so no fp64 K x K temporary is made beside the sums."""
-        xtx = self.t["xtx"]
-        h = torch.empty(xtx.shape, dtype=torch.float32, device=xtx.device)
-        for rows in row_slices(xtx, _UPCAST):
-            torch.mul(xtx[rows], 2 / max(self.tokens, 1), out=h[rows])
-        return h
+        """H = 2 X^T X / tokens (fp32): the Hessian of the layer's squared output error in its weights,
+        averaged over tokens so its scale does not grow with the calibration set. A new tensor: the
+        sums may be shared (q/k/v) or cached."""
+        return self.t["xtx"] * (2 / max(self.tokens, 1))
 
 
 class _StopForward(Exception):

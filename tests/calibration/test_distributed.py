@@ -94,8 +94,9 @@ def test_reduced_statistics_equal_one_process(tmp_path):
     assert two[0].keys() == one.keys() and len(one) == 14  # 7 Linears per block
     for name, fields in one.items():
         for key, t in fields.items():
+            tol = 1e-5 if key == "xtx" else 1e-12  # X^T X is summed in fp32 (the references' precision)
             for rank in range(2):  # every rank holds the whole set's statistics
-                torch.testing.assert_close(two[rank][name][key], t, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(two[rank][name][key], t, rtol=tol, atol=tol)
         a, b = Stats(two[0][name]), Stats(fields)
         assert a.tokens == b.tokens == sum(SIZES) * 12 - 4 * 5 and a.sequences == sum(SIZES)
         assert torch.equal(a.abs_max, b.abs_max)  # SmoothQuant: a maximum is exact
