@@ -100,8 +100,9 @@ def test_reduced_statistics_equal_one_process(tmp_path):
         a, b = Stats(two[0][name]), Stats(fields)
         assert a.tokens == b.tokens == sum(SIZES) * 12 - 4 * 5 and a.sequences == sum(SIZES)
         assert torch.equal(a.abs_max, b.abs_max)  # SmoothQuant: a maximum is exact
-        for derived in ("sq_norm", "mean", "var", "hessian"):  # Wanda, FLAP fluctuation, SparseGPT
+        for derived in ("sq_norm", "mean", "var"):  # Wanda, FLAP fluctuation
             torch.testing.assert_close(getattr(a, derived), getattr(b, derived), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(a.hessian, b.hessian, rtol=1e-5, atol=1e-5)  # SparseGPT, GPTQ: fp32 sums
     assert one["model.layers.0.self_attn.q_proj"]["xtx"] is one["model.layers.0.self_attn.k_proj"]["xtx"]
     assert two[0]["model.layers.0.self_attn.q_proj"]["xtx"].shape == (32, 32)
 
