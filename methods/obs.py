@@ -13,32 +13,31 @@ from core.memory import row_slices
 
 
 def usable_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """H with the inputs the calibration data never excited (diag 0) set to 1, so it inverts, and
-    those inputs (their weights are zeroed: nothing measured says what they do)."""
+    """H with the inputs the calibration data never excited (diag 0) set to 1 in place, so it inverts,
+    and those inputs (their weights are zeroed: nothing measured says what they do)."""
     if hessian.shape != (weight.shape[1],) * 2:
         raise ValueError(f"Hessian {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}")
     dead = hessian.diagonal() == 0
-    if dead.any():  # a copy only then: a 3B model's down_proj Hessian is 256 MiB
-        hessian = hessian.clone()
-        hessian[dead, dead] = 1
+    hessian[dead, dead] = 1
     return hessian, dead
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """U, upper triangular with U^T U = (H + lambda I)^-1, lambda = dampening * mean(diag H), in H's dtype.
+    """U, upper triangular with U^T U = (H + lambda I)^-1, lambda = dampening * mean(diag H), in H's dtype,
+    computed in H's memory: H (contiguous) is consumed.
 
     Row i of U is the OBS update of the columns > i when column i is fixed, given columns < i are
     already fixed: the whole sequential solve in one Cholesky factor (docs/methods/weight-pruning.md §10.2).
 
     Computed without forming the inverse: with J the reversal, J chol(J H J) J = M is upper and H = M M^T,
     so U = M^-1 (upper, positive diagonal: the unique factor). One Cholesky and one triangular inverse
-    instead of Cholesky, inverse and a second Cholesky: 1.7x less time at K = 2048. Memory beside H: one
-    K x K matrix (256 MiB at K = 8192, a 3B model's down_proj, in fp32), factored, reversed and inverted
-    in place; U comes back as a transposed view of it. The Cholesky writes into a column-major view:
-    LAPACK's own layout, so torch makes no second copy (it does for a row-major one).
+    instead of Cholesky, inverse and a second Cholesky: 1.7x less time at K = 2048. No K x K matrix
+    beside H (256 MiB at K = 8192, a 3B model's down_proj, in fp32): H is reversed, damped, factored,
+    reversed and inverted in place, and U comes back as a transposed view of it. The Cholesky writes into
+    a column-major view: LAPACK's own layout, so torch makes no copy (it does for a row-major one).
     """
-    m = hessian.flip(0, 1)  # a copy, damped in place (its diagonal is H's, reversed)
-    m.diagonal().add_(dampening * hessian.diagonal().mean())
+    m = _reverse_(hessian)
+    m.diagonal().add_(dampening * m.diagonal().mean())  # the reversed diagonal: the same mean
     torch.linalg.cholesky(m.mT, out=m.mT)  # m.mT = L, lower, with L L^T = J H J (symmetric: m.mT is m)
     return invert_upper_(_reverse_(m).mT)  # (J L^T J)^T = J L J = M
 
@@ -77,7 +76,7 @@ def invert_upper_(upper: torch.Tensor, columns: int = 1024) -> torch.Tensor:
 
 def fp32_factor(hessian: torch.Tensor, dampening: float, name: str = "layer") -> torch.Tensor:
     """The factor in fp32 for the column loop (the references' precision; H comes in fp32 from
-    `Stats.hessian`), entries below fp32's normal range set to 0: far from the diagonal they decay
+    `Stats.hessian` and is consumed), entries below fp32's normal range set to 0: far from the diagonal they decay
     into denormals, which make every CPU update 5x slower.
 
     A damped H without a Cholesky factor is an error naming ``name``: falling back to an identity

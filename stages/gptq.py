@@ -38,13 +38,11 @@ SCALES = "scales.safetensors"
 ERROR_ROWS = 512  # output rows the error table is measured on
 
 
-def _errors(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor, grid: Grid) -> tuple[float, float]:
-    """Round-to-nearest's and GPTQ's output error, on at most ERROR_ROWS evenly spaced output rows (rows
-    are independent in both): the whole trace is 2 N K^2 flops per error, four times GPTQ's own work
-    (9 s at a 3B model's down_proj, 1 thread), for a diagnostic the sample estimates."""
-    rows = torch.linspace(0, weight.shape[0] - 1, min(ERROR_ROWS, weight.shape[0])).round().long().unique()
-    w = weight[rows]
-    return output_error(w, grid.nearest(w), hessian), output_error(w, new[rows], hessian)
+def sample_rows(n: int) -> torch.Tensor:
+    """At most ERROR_ROWS evenly spaced output rows: round-to-nearest's error over all rows is 2 N K^2
+    flops, four times GPTQ's own work (9 s at a 3B model's down_proj, 1 thread), for a diagnostic a
+    sample estimates (rows are independent; GPTQ's own per-row errors come free from its walk)."""
+    return torch.linspace(0, n - 1, min(ERROR_ROWS, n)).round().long().unique()
 
 
 class GptqArgs(StageArgs):
@@ -121,12 +119,16 @@ class Gptq(Stage):
             for name in list(stats):  # popped: a Hessian is freed once the last Linear sharing it is rounded
                 weight = ctx.model.get_submodule(name).weight
                 hessian = Stats(stats.pop(name)).hessian
-                try:
+                picked = sample_rows(weight.shape[0])
+                sample = weight.data[picked]
+                rtn = output_error(sample, Grid(args.bits, args.group_size).nearest(sample), hessian)
+                try:  # consumes the Hessian: its memory becomes the factor
                     r = gptq(weight.data, hessian, args.bits, args.group_size, args.dampening, args.act_order,
                              args.blocksize, name)
                 except ValueError as e:
                     raise StageFailed(str(e), field=f"{where}.dampening") from e
-                rtn, loss = _errors(weight.data, r.weight, hessian, Grid(args.bits, args.group_size))
+                del hessian  # the factor's memory, freed before the next Linear's
+                loss = float(r.row_error[picked].sum())
                 weight.data.copy_(r.weight)
                 scales[name] = r.scales.cpu()  # the quantize stage writes them into the CPU-side graph
                 rows.append([name, "x".join(map(str, weight.shape)), f"{rtn:.4g}", f"{loss:.4g}",

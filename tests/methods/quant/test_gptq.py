@@ -64,7 +64,7 @@ def test_a_diagonal_hessian_gives_round_to_nearest(bits, group, act_order):
     """With uncorrelated inputs no column can compensate another: GPTQ is plain rounding."""
     w = _weight(0, 5, 16) * 3
     h = torch.diag(torch.rand(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1)
-    out = gptq(w, h, bits, group, act_order=act_order, blocksize=12 if group == 6 else 8)
+    out = gptq(w, h.clone(), bits, group, act_order=act_order, blocksize=12 if group == 6 else 8)
     grid = Grid(bits, group)
     assert torch.equal(out.weight, grid.nearest(w)) and torch.equal(out.scales, grid.scales(w))
 
@@ -76,7 +76,7 @@ def test_blocked_cholesky_walk_equals_the_unblocked_obs_reference(shape, group, 
     n, k = shape
     w, h = _weight(2, n, k), _hessian(_inputs(3, k))
     grid = Grid(4, group)
-    out = gptq(w, h, 4, group, blocksize=blocksize)
+    out = gptq(w, h.clone(), 4, group, blocksize=blocksize)
     ref = _obs_reference(w, h, grid, static_scales=grid.scales(w) if group is None else None)
     torch.testing.assert_close(out.weight.double(), ref, rtol=0, atol=1e-5)
     assert not torch.equal(out.weight, grid.nearest(w))  # the compensation changed some rounding
@@ -86,7 +86,7 @@ def test_act_order_walks_by_decreasing_hessian_diagonal_with_contiguous_static_g
     w, x = _weight(4, 4, 12), _inputs(5, 12)
     h = _hessian(x)
     grid = Grid(4, 4)
-    out = gptq(w, h, 4, 4, act_order=True, blocksize=5)  # any block size: the groups are fixed up front
+    out = gptq(w, h.clone(), 4, 4, act_order=True, blocksize=5)  # any block size: the groups are fixed up front
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
     assert not torch.equal(order, torch.arange(12))
     ref = _obs_reference(w, h, grid, order=order, static_scales=grid.scales(w))
@@ -99,7 +99,7 @@ def test_act_order_walks_by_decreasing_hessian_diagonal_with_contiguous_static_g
 def test_weights_lie_exactly_on_the_returned_grid_and_the_formats_store_them(bits, group, act_order):
     """w / scale is an integer in range; the export's numpy grid, given the scales, stores q * scale."""
     w, h = _weight(6, 8, 40) * 2, _hessian(_inputs(7, 40))
-    out = gptq(w, h, bits, group, act_order=act_order, blocksize=48 if group == 24 else 16)
+    out = gptq(w, h.clone(), bits, group, act_order=act_order, blocksize=48 if group == 24 else 16)
     grid = Grid(bits, group)
     ratio = out.weight / grid.per_column(out.scales, 40)
     assert (ratio - ratio.round()).abs().max() < 1e-5
@@ -128,13 +128,26 @@ def test_layer_output_error_below_round_to_nearest(seed, bits, group):
     x, w = _inputs(10 + seed, 64, tokens=512), _weight(20 + seed, 32, 64)
     h = _hessian(x)
     for act_order in (False, True):
-        out = gptq(w, h, bits, group, act_order=act_order, blocksize=32)
+        out = gptq(w, h.clone(), bits, group, act_order=act_order, blocksize=32)
         rtn = Grid(bits, group).nearest(w)
         gptq_err, rtn_err = (x @ (w - out.weight).T).norm(), (x @ (w - rtn).T).norm()
         assert gptq_err < 0.9 * rtn_err, (act_order, gptq_err, rtn_err)
         loss = output_error(w, out.weight, h)
         assert loss == pytest.approx(float(gptq_err.double() ** 2 / 512), rel=1e-4)  # mean ||(W - Q) x||^2
         assert loss < output_error(w, rtn, h)
+        rows = [output_error(w[r:r + 1], out.weight[r:r + 1], h) for r in range(32)]  # the walk's own errors
+        torch.testing.assert_close(out.row_error, torch.tensor(rows, dtype=torch.float64), rtol=1e-3, atol=1e-7)
+
+
+def test_the_hessian_is_consumed_and_dead_inputs_count_no_error():
+    """H's memory becomes the factor (no second K x K matrix); a dead input's weight is zeroed at no error."""
+    x = _inputs(60, 16)
+    x[:, 3] = 0
+    w, h = _weight(61, 4, 16), _hessian(x)
+    given = h.clone()
+    out = gptq(w, given, 4, 8, blocksize=8)
+    assert not torch.equal(given, h)  # overwritten in place
+    torch.testing.assert_close(out.row_error.sum().item(), output_error(w, out.weight, h), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -155,11 +168,11 @@ def test_pruned_zeros_stay_zero_and_dead_inputs_are_zeroed(act_order):
 def test_errors():
     w, h = _weight(40, 3, 8), _hessian(_inputs(41, 8))
     with pytest.raises(ValueError, match="blocksize 12 must be a multiple of group_size 8"):
-        gptq(w, h, 4, 8, blocksize=12)
-    gptq(w, h, 4, 8, blocksize=12, act_order=True)  # static groups: any block size
+        gptq(w, h.clone(), 4, 8, blocksize=12)
+    gptq(w, h.clone(), 4, 8, blocksize=12, act_order=True)  # static groups: any block size
     with pytest.raises(ValueError, match="bits 3: the formats store 4 or 8"):
-        gptq(w, h, 3, 8)
+        gptq(w, h.clone(), 3, 8)
     with pytest.raises(ValueError, match=r"Hessian \(8, 8\) does not match weight \(3, 4\)"):
-        gptq(w[:, :4], h, 4, 4)
+        gptq(w[:, :4], h.clone(), 4, 4)
     with pytest.raises(ValueError, match="q_proj: the damped Hessian is not positive definite"):
         gptq(w, -h, 4, 8, name="q_proj")
