@@ -119,6 +119,11 @@ class Stats:
         sums may be shared (q/k/v) or cached."""
         return self.t["xtx"] * (2 / max(self.tokens, 1))
 
+    def hessian_(self) -> torch.Tensor:
+        """`hessian` in the sums' own memory, which it consumes: for the holder of their last reference
+        (GPTQ's popped statistics), so no second K x K matrix is made (256 MiB at K = 8192)."""
+        return self.t["xtx"].mul_(2 / max(self.tokens, 1))
+
 
 class _StopForward(Exception):
     """Raised by a hook once the last statistic of a layer is in: the rest of the forward is waste."""

@@ -118,7 +118,10 @@ class Gptq(Stage):
         def on_block(block, stats: dict[str, dict[str, torch.Tensor]]) -> None:
             for name in list(stats):  # popped: a Hessian is freed once the last Linear sharing it is rounded
                 weight = ctx.model.get_submodule(name).weight
-                hessian = Stats(stats.pop(name)).hessian
+                entry = Stats(stats.pop(name))
+                shared = any(other["xtx"] is entry.t["xtx"] for other in stats.values())  # q/k/v, gate/up
+                hessian = entry.hessian if shared else entry.hessian_()
+                del entry
                 picked = sample_rows(weight.shape[0])
                 sample = weight.data[picked]
                 rtn = output_error(sample, Grid(args.bits, args.group_size).nearest(sample), hessian)
@@ -133,6 +136,7 @@ class Gptq(Stage):
                 scales[name] = r.scales.cpu()  # the quantize stage writes them into the CPU-side graph
                 rows.append([name, "x".join(map(str, weight.shape)), f"{rtn:.4g}", f"{loss:.4g}",
                              round(loss / rtn, 4) if rtn else 1.0])
+                del r  # its fp32 weight, before the next Linear's work
 
         engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, ctx.recipe.calibration.dtype),
                                  ctx.events, ctx.offload)

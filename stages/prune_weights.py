@@ -113,9 +113,12 @@ class PruneWeights(Stage):
                     prune(names)
 
     def _sequential(self, ctx: RunContext, chosen: dict[str, nn.Module], criterion: Criterion, prune) -> dict:
-        """Wanda's protocol: statistics of block l see blocks < l already pruned; cached on disk."""
+        """Wanda's protocol: statistics of block l see blocks < l already pruned; cached on disk, except an
+        offloaded model's Hessians (SparseGPT): the whole model's are ~10 GB at 3B, so each block's are
+        dropped once it is pruned."""
         key = self._sequential_key(ctx, chosen, criterion)
-        cached = ctx.cache.load(key)
+        held = not (ctx.offload and "hessian" in criterion.activations)
+        cached = ctx.cache.load(key) if held else None
         if cached is not None:
             self._each_block(ctx, chosen, lambda names: prune(names, cached))
             return {"statistics": "sequential", "cache": "hit"}
@@ -127,9 +130,12 @@ class PruneWeights(Stage):
         spec = ctx.recipe.calibration
         engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events,
                                  ctx.offload)
-        stats = engine.run(by_block, set(criterion.activations), "sequential", on_block=lambda block, s: prune(s, s))
-        ctx.cache.save(key, stats)
-        return {"statistics": "sequential", "cache": "miss", "compute_dtype": spec.dtype}
+        stats = engine.run(by_block, set(criterion.activations), "sequential", on_block=lambda block, s: prune(s, s),
+                           keep=held)
+        if held:
+            ctx.cache.save(key, stats)
+        return {"statistics": "sequential", "cache": "miss" if held else "off (offloaded Hessians)",
+                "compute_dtype": spec.dtype}
 
     def _sequential_key(self, ctx: RunContext, chosen: dict[str, nn.Module], criterion: Criterion) -> str:
         """Everything the sequential statistics depend on: the dense model and data, and every

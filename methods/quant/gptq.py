@@ -36,6 +36,7 @@ from ..obs import fp32_factor, usable_hessian
 from .grid import Grid
 
 _SLICE = 2**20  # weights per slice of rows in output_error
+_ROWS = 2**23  # weights per slice of rows GPTQ walks at once (32 MiB in fp32)
 
 
 @dataclass(frozen=True)
@@ -63,43 +64,59 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     per row) by GPTQ on ``hessian`` [K, K], which is consumed: its memory becomes the inverse factor
     (256 MiB at a 3B model's down_proj, not a second matrix beside it). ``name`` labels errors.
 
-    Each fixed column raises the damped objective 1/2 (W - W0)(H + lambda I)(W - W0)^T by exactly
-    errors^2 / 2 (OBS, summed over the walk), so every row's output error comes out of the walk with
-    the damping's share taken off: no N K^2 product after it."""
+    Rows are independent given the factor, so they are walked _ROWS weights at a time: the fp32
+    working copies are slices, not three Linear-sized matrices. Each fixed column raises the damped
+    objective 1/2 (W - W0)(H + lambda I)(W - W0)^T by exactly errors^2 / 2 (OBS, summed over the walk),
+    so every row's output error comes out of the walk with the damping's share taken off: no N K^2
+    product after it."""
     grid = Grid(bits, group_size)
-    static = act_order or group_size is None
-    if not static and blocksize % group_size:
+    if not (act_order or group_size is None) and blocksize % group_size:
         raise ValueError(f"blocksize {blocksize} must be a multiple of group_size {group_size} (or set act_order), "
                          "so a group's scale is taken from weights its block has fully updated")
     h, dead = usable_hessian(hessian, weight)
     lam = dampening * float(h.diagonal().mean())
-    w = weight.to(torch.float32, copy=True)
-    w[:, dead] = 0
-    n, k = w.shape
-    scales = grid.scales(w) if static else w.new_zeros(n, grid.groups(k))
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k, device=h.device)
-    if act_order:
-        w, h = w[:, order], h[order][:, order]
-    zero = w == 0
-    group_of = order // grid.width(k)  # group (original columns) of each column in walk order
-    u = fp32_factor(h, dampening, name)
+    n, k = weight.shape
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    u = fp32_factor(h[order][:, order] if order is not None else h, dampening, name)
     del h
-    q, walked = torch.zeros_like(w), torch.zeros(n, dtype=torch.float64, device=w.device)
+    new = torch.empty(n, k, dtype=torch.float32, device=weight.device)
+    scales = torch.empty(n, grid.groups(k), dtype=torch.float32, device=weight.device)
+    walked = torch.empty(n, dtype=torch.float64, device=weight.device)
+    for rows in row_slices(weight, _ROWS):
+        w = weight[rows].to(torch.float32, copy=True)
+        w[:, dead] = 0
+        new[rows], scales[rows], walked[rows] = _walk(w, u, grid, order, blocksize)
+    return GptqResult(new, scales, 0.5 * walked - 0.5 * lam * _sq_change(weight, new, dead))
+
+
+def _walk(w: torch.Tensor, u: torch.Tensor, grid: Grid, order: torch.Tensor | None,
+          blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's column walk over rows ``w`` [R, K] (fp32, changed in place), in ``order`` (act_order) or
+    as they come: their rounded weights in the original order, scales, and sum of squared errors."""
+    k = w.shape[1]
+    static = order is not None or grid.group_size is None
+    scales = grid.scales(w) if static else w.new_zeros(w.shape[0], grid.groups(k))
+    walk = order if order is not None else torch.arange(k, device=w.device)
+    if order is not None:
+        w = w[:, order]
+    zero = w == 0  # pruned weights stay zero
+    group_of = walk // grid.width(k)  # group (original columns) of each column in walk order
+    q = torch.zeros_like(w)
+    walked = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for start in range(0, k, blocksize):
         end = min(start + blocksize, k)
         block = w[:, start:end].clone()  # contiguous: the column loop runs on it
         errors = torch.zeros_like(block)
         for i, col in enumerate(range(start, end)):
-            if not static and col % group_size == 0:
-                first = block[:, i:i + group_size].masked_fill(zero[:, col:col + group_size], 0)
+            if not static and col % grid.width(k) == 0:
+                first = block[:, i:i + grid.width(k)].masked_fill(zero[:, col:col + grid.width(k)], 0)
                 scales[:, group_of[col]] = grid.scales(first)[:, 0]
             q[:, col] = grid.round(block[:, i], scales[:, group_of[col]]).masked_fill(zero[:, col], 0)
             errors[:, i] = (block[:, i] - q[:, col]) / u[col, col]
             block[:, i:].addr_(errors[:, i], u[col, col:end], alpha=-1)  # later columns compensate
         walked += (errors * errors).sum(1, dtype=torch.float64)
         w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)  # the block's errors, spread to the columns after it
-    new = q[:, torch.argsort(order)] if act_order else q
-    return GptqResult(new, scales, 0.5 * walked - 0.5 * lam * _sq_change(weight, new, dead))
+    return (q[:, torch.argsort(order)] if order is not None else q), scales, walked
 
 
 def _sq_change(weight: torch.Tensor, new: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,10 @@ def test_hessian_is_the_sum_of_outer_products_over_real_tokens():
     torch.testing.assert_close(s.tensors()["xtx"], (real.T @ real).float())  # fp32, as the references
     torch.testing.assert_close(stats.hessian, (2 * real.T @ real / 8).float())
     assert stats.hessian.dtype == torch.float32 and "sum_sq" not in s.tensors()
+    expected = stats.hessian
+    taken = stats.hessian_()  # the last holder's: in the sums' own memory
+    torch.testing.assert_close(taken, expected)
+    assert taken.data_ptr() == s.tensors()["xtx"].data_ptr()
 
 
 def test_statistics_upcast_a_slice_of_tokens_at_a_time_equal_one_slice(monkeypatch):

@@ -100,6 +100,8 @@ def test_pruned_weights_equal_in_memory(sharded, tmp_path, method):
     assert manifests[0]["stages"][1]["metrics"]["achieved_sparsity"] == 0.5
     assert [m["model"]["nonzero_params_after"] for m in manifests] == [manifests[0]["model"]["nonzero_params_after"]] * 2
     assert manifests[1]["stages"][1]["memory"]["peak_rss_mib"] > 0
+    cache = {"wanda": "miss", "sparsegpt": "off (offloaded Hessians)"}[method]  # a 3B model's are ~10 GB
+    assert [m["stages"][1]["metrics"]["cache"] for m in manifests] == ["miss", cache]
     assert not (off / "offload").exists()  # the staging folder goes once the checkpoint holds every block
     index = json.loads((off / "checkpoint" / INDEX).read_text())["weight_map"]
     assert index["model.layers.1.self_attn.q_proj.weight"] == "model.layers.1.safetensors"

@@ -176,3 +176,14 @@ def test_errors():
         gptq(w[:, :4], h.clone(), 4, 4)
     with pytest.raises(ValueError, match="q_proj: the damped Hessian is not positive definite"):
         gptq(w, -h, 4, 8, name="q_proj")
+
+
+@pytest.mark.parametrize("group, act_order", [(8, False), (8, True), (None, False)])
+def test_slices_of_rows_walk_as_the_whole_matrix(monkeypatch, group, act_order):
+    """Rows are independent given the factor: walking 3 rows at a time gives the one-slice result."""
+    w, h = _weight(70, 10, 32), _hessian(_inputs(71, 32))
+    whole = gptq(w, h.clone(), 4, group, act_order=act_order, blocksize=16)
+    monkeypatch.setattr(gptq_module, "_ROWS", 3 * 32)
+    sliced = gptq(w, h.clone(), 4, group, act_order=act_order, blocksize=16)
+    for a, b in zip((whole.weight, whole.scales, whole.row_error), (sliced.weight, sliced.scales, sliced.row_error)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
