@@ -30,8 +30,10 @@ ALIGN = 4096  # each tensor starts on a page: ONNX Runtime can map the file inst
 
 def export(module: nn.Module, weights: Offloaded, example: tuple[torch.Tensor, ...], path: Path,
            opset: int) -> onnx.ModelProto:
-    """``module`` (a task model over ``weights.model``) as ``path`` and ``path``.data, at ``example``'s shapes."""
-    module.eval()
+    """``module`` (a task model over ``weights.model``) as ``path`` and ``path``.data, at ``example``'s shapes.
+    In float32, as the in-memory export (a model loads in float32): the skeleton is cast, whatever dtype
+    its config names (its meta tensors change in place, so a tied head stays tied)."""
+    module.float().eval()
     with torch.no_grad(), onnx_export.quiet():
         program = torch.onnx.export(module, example, None, opset_version=opset, dynamo=True, optimize=False,
                                     verbose=False)

@@ -30,7 +30,8 @@ STAGES = [{"type": "calibrate"}, {"type": "prune_weights", "method": "wanda", "p
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def sharded(request, tmp_path_factory):
-    """Three blocks in many shard files; the head untied, or tied to the embeddings (the files hold it once)."""
+    """Three blocks in many shard files; the head untied, or tied to the embeddings (the files hold it once)
+    and the weights in bfloat16."""
     folder = tmp_path_factory.mktemp("sharded-llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
@@ -40,6 +41,8 @@ def sharded(request, tmp_path_factory):
     with torch.no_grad():  # norms away from their all-ones start, so no two weights are equal
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    if request.param:  # saved in bfloat16: the export is float32 whatever the files hold, as in memory
+        model.to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="300KB")
     _tokenizer_into(folder)
     return folder
