@@ -21,6 +21,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from core.errors import StageFailed
 from core.memory import row_slices
 from models.offload import Offloaded
 
@@ -72,7 +73,8 @@ def _lift(graph: ir.Graph, names: dict[int, str]) -> dict[str, str]:
         raw = getattr(value.const_value, "raw", None)
         if isinstance(raw, torch.Tensor) and raw.is_meta:
             if id(raw) not in names:
-                raise ValueError(f"initializer {name} is no tensor of the weight files")
+                raise StageFailed(f"the graph's weight {name} is in none of the model's safetensors files",
+                                  field="export")
             sources[name] = names[id(raw)]
             graph.initializers.pop(name)
             value.const_value = None
@@ -110,7 +112,8 @@ def _write(graph: ir.Graph, entries: dict[str, tuple[ir.Value, str, bool]], weig
         wanted.setdefault(source, []).append((value, transposed))
     with data.open("wb") as f:
         for _, group in weights.tensors():
-            for source, tensor in group.items():
+            for source in list(group):
+                tensor = group.pop(source)  # gone once written: not held while the next group is read
                 for value, transposed in wanted.pop(source, []):
                     f.seek(-f.tell() % ALIGN, 1)
                     offset = f.tell()
@@ -118,8 +121,9 @@ def _write(graph: ir.Graph, entries: dict[str, tuple[ir.Value, str, bool]], weig
                     value.const_value = ir.ExternalTensor(data.name, offset, length, value.dtype,
                                                           shape=value.shape, name=value.name, base_dir=data.parent)
                     graph.register_initializer(value)
+                del tensor
     if wanted:
-        raise ValueError(f"the weight files lack {', '.join(sorted(wanted))}")
+        raise StageFailed(f"the model's safetensors files lack {', '.join(sorted(wanted))}", field="export")
 
 
 def _write_tensor(f, tensor: torch.Tensor) -> int:
