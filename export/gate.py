@@ -60,17 +60,19 @@ def check_fidelity(task: Task, rows: list, field: str) -> dict:
     return {**metrics, "bounds": {k: f"{kind} {bound:g}" for k, (kind, bound) in task.quantized_bounds.items()}}
 
 
-def check_sparsity(model: onnx.ModelProto, sparsity: Mapping[str, LayerSparsity], field: str) -> dict:
-    """Pruned zeros must be in the exported initializers (dequantized ones too), N:M groups along K."""
+def check_sparsity(model: onnx.ModelProto, sparsity: Mapping[str, LayerSparsity], field: str,
+                   base_dir: Path | None = None) -> dict:
+    """Pruned zeros must be in the exported initializers (dequantized ones too), N:M groups along K;
+    the weights are read one at a time (``base_dir``: the graph's folder, for external data)."""
     if not sparsity:
         return {"layers": 0}
-    weights = onnx_inspect.linear_weights(model)
-    bad = []
-    for name, info in sparsity.items():
-        w = weights.get(name)
-        if w is None:
-            bad.append(f"{name}: not found in the graph")
+    bad, found = [], set()
+    for node, w in onnx_inspect.matmul_weights(model, base_dir):
+        name = onnx_inspect.torch_scope(node)
+        info = sparsity.get(name) if name else None
+        if info is None:
             continue
+        found.add(name)
         zeros = float((w == 0).mean())
         if zeros + 1e-9 < info.sparsity:
             bad.append(f"{name}: {zeros:.4f} zeros exported, {info.sparsity:.4f} in PyTorch")
@@ -79,6 +81,7 @@ def check_sparsity(model: onnx.ModelProto, sparsity: Mapping[str, LayerSparsity]
             v = onnx_inspect.nm_violations(w, n, m)
             if v:
                 bad.append(f"{name}: {v} groups of {m} along K with more than {n} non-zeros")
+    bad = [f"{name}: not found in the graph" for name in sparsity if name not in found] + bad
     if bad:
         raise StageFailed(f"sparsity lost in the graph: {'; '.join(bad[:3])}", field=field)
     return {"layers": len(sparsity), "patterns": sorted({i.pattern for i in sparsity.values()}), "ok": True}
@@ -117,13 +120,13 @@ def check(g: GateGraph, sparsity: Mapping[str, LayerSparsity], spec: TensorRTSpe
         raise StageFailed(f"{_which(g)}ONNX Runtime output differs from the PyTorch model: max relative error "
                           f"{par.max_rel_err:.3g} > {g.rtol:g} (max abs {par.max_abs_err:.3g})", field=rtol_field)
     fidelity = check_fidelity(task, rows, field) if rows is not None else None
-    kept = check_sparsity(g.model, sparsity, field)
+    kept = check_sparsity(g.model, sparsity, field, g.staged.parent)
     layout = qdq.inspect_qdq(g.model)
     g.record(folder, "qdq").write_text(json.dumps({"nodes": layout.nodes, "problems": layout.problems}, indent=1))
     if layout.problems:
         raise StageFailed(f"{_which(g)}Q/DQ layout TensorRT would not fuse ({len(layout.problems)} problems): "
                           f"{layout.problems[0]}", field=field)
-    readiness = tensorrt.check(g.model, spec.target)
+    readiness = tensorrt.check(g.model, spec.target, g.staged.parent)
     g.record(folder, "tensorrt").write_text(json.dumps(readiness.as_dict(), indent=1))
     if not readiness.ok:
         t = readiness.target

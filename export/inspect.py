@@ -8,6 +8,8 @@ The dynamo exporter records each node's torch module path in ``pkg.torch.onnx.na
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,11 +41,11 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     if b is None:
         return None
     if b.const_value is not None:
-        return b.const_value.numpy()
+        return _array(b.const_value)
     dq = b.producer()
     if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
         return None
-    q = dq.inputs[0].const_value.numpy().astype(np.float32)
+    q = _array(dq.inputs[0].const_value).astype(np.float32)
     scale = constant(dq.inputs[1]).astype(np.float32)
     zp = constant(dq.inputs[2]).astype(np.float32) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0.0
     axis, block = dq.attributes.get_int("axis", 1) % q.ndim, dq.attributes.get_int("block_size", 0)
@@ -59,11 +61,24 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     return (q - zp) * scale
 
 
-def matmul_weights(model: onnx.ModelProto) -> list[tuple[ir.Node, np.ndarray]]:
+def _array(tensor) -> np.ndarray:
+    """A constant's values; an external one's copied out and its file mapping closed, so that reading a
+    large graph's weights one after another never keeps them all mapped."""
+    if isinstance(tensor, ir.ExternalTensor):
+        array = np.array(tensor.numpy())
+        tensor.release()
+        return array
+    return tensor.numpy()
+
+
+def matmul_weights(model: onnx.ModelProto, base_dir: Path | None = None) -> Iterator[tuple[ir.Node, np.ndarray]]:
     """Every MatMul/Gemm whose B is a constant 2-D weight (maybe behind a DequantizeLinear), with
-    that weight as [K, N] (input dimension first), dequantized."""
-    out = []
-    for node in ir.from_proto(model).graph:
+    that weight as [K, N] (input dimension first), dequantized; one at a time. ``base_dir``: the
+    graph's folder, where its external data lies."""
+    graph = ir.from_proto(model).graph
+    if base_dir is not None:
+        ir.external_data.set_base_dir(graph, base_dir)
+    for node in graph:
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         w = _weight(node)
@@ -71,8 +86,7 @@ def matmul_weights(model: onnx.ModelProto) -> list[tuple[ir.Node, np.ndarray]]:
             continue
         if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1:
             w = w.T
-        out.append((node, w))
-    return out
+        yield node, w
 
 
 def torch_scope(node: ir.Node, strip_prefix: str = "model.") -> str | None:

@@ -47,10 +47,14 @@ def convert(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_na
             opset: int) -> onnx.ModelProto:
     """The graph of ``module`` at the shapes of ``example``, with our names and IR version; every dimension static."""
     module.eval()
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         program = torch.onnx.export(module, example, None, opset_version=opset, dynamo=True, optimize=True,
                                     verbose=False)
-    model = program.model_proto
+    return finish(program.model_proto, input_names, output_names)
+
+
+def finish(model: onnx.ModelProto, input_names, output_names) -> onnx.ModelProto:
+    """Our names, IR version and no stack traces on a traced graph; refused unless every dimension is static."""
     for graph in [model.graph, *model.functions]:
         drop_stack_traces(graph)
     rename_io(model, input_names, output_names)
@@ -76,7 +80,7 @@ def drop_stack_traces(graph: onnx.GraphProto | onnx.FunctionProto) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporter logs warnings about optional packages and constant folding; none are actionable."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch._export")]
     levels = [lg.level for lg in loggers]
@@ -188,13 +192,15 @@ def parity(path: Path, module: torch.nn.Module, input_names, batches: list[tuple
     is meaningless where the reference is near zero. ``keep``, when given, receives (inputs by
     name, PyTorch outputs, ONNX Runtime outputs) per batch for task-level metrics.
     """
+    module.eval()
+    # every reference before the session opens: an offloaded model's (export/offloaded.py) reads its blocks
+    # while no graph is loaded
+    with torch.no_grad():
+        refs = [[t.float().numpy() for t in module(*inputs)] for inputs in batches]
     sess = session(path)
     max_abs = max_rel = 0.0
     n = 0
-    module.eval()
-    for inputs in batches:
-        with torch.no_grad():
-            ref = [t.float().numpy() for t in module(*inputs)]
+    for inputs, ref in zip(batches, refs):
         got = sess.run(None, {name: t.numpy() for name, t in zip(input_names, inputs)})
         if keep is not None:
             keep.append((dict(zip(input_names, inputs)), ref, got))

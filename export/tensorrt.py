@@ -18,6 +18,7 @@ naming the node and the reason. The checks:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -79,7 +80,8 @@ class Readiness:
 REDUCED_PRECISION = {"FLOAT16", "BFLOAT16", "INT8", "UINT8", "INT4", "UINT4", "FLOAT8E4M3FN"}
 
 
-def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
+def check(model: onnx.ModelProto, target: str | Target, base_dir: Path | None = None) -> Readiness:
+    """Every readiness check on ``model``; ``base_dir`` is its folder when its weights are external data."""
     t = TARGETS[target] if isinstance(target, str) else target
     graph = _Graph(model)
     r = Readiness(t)
@@ -93,7 +95,7 @@ def check(model: onnx.ModelProto, target: str | Target) -> Readiness:
     if stored.get("FLOAT") and not set(stored) & REDUCED_PRECISION:
         r.warnings.append(Finding("warning", None, "float32 weights: a strongly typed build keeps them FP32 (TF32 "
                                                    "math); a quantize stage emits FP16/INT8 in the ONNX"))
-    r.sparsity = sparsity_layers(model)
+    r.sparsity = sparsity_layers(model, base_dir)
     return r
 
 
@@ -299,11 +301,11 @@ def _itemsize(data_type: int) -> float:
     return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
-def sparsity_layers(model: onnx.ModelProto) -> list[dict]:
+def sparsity_layers(model: onnx.ModelProto, base_dir: Path | None = None) -> list[dict]:
     """Per MatMul/Gemm weight: zeros and whether every group of 4 along K has at most 2 non-zeros
     (the 2:4 layout sparse tensor cores run; TensorRT picks sparse tactics per layer)."""
     out = []
-    for node, w in onnx_inspect.matmul_weights(model):
+    for node, w in onnx_inspect.matmul_weights(model, base_dir):
         k = w.shape[0]
         dense = k % 4 != 0 or onnx_inspect.nm_violations(w, 2, 4) > 0
         out.append({"node": node.name or node.outputs[0].name, "module": onnx_inspect.torch_scope(node),

@@ -66,11 +66,14 @@ def read_file(path: Path, names: list[str], dtype: torch.dtype, device: torch.de
 
 
 def skeleton(cls, config) -> nn.Module:
-    """The model with its parameters on the meta device and its buffers real (from the config)."""
+    """The model with its parameters on the meta device and its buffers real (from the config); a head
+    tied to the embeddings is the same tensor, as loading ties it (the files hold it once)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model.eval()
 
 
@@ -172,12 +175,65 @@ class Offloaded:
     def inputs(self) -> Iterator[None]:
         """What runs before block 0 (embeddings, their norms) materialized, released afterwards."""
         names = self._outside_blocks()
+        skeleton = self.model.state_dict(keep_vars=True)
         for name, tensor in self.shards.read(names, self.dtype, self.device).items():
             self._put(name, tensor)
         try:
             yield
         finally:
-            self._release(names)
+            self._restore(skeleton, names)
+
+    def _restore(self, skeleton: dict[str, torch.Tensor], names: list[str]) -> None:
+        """The skeleton's own meta tensors back at ``names``: a tied head stays the embedding's tensor."""
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            tensor = skeleton[name]
+            if isinstance(tensor, nn.Parameter):
+                module._parameters[leaf] = tensor
+            else:
+                module._buffers[leaf] = tensor
+
+    @contextlib.contextmanager
+    def read_as(self, dtype: torch.dtype) -> Iterator[None]:
+        """Reads in ``dtype`` instead of the compute dtype (export writes and checks the graph's dtype)."""
+        kept, self.dtype = self.dtype, dtype
+        try:
+            yield
+        finally:
+            self.dtype = kept
+
+    @contextlib.contextmanager
+    def streamed(self) -> Iterator[None]:
+        """The whole model callable with one block in memory at a time: every tensor outside the blocks
+        (the output head too; a tied head shares the embedding's tensor, as in the skeleton) materialized,
+        and each block read as its forward begins and released as it ends."""
+        layers, _ = self.adapter.layers(self.model)
+        state = self.model.state_dict(keep_vars=True)
+        outside = [n for n in state if not n.startswith(f"{layers}.")]
+        read = self.shards.read([n for n in outside if n in self.shards.files], self.dtype, self.device)
+        by_id = {id(state[n]): t for n, t in read.items()}
+        names = [n for n in outside if id(state[n]) in by_id]
+        for name in names:
+            self._put(name, by_id[id(state[name])])
+        held: dict[str, contextlib.ExitStack] = {}
+
+        def enter(prefix):
+            held[prefix] = contextlib.ExitStack()
+            held[prefix].enter_context(self.block(prefix))
+
+        handles = [h for b in self.adapter.blocks(self.model) for h in (
+            b.module.register_forward_pre_hook(lambda *_, p=b.prefix: enter(p)),
+            b.module.register_forward_hook(lambda *_, p=b.prefix: held.pop(p).close()))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for stack in held.values():  # a forward that raised inside a block
+                stack.close()
+            self._restore(state, names)
+            trim_heap()
 
     def _current(self) -> dict[str, Path]:
         """Tensor name -> the file holding its current value, for the tensors the model has (a plain

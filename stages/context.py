@@ -120,7 +120,11 @@ class RunContext:
         """Move the model to the CPU for the rest of the run. Export (ONNX and GGUF) and token pruning
         call it: the exporters trace and serialize CPU tensors, the ONNX parity check compares with
         PyTorch on the CPU, and every stage after an export reads the exported graph, so nothing that
-        follows needs the GPU (the recipe rules put export after every stage that changes the model)."""
+        follows needs the GPU (the recipe rules put export after every stage that changes the model).
+        An offloaded model's skeleton stays on the meta device; its blocks are read onto the CPU."""
+        if self.offload is not None:
+            self.offload.device = torch.device("cpu")
+            return
         self.model = self.model.cpu()
 
     @property

@@ -21,7 +21,7 @@ from typing import Literal
 from rich.markup import escape
 
 from core.errors import RecipeError
-from export import decoder, token_graph, vlm
+from export import decoder, offloaded, token_graph, vlm
 from export import onnx as onnx_export
 from export.artifact import GENERATION, PREPROCESSOR
 from export.gate import MAIN, GateGraph, gate
@@ -54,10 +54,14 @@ class Export(Stage):
     type = "export"
     Args = ExportArgs
     cpu_only = True
+    offloads = True  # the one task graph, weights streamed block by block (export/offloaded.py)
     settings = ("export",)
 
     def validate(self, recipe, model, adapter, field):
         check_positions(recipe, model, recipe.export.seq_len, "export.seq_len")
+        if recipe.model.offload and recipe.export.decoder is not None:
+            raise RecipeError("an offloaded model exports its one task graph, not prefill and decode graphs: remove "
+                              "export.decoder, or set model.offload: false", field="export.decoder")
         if recipe.export.decoder is not None:
             check_decoder(model, adapter, recipe.model.task, recipe.export.decoder.max_len, "export.decoder")
             if TASKS[recipe.model.task].reads_pruned_tokens and any(a.type == "evaluate" for a in recipe.stages):
@@ -80,6 +84,9 @@ class Export(Stage):
         if vlm_graphs is not None:
             protos, examples = [g.proto for g in vlm_graphs], [[g.example] for g in vlm_graphs]
             pretrained(ctx.model).generation_config.save_pretrained(ctx.workdir / GENERATION)
+        elif ctx.offload is not None:  # validate() leaves only the one task graph
+            protos = [offloaded.export(module, ctx.offload, inputs[0], path, ex.opset)]
+            examples = [inputs]
         elif ex.decoder is None:
             protos = [onnx_export.export(module, inputs[0], path, module.input_names, module.output_names, ex.opset)]
             examples = [inputs]
@@ -92,7 +99,9 @@ class Export(Stage):
         ctx.preprocessor.save_pretrained(ctx.workdir / PREPROCESSOR)
         names = [MAIN, decoder.DECODE, VISION][:len(protos)]
         paths = [path, path.with_name(f"{decoder.DECODE}.onnx"), path.with_name(f"{VISION}.onnx")]
-        modules = [g.module for g in vlm_graphs] if vlm_graphs is not None else [module] * len(protos)
+        # PyTorch's side of the parity check: an offloaded model's runs one block in memory at a time
+        reference = offloaded.Streamed(module, ctx.offload) if ctx.offload is not None else module
+        modules = [g.module for g in vlm_graphs] if vlm_graphs is not None else [reference] * len(protos)
         graphs = [GateGraph(name, proto, p, p, m, exs, {**graph_record(proto, p), "exporter": "torch.onnx dynamo"},
                             ex.rtol) for name, proto, p, m, exs in zip(names, protos, paths, modules, examples)]
         bar.advance()

@@ -228,8 +228,8 @@ def test_resume_after_a_structured_prune(sharded, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("stages, field, words", [
-    ([{"type": "calibrate"}, WANDA_24, {"type": "export"}], "stages[2]",
-     "stage 'export' needs the whole model in memory and cannot run with model.offload (offloaded runs take: "),
+    ([{"type": "calibrate"}, WANDA_24, {"type": "export_gguf"}], "stages[2]",
+     "stage 'export_gguf' needs the whole model in memory and cannot run with model.offload (offloaded runs take: "),
     ([{"type": "calibrate"}, {"type": "prune_weights", "method": "gblm", "pattern": "2:4"}], "stages[1].method",
      "gblm backpropagates through the whole model, which model.offload keeps on disk"),
     ([{"type": "calibrate"}, FLAP, {"type": "distill"}], "stages[2]",
