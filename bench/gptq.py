@@ -7,16 +7,17 @@ correlation. GPTQ and AWQ calibrate on 128 paragraphs x 128 tokens of Northanger
 runs set the parity rtol to 1 (the gate's default 0.5 is not what is measured here) and a
 TensorRT 10 x86 target (opset 21).
 
-    python bench/gptq.py [--calibration-samples 128]
+    python bench/gptq.py [--calibration-samples 128] [--rows "int4 g128 GPTQ" ...]
 
-Writes bench/results/gptq-minilm.json.
+Writes bench/results/gptq-minilm.json; with --rows only those runs, the others kept from the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from common import MINILM, run_recipe, stage, table, write_json
+from common import MINILM, RESULTS, run_recipe, stage, table, write_json
 
 CALIBRATE = {"type": "calibrate"}
 EXPORT = {"type": "export"}
@@ -47,9 +48,16 @@ def recipe(tag: str, stages: list[dict], samples: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration-samples", type=int, default=128)
+    ap.add_argument("--rows", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = ap.parse_args()
+    path = RESULTS / "gptq-minilm.json"
+    kept = json.loads(path.read_text())["runs"] if path.is_file() and len(args.rows) < len(CONFIGS) else {}
     rows, runs = [], {}
     for i, (label, stages) in enumerate(CONFIGS.items()):
+        if label not in args.rows:
+            if label in kept:
+                runs[label] = kept[label]
+            continue
         tag = f"gptq-minilm-{i}"
         m = run_recipe(recipe(tag, stages, args.calibration_samples), tag)
         ev = m["evaluation"]
@@ -65,6 +73,7 @@ def main() -> None:
         rows.append([label, f"{row['mean_cosine']:.4f}", f"{row['min_cosine']:.4f}", f"{row['lee_pearson']:.4f}",
                      f"{row['lee_spearman']:.4f}", f"{row['onnx_bytes'] / 1e6:.1f}",
                      "-" if tuning is None else f"{row['tuning_seconds']:.1f}"])
+    runs = {label: runs[label] for label in CONFIGS if label in runs}
     dense = next(iter(runs.values()))
     print(f"\nMiniLM-L6 at [1, 128], all 36 Linears quantized; {args.calibration_samples} calibration paragraphs; "
           f"128 held-out paragraphs and Lee (dense Lee pearson {dense['lee_pearson_dense']:.4f})")
