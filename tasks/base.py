@@ -46,6 +46,8 @@ class Task(ABC):
     output_names: ClassVar[tuple[str, ...]]  # and its outputs
     embeds: ClassVar[bool] = False  # outputs (embedding, last_hidden_state): the encoder's features, no head
     gradients_in_train_mode: ClassVar[bool] = False  # dropout on while the gradient loss runs
+    # the gradient loss couples a batch's samples (in-batch negatives): backward whole batches, not one sample at a time
+    gradients_couple_samples: ClassVar[bool] = False
     # a vision-language task: an output-placed token pruner's patches go on into its language model
     reads_pruned_tokens: ClassVar[bool] = False
     generates: ClassVar[bool] = False  # a text generator: export.decoder can deploy it (tasks/decoder.py)

@@ -31,6 +31,7 @@ class FeatureExtraction(TextTask):
     output_names = ("embedding", "last_hidden_state")
     embeds = True
     gradients_in_train_mode = True  # SimCSE's two views differ only by dropout
+    gradients_couple_samples = True  # SimCSE's negatives are the batch's other samples
     accept_metrics = {"min_mean_cosine": "mean_cosine", "min_min_cosine": "min_cosine"}
 
     def auto_class(self, model_type: str) -> type[Any]:

@@ -23,6 +23,7 @@ def test_modality_follows_the_task_family():
     assert {t.modality for t in TASKS.values()} == {"text", "images"}
     assert [n for n, t in TASKS.items() if t.embeds] == ["feature-extraction", "image-feature-extraction"]
     assert [n for n, t in TASKS.items() if t.gradients_in_train_mode] == ["feature-extraction"]
+    assert [n for n, t in TASKS.items() if t.gradients_couple_samples] == ["feature-extraction"]
 
 
 def test_load_checkpoint_uses_the_recorded_task(bert_dir, tmp_path):
