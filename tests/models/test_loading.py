@@ -71,7 +71,7 @@ def test_gguf_source_converts_once_and_runs(tmp_path):
     out = run(write_recipe(tmp_path, text_recipe(gguf_path, "causal-lm", stages)), output=tmp_path / "out")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["kind"] == "gguf" and manifest["model"]["sha256"] == source.sha256
-    assert (models._converted_path(source) / "model.safetensors").is_file()  # cached for the next run
+    assert (models._converted_path(source) / "model.safetensors.index.json").is_file()  # cached for the next run
     plain = AutoModelForCausalLM.from_pretrained(out / "checkpoint")  # a normal transformers folder
     assert plain.config.num_key_value_heads == 2
     q = plain.model.layers[0].self_attn.q_proj.weight
