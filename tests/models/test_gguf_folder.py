@@ -80,6 +80,7 @@ def test_convert_command(tmp_path, capsys):
     ("missing", "FILE.gguf", "is not a .gguf file"),
     ("garbage", "FILE.gguf", "is not a readable GGUF file"),
     ("full", "OUT_DIR", "exists and is not an empty folder"),
+    ("moe", "FILE.gguf", "is a 'qwen2moe' GGUF, whose tensors do not convert one at a time"),
 ])
 def test_convert_command_errors(tmp_path, capsys, case, field, words):
     gguf = tmp_path / "x.gguf"
@@ -89,6 +90,13 @@ def test_convert_command_errors(tmp_path, capsys, case, field, words):
         write_tiny_gguf(gguf)
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "keep.txt").write_text("mine")
+    elif case == "moe":
+        import gguf as gguf_py
+
+        w = gguf_py.GGUFWriter(str(gguf), "qwen2moe")
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
     assert main(["convert", str(gguf), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: {field}: ") and words in err
