@@ -45,7 +45,7 @@ def child(mode: str, out: Path) -> dict:
     since = reset_peak(cpu)
     t0 = time.perf_counter()
     if mode == "stream":
-        convert_gguf(gguf, out, progress=False)
+        convert_gguf(gguf, out)
     else:
         AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     row = {"mode": mode, "seconds": round(time.perf_counter() - t0, 1), "rss_before_mib": before,

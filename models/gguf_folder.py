@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from core.echo import clip
 from core.errors import RecipeError
+from core.events import Events, ProgressTask
 
 from .offload import INDEX, map_large_allocations, skeleton, trim_heap
 
@@ -32,9 +33,10 @@ BLOCK = re.compile(r"^blk\.(\d+)\.")
 ROWS = 4096  # rows dequantized at a time (`_dense`)
 
 
-def convert_gguf(path: Path, target: Path, field: str = "model.source", progress: bool = True) -> None:
+def convert_gguf(path: Path, target: Path, field: str = "model.source", events: Events | None = None) -> None:
     """Write ``path``'s model to the folder ``target`` (config, tokenizer, one safetensors file per tensor
-    group and ``model.safetensors.index.json``), through ``target.tmp`` renamed at the end."""
+    group and ``model.safetensors.index.json``), through ``target.tmp`` renamed at the end; with
+    ``events``, a progress bar over the groups (on the run's console, or a sweep run's log)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     map_large_allocations()  # each group's arrays are freed back to the OS, not kept in glibc's heap
@@ -48,20 +50,32 @@ def convert_gguf(path: Path, target: Path, field: str = "model.source", progress
     AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
     trim_heap()  # each metadata parse held every token as a numpy view; give that back before the weights
     model = skeleton(AutoModelForCausalLM, config)
-    names = _hf_names(model, processor)
-    weight_map: dict[str, str] = {}
-    for group in _tracked(_groups(tensors), f"converting {path.name}", progress):
-        dense = dict(_dequantized(group, processor, names))
-        if dense:
-            file = f"{_group_name(list(dense))}.safetensors"
-            save_file(dense, str(tmp / file))
-            weight_map.update(dict.fromkeys(dense, file))
-        del dense
-        trim_heap()
+    groups = _groups(tensors)
+    bar = events.task(f"converting {path.name}", len(groups)) if events else None
+    weight_map = _write_groups(groups, processor, _hf_names(model, processor), tmp, bar)
     _check_complete(model, weight_map, path, field)
     (tmp / INDEX).write_text(json.dumps({"metadata": {"converted_from": path.name}, "weight_map": weight_map}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def _write_groups(groups: list[list], processor, names: dict[str, str], folder: Path, bar: ProgressTask | None
+                  ) -> dict[str, str]:
+    """Each group dequantized, written to its own file and freed before the next; the index's weight map."""
+    weight_map: dict[str, str] = {}
+    for group in groups:
+        dense = dict(_dequantized(group, processor, names))
+        if dense:
+            file = f"{_group_name(list(dense))}.safetensors"
+            save_file(dense, str(folder / file))
+            weight_map.update(dict.fromkeys(dense, file))
+        del dense
+        trim_heap()
+        if bar:
+            bar.advance()
+    if bar:
+        bar.done()
+    return weight_map
 
 
 def _tensors(path: Path, field: str) -> tuple[str, list]:
@@ -166,13 +180,3 @@ def _check_complete(model: torch.nn.Module, weight_map: dict[str, str], path: Pa
     if missing:
         raise RecipeError(f"{str(path)!r} has no tensor for {len(missing)} parameter(s) of its model "
                           f"({', '.join(missing[:3])}); give an intact GGUF file", field=field)
-
-
-def _tracked(groups: list[list], description: str, progress: bool) -> Iterator[list]:
-    """``groups`` under a progress bar on the terminal (rich), or plain."""
-    if not progress:
-        yield from groups
-        return
-    from rich.progress import track
-
-    yield from track(groups, description=description, transient=True)

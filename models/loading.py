@@ -23,6 +23,7 @@ from torch import nn
 
 from core.echo import clip
 from core.errors import RecipeError
+from core.events import Events
 from core.files import sha256_path
 from core.lock import flocked
 from core.network import hub_unreachable
@@ -201,12 +202,14 @@ def meta_model(spec: ModelSpec, source: Source, task: TaskLoading) -> nn.Module:
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
-def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.Module, object]:
-    """The fp32 model in eval mode and its tokenizer or image processor."""
+def load_model(spec: ModelSpec, source: Source, task: TaskLoading, events: Events | None = None
+               ) -> tuple[nn.Module, object]:
+    """The fp32 model in eval mode and its tokenizer or image processor (``events``: where a GGUF's
+    conversion shows its progress)."""
     where: str | Path
     kw: dict[str, Any]
     if source.kind == "gguf":
-        where, kw = _converted_gguf(source), {}
+        where, kw = _converted_gguf(source, events), {}
     elif source.kind == "folder":
         where, kw = source.local, {}
     else:
@@ -221,12 +224,12 @@ def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.M
 
 
 def open_offloaded(spec: ModelSpec, source: Source, task: TaskLoading, staging: Path, dtype: torch.dtype,
-                   device: torch.device) -> tuple[Offloaded, object]:
+                   device: torch.device, events: Events | None = None) -> tuple[Offloaded, object]:
     """The model as a meta skeleton over its safetensors folder (models/offload.py), and its preprocessor; a
     GGUF file's folder is its conversion, streamed once into the cache (`_converted_gguf`)."""
     from .adapters import adapter_for
 
-    folder = _converted_gguf(source) if source.kind == "gguf" else source.local
+    folder = _converted_gguf(source, events) if source.kind == "gguf" else source.local
     model = skeleton(task.auto_class(source.model_type), model_config(spec, source, task))
     adapter = adapter_for(source.model_type, task.name)
     preprocessor = task.preprocessor(folder, trust_remote_code=spec.trust_remote_code)
@@ -255,20 +258,20 @@ def _converted_path(source: Source) -> Path:
     return cache_dir() / "models" / source.sha256[:20]
 
 
-def _converted_gguf(source: Source) -> Path:
+def _converted_gguf(source: Source, events: Events | None = None) -> Path:
     """Dequantize a GGUF file once into a plain fp32 safetensors folder, cached by its hash."""
     target = _converted_path(source)
     with flocked(target):  # concurrent runs (a sweep) convert once; the others wait and reuse the folder
         if not (target / CHECKPOINT_META).is_file():
-            _convert_gguf(source, target)
+            _convert_gguf(source, target, events)
     return target
 
 
-def _convert_gguf(source: Source, target: Path) -> None:
+def _convert_gguf(source: Source, target: Path, events: Events | None) -> None:
     """Stream the GGUF into ``target`` (models/gguf_folder.py), then mark it complete."""
     from .gguf_folder import convert_gguf
 
-    convert_gguf(source.local, target)
+    convert_gguf(source.local, target, events=events)
     (target / CHECKPOINT_META).write_text(json.dumps({"converted_from": source.local.name, "sha256": source.sha256}))
 
 

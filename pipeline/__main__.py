@@ -159,9 +159,14 @@ def _convert(gguf: Path, out: Path) -> None:
         raise RecipeError(f"{str(gguf)!r} is not a .gguf file; give the path of one", field="FILE.gguf")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RecipeError(f"{str(out)!r} exists and is not an empty folder; give a new folder", field="OUT_DIR")
+    from core.events import Events
     from models.gguf_folder import convert_gguf
 
-    convert_gguf(gguf, out, field="FILE.gguf")
+    events = Events(None)
+    try:
+        convert_gguf(gguf, out, field="FILE.gguf", events=events)
+    finally:
+        events.close()
     shards = len(list(out.glob("*.safetensors")))
     print(f"converted {gguf.name} into {out}: {shards} safetensors files (one per block, embeddings, norm, head) "
           "with an index, config and tokenizer; point model.source at it")

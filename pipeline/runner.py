@@ -176,10 +176,10 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: 
     offload = None
     if recipe.model.offload:
         offload, preprocessor = models.open_offloaded(recipe.model, p.source, task, work / "offload",
-                                                      getattr(torch, recipe.calibration.dtype), p.device)
+                                                      getattr(torch, recipe.calibration.dtype), p.device, events)
         model = offload.model
     else:
-        model, preprocessor = models.load_model(recipe.model, p.source, task)
+        model, preprocessor = models.load_model(recipe.model, p.source, task, events)
     ctx = RunContext(recipe=recipe, source=p.source, model=model if offload else model.to(p.device),
                      preprocessor=preprocessor, adapter=p.adapter, workdir=work,
                      cache=StatsCache(models.cache_dir(), p.device), events=events, device=p.device, offload=offload,

