@@ -112,7 +112,7 @@ def _processor(arch: str, path: Path, field: str):
     cls = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     if is_gguf_arch_supported(arch) or cls.perform_fallback_tensor_mapping is not TensorProcessor.perform_fallback_tensor_mapping:
         raise RecipeError(f"{str(path)!r} is a {arch!r} GGUF, whose tensors do not convert one at a time; "
-                          "give a Llama-family, Qwen, Phi-3 or Gemma 3 GGUF, or a safetensors folder", field=field)
+                          "give a dense (not mixture-of-experts) GGUF or a safetensors folder", field=field)
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
     except ValueError as e:  # "GGUF model with architecture X is not supported yet."

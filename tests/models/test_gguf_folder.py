@@ -42,6 +42,18 @@ def test_smollm2_folder_equals_transformers_gguf_load(tmp_path):
         "model.embed_tokens.safetensors", "model.norm.safetensors"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_folder_equals_transformers_gguf_load(tmp_path, arch):
+    """Random q/k (whose permutation llama.cpp undoes for a Llama only) and Qwen2's q/k/v biases."""
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", arch)
+    gguf_folder.convert_gguf(gguf, tmp_path / "out")
+    mine = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    assert mine.keys() == theirs.keys() and ("model.layers.1.self_attn.k_proj.bias" in mine) == (arch == "qwen2")
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
 def test_one_group_of_tensors_at_a_time(tmp_path, monkeypatch):
     written = []
     save = gguf_folder.save_file
