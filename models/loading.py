@@ -1,9 +1,9 @@
 """Finding, hashing and loading the model named by a recipe, and saving/loading checkpoints.
 
 Sources: a local folder with ``config.json`` and safetensors weights; a ``.gguf`` file (dequantized
-once by transformers and cached as a plain fp32 folder, since GGUF-loaded models refuse
-``save_pretrained``); a Hugging Face hub id; or ``package:<module>/<path>`` for weights shipped
-inside an installed Python package, located without importing it. Which transformers class and
+once, one block at a time, into a cached fp32 folder of per-block shards: models/gguf_folder.py); a
+Hugging Face hub id; or ``package:<module>/<path>`` for weights shipped inside an installed Python
+package, located without importing it. Which transformers class and
 preprocessor a model loads with is the task's answer (`TaskLoading`, implemented in tasks/, the
 layer above), passed in by the caller.
 """
@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +23,7 @@ from torch import nn
 
 from core.echo import clip
 from core.errors import RecipeError
+from core.events import Events
 from core.files import sha256_path
 from core.lock import flocked
 from core.network import hub_unreachable
@@ -146,15 +146,10 @@ def _config_json(path: Path) -> dict:
 
 
 def _gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
+    from .gguf_folder import open_gguf
 
-    try:
-        reader = GGUFReader(path)
-        arch = reader.fields["general.architecture"]
-        return bytes(arch.parts[arch.data[0]]).decode()
-    except Exception as e:  # the reader fails in many ways on bytes that are not GGUF; each means the same
-        raise RecipeError(f"{str(path)!r} is not a readable GGUF file ({clip(str(e) or type(e).__name__, 80)}); "
-                          "give an intact .gguf file or a model folder", field="model.source") from None
+    arch = open_gguf(path, "model.source").fields["general.architecture"]
+    return bytes(arch.parts[arch.data[0]]).decode()
 
 
 def _hub_source(spec: ModelSpec) -> Source:
@@ -207,12 +202,14 @@ def meta_model(spec: ModelSpec, source: Source, task: TaskLoading) -> nn.Module:
         return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
-def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.Module, object]:
-    """The fp32 model in eval mode and its tokenizer or image processor."""
+def load_model(spec: ModelSpec, source: Source, task: TaskLoading, events: Events | None = None
+               ) -> tuple[nn.Module, object]:
+    """The fp32 model in eval mode and its tokenizer or image processor (``events``: where a GGUF's
+    conversion shows its progress)."""
     where: str | Path
     kw: dict[str, Any]
     if source.kind == "gguf":
-        where, kw = _converted_gguf(source), {}
+        where, kw = _converted_gguf(source, events), {}
     elif source.kind == "folder":
         where, kw = source.local, {}
     else:
@@ -227,14 +224,16 @@ def load_model(spec: ModelSpec, source: Source, task: TaskLoading) -> tuple[nn.M
 
 
 def open_offloaded(spec: ModelSpec, source: Source, task: TaskLoading, staging: Path, dtype: torch.dtype,
-                   device: torch.device) -> tuple[Offloaded, object]:
-    """The model as a meta skeleton over its safetensors folder (models/offload.py), and its preprocessor."""
+                   device: torch.device, events: Events | None = None) -> tuple[Offloaded, object]:
+    """The model as a meta skeleton over its safetensors folder (models/offload.py), and its preprocessor; a
+    GGUF file's folder is its conversion, streamed once into the cache (`_converted_gguf`)."""
     from .adapters import adapter_for
 
+    folder = _converted_gguf(source, events) if source.kind == "gguf" else source.local
     model = skeleton(task.auto_class(source.model_type), model_config(spec, source, task))
     adapter = adapter_for(source.model_type, task.name)
-    preprocessor = task.preprocessor(source.local, trust_remote_code=spec.trust_remote_code)
-    return Offloaded(model, adapter, source.local, staging, dtype, device), preprocessor
+    preprocessor = task.preprocessor(folder, trust_remote_code=spec.trust_remote_code)
+    return Offloaded(model, adapter, folder, staging, dtype, device), preprocessor
 
 
 def save_offloaded(weights: Offloaded, preprocessor, folder: Path, task: str) -> None:
@@ -259,33 +258,21 @@ def _converted_path(source: Source) -> Path:
     return cache_dir() / "models" / source.sha256[:20]
 
 
-def _converted_gguf(source: Source) -> Path:
+def _converted_gguf(source: Source, events: Events | None = None) -> Path:
     """Dequantize a GGUF file once into a plain fp32 safetensors folder, cached by its hash."""
     target = _converted_path(source)
     with flocked(target):  # concurrent runs (a sweep) convert once; the others wait and reuse the folder
         if not (target / CHECKPOINT_META).is_file():
-            _convert_gguf(source, target)
+            _convert_gguf(source, target, events)
     return target
 
 
-def _convert_gguf(source: Source, target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert_gguf(source: Source, target: Path, events: Events | None) -> None:
+    """Stream the GGUF into ``target`` (models/gguf_folder.py), then mark it complete."""
+    from .gguf_folder import convert_gguf
 
-    folder, name = source.local.parent, source.local.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / CHECKPOINT_META).write_text(json.dumps({"converted_from": name, "sha256": source.sha256}))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    convert_gguf(source.local, target, events=events)
+    (target / CHECKPOINT_META).write_text(json.dumps({"converted_from": source.local.name, "sha256": source.sha256}))
 
 
 def save_checkpoint(model: nn.Module, preprocessor, folder: Path, task: str) -> None:

@@ -1,4 +1,4 @@
-"""python -m pipeline (or edgeprune) run|validate|inspect|compare|sweep|push|pull|generate
+"""python -m pipeline (or edgeprune) run|validate|inspect|compare|sweep|push|pull|generate|convert
 
 User errors print one line (``error: <field>: <what is allowed>``) and exit with code 2; a stage
 whose result is unacceptable, or a run that misses its quality gate (``evaluation.accept``),
@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--image", type=Path, help="the image a VLM run (image-text-to-text) answers the prompt about")
+    cv = sub.add_parser("convert", help="a .gguf file to a safetensors model folder, one block at a time "
+                                         "(for model.source; model.offload: true does this itself)")
+    cv.add_argument("gguf", metavar="FILE.gguf", type=Path)
+    cv.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a new (or empty) folder")
     return p
 
 
@@ -143,9 +147,29 @@ def _command(args: argparse.Namespace) -> int | None:
 
         generate(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.threads, args.raw,
                  image=args.image)
+    elif args.command == "convert":
+        _convert(args.gguf, args.out_dir)
     else:
         _inspect(Path(args.run_dir), args.json)
     return None
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    if not gguf.is_file() or gguf.suffix != ".gguf":
+        raise RecipeError(f"{str(gguf)!r} is not a .gguf file; give the path of one", field="FILE.gguf")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RecipeError(f"{str(out)!r} exists and is not an empty folder; give a new folder", field="OUT_DIR")
+    from core.events import Events
+    from models.gguf_folder import convert_gguf
+
+    events = Events(None)
+    try:
+        convert_gguf(gguf, out, field="FILE.gguf", events=events)
+    finally:
+        events.close()
+    shards = len(list(out.glob("*.safetensors")))
+    print(f"converted {gguf.name} into {out}: {shards} safetensors files (one per block, embeddings, norm, head) "
+          "with an index, config and tokenizer; point model.source at it")
 
 
 def _resumable(e: PipelineError) -> bool:

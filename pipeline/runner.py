@@ -67,9 +67,10 @@ def plan(recipe: Recipe) -> Plan:
     elif recipe.evaluation.accept is not None:
         raise RecipeError("the quality gate reads the evaluate stage's numbers; add '- type: evaluate' last",
                           field="evaluation.accept")
-    if recipe.model.offload and source.kind != "folder":
-        raise RecipeError(f"model.offload reads weights from a folder of safetensors files, and {recipe.model.source!r} "
-                          f"is a {source.kind} source: convert it to a local folder first", field="model.offload")
+    if recipe.model.offload and source.kind == "hub":  # a .gguf file is streamed into a cached folder first
+        raise RecipeError(f"model.offload reads weights from a folder of safetensors files or a .gguf file, and "
+                          f"{recipe.model.source!r} is a hub id: download it and point model.source at its folder",
+                          field="model.offload")
     meta = models.meta_model(recipe.model, source, task)
     if source.kind == "folder":
         task.check_checkpoint(meta, source.local)
@@ -175,10 +176,10 @@ def _execute(p: Plan, folder: RunFolder, resuming: bool, events: Events, world: 
     offload = None
     if recipe.model.offload:
         offload, preprocessor = models.open_offloaded(recipe.model, p.source, task, work / "offload",
-                                                      getattr(torch, recipe.calibration.dtype), p.device)
+                                                      getattr(torch, recipe.calibration.dtype), p.device, events)
         model = offload.model
     else:
-        model, preprocessor = models.load_model(recipe.model, p.source, task)
+        model, preprocessor = models.load_model(recipe.model, p.source, task, events)
     ctx = RunContext(recipe=recipe, source=p.source, model=model if offload else model.to(p.device),
                      preprocessor=preprocessor, adapter=p.adapter, workdir=work,
                      cache=StatsCache(models.cache_dir(), p.device), events=events, device=p.device, offload=offload,

@@ -18,14 +18,15 @@ from tasks import TASKS
 from ..conftest import build_llama, text_recipe, write_recipe
 
 
-def write_tiny_gguf(path):
-    """A 2-block Llama with GQA and a small SentencePiece-style vocabulary, written with `gguf`."""
+def write_tiny_gguf(path, arch: str = "llama"):
+    """A 2-block Llama (or ``arch``: qwen2 adds its q/k/v biases) with GQA and a small SentencePiece-style
+    vocabulary, written with `gguf`."""
     import gguf
 
     H, L, nh, nkv, hd, inter = 64, 2, 4, 2, 16, 128
     words = ["▁the", "▁a", "▁and", "▁of", "▁to", "▁in", "▁was", "▁her", "▁she", "▁he", "e", "t", "a", "o", "▁"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + words
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(256)
     w.add_embedding_length(H)
     w.add_block_count(L)
@@ -51,6 +52,8 @@ def write_tiny_gguf(path):
                        f"blk.{i}.attn_v.weight": (nkv * hd, H), f"blk.{i}.attn_output.weight": (H, nh * hd),
                        f"blk.{i}.ffn_gate.weight": (inter, H), f"blk.{i}.ffn_up.weight": (inter, H),
                        f"blk.{i}.ffn_down.weight": (H, inter)})
+        if arch == "qwen2":
+            shapes.update({f"blk.{i}.attn_{p}.bias": (n * hd,) for p, n in (("q", nh), ("k", nkv), ("v", nkv))})
     for name, shape in shapes.items():
         w.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
     w.write_header_to_file()
@@ -71,7 +74,7 @@ def test_gguf_source_converts_once_and_runs(tmp_path):
     out = run(write_recipe(tmp_path, text_recipe(gguf_path, "causal-lm", stages)), output=tmp_path / "out")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["kind"] == "gguf" and manifest["model"]["sha256"] == source.sha256
-    assert (models._converted_path(source) / "model.safetensors").is_file()  # cached for the next run
+    assert (models._converted_path(source) / "model.safetensors.index.json").is_file()  # cached for the next run
     plain = AutoModelForCausalLM.from_pretrained(out / "checkpoint")  # a normal transformers folder
     assert plain.config.num_key_value_heads == 2
     q = plain.model.layers[0].self_attn.q_proj.weight
