@@ -27,23 +27,20 @@ _UPCAST = 2**22
 _SUMS = {"sq_norm": ("sum_sq",), "mean_var": ("sum_sq", "sum"), "abs_max": ("abs_max",), "hessian": ("xtx",)}
 
 
-def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str],
-              sums: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Per-channel sums of one input batch, added in place to ``sums`` (new zeros when None), padding
-    excluded. Returns the sums.
+def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str], sums: dict[str, torch.Tensor]) -> None:
+    """Per-channel sums of one input batch added in place to ``sums`` (zeros made for missing kinds),
+    padding excluded.
 
     The tokens are upcast _UPCAST values (16 MiB) at a time and the Hessian summed in place, so the
     temporaries stay at a few MiB: an 8192-wide MLP input of 2048 tokens upcast whole was 64 MiB in
     fp32, its square 64 more and its fp64 copy 128, and a batch's own X^T X beside the running one 512."""
     x = x.detach().reshape(-1, x.shape[-1]) if mask is None else x.detach()[mask]
     c = x.shape[-1]
-    sums = {} if sums is None else sums
     for key in sorted({key for kind in kinds for key in _SUMS[kind]} - sums.keys()):
         dtype = torch.float32 if key == "xtx" else torch.float64
         sums[key] = torch.zeros((c, c) if key == "xtx" else (c,), dtype=dtype, device=x.device)
     for rows in row_slices(x, _UPCAST):
         _accumulate(sums, x[rows].float())  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 overflow
-    return sums
 
 
 def _accumulate(sums: dict, x: torch.Tensor) -> None:

@@ -78,15 +78,16 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     n, k = weight.shape
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     u = fp32_factor(h[order][:, order] if order is not None else h, dampening, name)
-    del h
     new = torch.empty(n, k, dtype=torch.float32, device=weight.device)
     scales = torch.empty(n, grid.groups(k), dtype=torch.float32, device=weight.device)
-    walked = torch.empty(n, dtype=torch.float64, device=weight.device)
+    row_error = torch.empty(n, dtype=torch.float64, device=weight.device)
     for rows in row_slices(weight, _ROWS):
         w = weight[rows].to(torch.float32, copy=True)
         w[:, dead] = 0
-        new[rows], scales[rows], walked[rows] = _walk(w, u, grid, order, blocksize)
-    return GptqResult(new, scales, 0.5 * walked - 0.5 * lam * _sq_change(weight, new, dead))
+        new[rows], scales[rows], walked = _walk(w, u, grid, order, blocksize)
+        change = (new[rows] - weight[rows].float()).masked_fill_(dead, 0)  # over the inputs calibration excited
+        row_error[rows] = 0.5 * walked - 0.5 * lam * (change * change).sum(1, dtype=torch.float64)
+    return GptqResult(new, scales, row_error)
 
 
 def _walk(w: torch.Tensor, u: torch.Tensor, grid: Grid, order: torch.Tensor | None,
@@ -117,12 +118,3 @@ def _walk(w: torch.Tensor, u: torch.Tensor, grid: Grid, order: torch.Tensor | No
         walked += (errors * errors).sum(1, dtype=torch.float64)
         w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)  # the block's errors, spread to the columns after it
     return (q[:, torch.argsort(order)] if order is not None else q), scales, walked
-
-
-def _sq_change(weight: torch.Tensor, new: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """||new - weight||^2 per row over the inputs the calibration excited, by slices of rows (fp64)."""
-    out = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
-    for rows in row_slices(weight, _SLICE):
-        d = (new[rows] - weight[rows].float()).masked_fill_(dead, 0)
-        out[rows] = (d * d).sum(1, dtype=torch.float64)
-    return out
