@@ -129,8 +129,8 @@ class _StopForward(Exception):
 class InputHooks:
     """Forward pre-hooks that feed `InputStats` for a set of named modules.
 
-    ``stop_after_last``: once the execution order is known (first batch), abort the forward pass
-    right after the last hooked module has seen its input. The sequential engine recomputes the
+    ``stop_after_last``: abort the forward pass right after the last hooked module has seen its input
+    (on the first batch, once every hooked module has run). The sequential engine recomputes the
     layer's output after pruning anyway, so the tail of the stats pass would be thrown away.
     """
 
@@ -161,10 +161,18 @@ class InputHooks:
                 self.stats[name].update(x, self.mask)
             if first:
                 self._order.append(name)
-            elif self.stop_after_last and name == self._order[-1]:
+            if self.stop_after_last and len(self._order) == len(self.stats) and name == self._order[-1]:
                 raise _StopForward
 
         return hook
+
+    def inputs(self) -> list[list[str]]:
+        """The hooked modules grouped by the input they share (q/k/v, gate/up), in execution order; known
+        after the first batch (a module that never ran is a group of its own, last)."""
+        groups: dict[str, list[str]] = {}
+        for name in self._order + [n for n in self.stats if n not in self._order]:
+            groups.setdefault(self._shared.get(name, name), []).append(name)
+        return list(groups.values())
 
     def run(self, fn, mask: torch.Tensor | None):
         self.mask, self._last = mask, None

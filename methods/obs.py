@@ -58,18 +58,18 @@ def invert_upper_(upper: torch.Tensor, columns: int = 1024) -> torch.Tensor:
     """The inverse of an upper-triangular matrix, in place, ``columns`` at a time (blocked triangular
     inversion): with U = [[A, B], [0, D]], U^-1 = [[A^-1, -A^-1 B D^-1], [0, D^-1]], and A^-1 is already
     in place when the walk reaches B. A^-1 B is summed over row blocks of A^-1 from their diagonal
-    on (the zeros below it are skipped), so the temporaries are panels, never a K x K identity or
-    solve result. Equal to one solve against the identity within 1e-14 (fp64)."""
+    on (the zeros below it are skipped) and written over B as it goes (a row block reads only the rows
+    of B from its own on), so the temporaries are ``columns`` x ``columns`` panels, never a K x K
+    identity, solve result or column of blocks. Equal to one solve against the identity within 1e-14 (fp64)."""
     k = upper.shape[0]
     for start in range(0, k, columns):
         end = min(start + columns, k)
         eye = torch.eye(end - start, dtype=upper.dtype, device=upper.device)
         d_inv = torch.linalg.solve_triangular(upper[start:end, start:end], eye, upper=True)
-        if start:
-            ab = torch.empty(start, end - start, dtype=upper.dtype, device=upper.device)
-            for r in range(0, start, columns):
-                ab[r:r + columns] = upper[r:r + columns, r:start] @ upper[r:start, start:end]
-            upper[:start, start:end] = (ab @ d_inv).neg_()
+        for r in range(0, start, columns):
+            upper[r:r + columns, start:end] = upper[r:r + columns, r:start] @ upper[r:start, start:end]
+        for r in range(0, start, columns):
+            upper[r:r + columns, start:end] = (upper[r:r + columns, start:end] @ d_inv).neg_()
         upper[start:end, start:end] = d_inv
     return upper
 

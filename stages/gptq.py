@@ -125,22 +125,21 @@ class Gptq(Stage):
                 picked = sample_rows(weight.shape[0])
                 sample = weight.data[picked]
                 rtn = output_error(sample, Grid(args.bits, args.group_size).nearest(sample), hessian)
-                try:  # consumes the Hessian: its memory becomes the factor
+                try:  # rounds the weight in place and consumes the Hessian: its memory becomes the factor
                     r = gptq(weight.data, hessian, args.bits, args.group_size, args.dampening, args.act_order,
                              args.blocksize, name)
                 except ValueError as e:
                     raise StageFailed(str(e), field=f"{where}.dampening") from e
                 del hessian  # the factor's memory, freed before the next Linear's
                 loss = float(r.row_error[picked].sum())
-                weight.data.copy_(r.weight)
                 scales[name] = r.scales.cpu()  # the quantize stage writes them into the CPU-side graph
                 rows.append([name, "x".join(map(str, weight.shape)), f"{rtn:.4g}", f"{loss:.4g}",
                              round(loss / rtn, 4) if rtn else 1.0])
-                del r  # its fp32 weight, before the next Linear's work
 
         engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, ctx.recipe.calibration.dtype),
                                  ctx.events, ctx.offload)
-        engine.run({i: m for i, m in by_block.items() if m}, {"hessian"}, "sequential", on_block=on_block, keep=False)
+        engine.run({i: m for i, m in by_block.items() if m}, {"hessian"}, "sequential", on_block=on_block, keep=False,
+                   by_input=True)  # one input's Hessian at a time
         save_file({n: s.contiguous() for n, s in scales.items()}, str(folder / SCALES))
         ctx.weight_scales = scales
         ratios = [r[-1] for r in rows]

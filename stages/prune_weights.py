@@ -133,7 +133,7 @@ class PruneWeights(Stage):
         engine = LayerwiseEngine(ctx.model, ctx.adapter, ctx.calibration, getattr(torch, spec.dtype), ctx.events,
                                  ctx.offload)
         stats = engine.run(by_block, set(criterion.activations), "sequential", on_block=lambda block, s: prune(s, s),
-                           keep=held)
+                           keep=held, by_input=not held)  # dropped Hessians: one input's at a time
         if held:
             ctx.cache.save(key, stats)
         return {"statistics": "sequential", "cache": "miss" if held else "off (offloaded Hessians)",

@@ -41,7 +41,6 @@ _ROWS = 2**23  # weights per slice of rows GPTQ walks at once (32 MiB in fp32)
 
 @dataclass(frozen=True)
 class GptqResult:
-    weight: torch.Tensor  # float32 [N, K], every entry exactly q * scale of its group
     scales: torch.Tensor  # float32 [N, groups]; [N, 1] for one scale per output row
     row_error: torch.Tensor  # float64 [N]: each output row's output_error, from the walk itself
 
@@ -60,12 +59,14 @@ def output_error(weight: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor)
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None = None,
          dampening: float = 0.01, act_order: bool = False, blocksize: int = 128, name: str = "layer") -> GptqResult:
-    """``weight`` [N, K] rounded to the ``bits`` grid (groups of ``group_size`` along K, or one scale
-    per row) by GPTQ on ``hessian`` [K, K], which is consumed: its memory becomes the inverse factor
-    (256 MiB at a 3B model's down_proj, not a second matrix beside it). ``name`` labels errors.
+    """``weight`` [N, K] rounded in place to the ``bits`` grid (groups of ``group_size`` along K, or one
+    scale per row; each entry q * scale, exact in fp32, rounded once more to a narrower dtype) by GPTQ
+    on ``hessian`` [K, K], which is consumed: its memory becomes the inverse factor (256 MiB at a 3B
+    model's down_proj, not a second matrix beside it). ``name`` labels errors.
 
-    Rows are independent given the factor, so they are walked _ROWS weights at a time: the fp32
-    working copies are slices, not three Linear-sized matrices. Each fixed column raises the damped
+    Rows are independent given the factor, so they are walked _ROWS weights at a time and written
+    back as they are done: the fp32 working copies are two slices, not three Linear-sized matrices
+    (201 -> 74 MiB beside H at a 3B model's down_proj). Each fixed column raises the damped
     objective 1/2 (W - W0)(H + lambda I)(W - W0)^T by exactly errors^2 / 2 (OBS, summed over the walk),
     so every row's output error comes out of the walk with the damping's share taken off: no N K^2
     product after it."""
@@ -78,22 +79,26 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     n, k = weight.shape
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     u = fp32_factor(h[order][:, order] if order is not None else h, dampening, name)
-    new = torch.empty(n, k, dtype=torch.float32, device=weight.device)
     scales = torch.empty(n, grid.groups(k), dtype=torch.float32, device=weight.device)
     row_error = torch.empty(n, dtype=torch.float64, device=weight.device)
     for rows in row_slices(weight, _ROWS):
         w = weight[rows].to(torch.float32, copy=True)
         w[:, dead] = 0
-        new[rows], scales[rows], walked = _walk(w, u, grid, order, blocksize)
-        change = (new[rows] - weight[rows].float()).masked_fill_(dead, 0)  # over the inputs calibration excited
-        row_error[rows] = 0.5 * walked - 0.5 * lam * (change * change).sum(1, dtype=torch.float64)
-    return GptqResult(new, scales, row_error)
+        new, scales[rows], walked = _walk(w, u, grid, order, blocksize)
+        del w  # the rounded rows now (or, with act_order, their reordered copy's source)
+        change = weight[rows].to(torch.float32, copy=True).sub_(new).masked_fill_(dead, 0)  # over excited inputs
+        row_error[rows] = 0.5 * walked - 0.5 * lam * change.square_().sum(1).double()  # (dtype=fp64 upcasts it whole)
+        weight[rows] = new
+        del new, change  # before the next slice's copies
+    return GptqResult(scales, row_error)
 
 
 def _walk(w: torch.Tensor, u: torch.Tensor, grid: Grid, order: torch.Tensor | None,
           blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ's column walk over rows ``w`` [R, K] (fp32, changed in place), in ``order`` (act_order) or
-    as they come: their rounded weights in the original order, scales, and sum of squared errors."""
+    """GPTQ's column walk over rows ``w`` [R, K] (fp32), in ``order`` (act_order) or as they come: their
+    rounded weights in the original order, scales, and sum of squared errors. The rounded weights are
+    written over ``w`` block by block (a block's columns are never read again once it is walked): w
+    itself is returned unless act_order reorders a copy."""
     k = w.shape[1]
     static = order is not None or grid.group_size is None
     scales = grid.scales(w) if static else w.new_zeros(w.shape[0], grid.groups(k))
@@ -102,19 +107,19 @@ def _walk(w: torch.Tensor, u: torch.Tensor, grid: Grid, order: torch.Tensor | No
         w = w[:, order]
     zero = w == 0  # pruned weights stay zero
     group_of = walk // grid.width(k)  # group (original columns) of each column in walk order
-    q = torch.zeros_like(w)
     walked = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for start in range(0, k, blocksize):
         end = min(start + blocksize, k)
         block = w[:, start:end].clone()  # contiguous: the column loop runs on it
-        errors = torch.zeros_like(block)
+        errors, rounded = torch.zeros_like(block), torch.empty_like(block)
         for i, col in enumerate(range(start, end)):
             if not static and col % grid.width(k) == 0:
                 first = block[:, i:i + grid.width(k)].masked_fill(zero[:, col:col + grid.width(k)], 0)
                 scales[:, group_of[col]] = grid.scales(first)[:, 0]
-            q[:, col] = grid.round(block[:, i], scales[:, group_of[col]]).masked_fill(zero[:, col], 0)
-            errors[:, i] = (block[:, i] - q[:, col]) / u[col, col]
+            rounded[:, i] = grid.round(block[:, i], scales[:, group_of[col]]).masked_fill(zero[:, col], 0)
+            errors[:, i] = (block[:, i] - rounded[:, i]) / u[col, col]
             block[:, i:].addr_(errors[:, i], u[col, col:end], alpha=-1)  # later columns compensate
         walked += (errors * errors).sum(1, dtype=torch.float64)
         w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)  # the block's errors, spread to the columns after it
-    return (q[:, torch.argsort(order)] if order is not None else q), scales, walked
+        w[:, start:end] = rounded
+    return (w[:, torch.argsort(order)] if order is not None else w), scales, walked

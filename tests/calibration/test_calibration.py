@@ -145,6 +145,44 @@ def test_sequential_engine_matches_reference(llama_dir, batch_size):
         assert torch.equal(p == 0, dict(ref_model.named_parameters())[name] == 0), name
 
 
+def test_one_pass_per_input_last_first_equals_one_pass(llama_dir):
+    """by_input: the callback sees one input's statistics at a time, the block's last input first, and
+    every statistic and pruned weight equals the one-pass run's (each input depends only on modules
+    that run before it, which are pruned after it)."""
+    spec = CalibrationSpec(num_samples=6, seq_len=12, batch_size=4)
+    adapter = adapter_for("llama", "causal-lm")
+    method = Wanda(Wanda.Args(method="wanda", sparsity=0.5))
+    runs = []
+    for by_input in (False, True):
+        model, tok = _load(llama_dir, "causal-lm")
+        batches = TASKS["causal-lm"].calibration_batches(tok, spec)
+        seen: list[list[str]] = []
+
+        def prune(block, stats, model=model, seen=seen):
+            seen.append([n.removeprefix(f"{block.prefix}.") for n in stats])
+            for name in stats:
+                w = model.get_submodule(name).weight.data
+                w[method.mask(name, w, Stats(stats[name]))] = 0
+
+        targets = {b.index: {n: model.get_submodule(n) for n in b.linears} for b in adapter.blocks(model)}
+        stats = LayerwiseEngine(model, adapter, batches).run(targets, {"sq_norm", "hessian"}, "sequential",
+                                                             on_block=prune, by_input=by_input)
+        runs.append((model, stats, seen))
+    (one, one_stats, one_seen), (split, split_stats, split_seen) = runs
+    blocks = len(adapter.blocks(one))
+    assert len(one_seen) == blocks and all(len(names) == 7 for names in one_seen)  # a block's 7 Linears at once
+    assert split_seen == [["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["self_attn.o_proj"],
+                          ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]] * blocks
+    assert one_stats.keys() == split_stats.keys()
+    for name, t in one_stats.items():
+        for key in t:
+            assert torch.equal(t[key], split_stats[name][key]), (name, key)
+    for name, p in one.named_parameters():
+        assert torch.equal(p, dict(split.named_parameters())[name]), name
+    with pytest.raises(ValueError, match="by_input splits the statistics pass of sequential propagation"):
+        LayerwiseEngine(one, adapter, batches).run({}, {"hessian"}, "dense", by_input=True)
+
+
 def test_dense_engine_with_padding_matches_unpadded_full_forward(bert_dir, tmp_path):
     """Padded, masked batches give the statistics of the same texts run one by one without padding."""
     model, tok = _load(bert_dir, "feature-extraction")

@@ -58,15 +58,21 @@ def _obs_reference(w: torch.Tensor, h: torch.Tensor, grid: Grid, dampening: floa
     return q[:, torch.argsort(order)]
 
 
+def _rounded(w: torch.Tensor, *args, **kwargs):
+    """GPTQ on a copy of ``w`` (it rounds in place): the rounded copy and the result."""
+    q = w.clone()
+    return q, gptq(q, *args, **kwargs)
+
+
 @pytest.mark.parametrize("bits, group", [(4, 4), (4, 6), (4, None), (8, None)])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_a_diagonal_hessian_gives_round_to_nearest(bits, group, act_order):
     """With uncorrelated inputs no column can compensate another: GPTQ is plain rounding."""
     w = _weight(0, 5, 16) * 3
     h = torch.diag(torch.rand(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1)
-    out = gptq(w, h.clone(), bits, group, act_order=act_order, blocksize=12 if group == 6 else 8)
+    q, out = _rounded(w, h.clone(), bits, group, act_order=act_order, blocksize=12 if group == 6 else 8)
     grid = Grid(bits, group)
-    assert torch.equal(out.weight, grid.nearest(w)) and torch.equal(out.scales, grid.scales(w))
+    assert torch.equal(q, grid.nearest(w)) and torch.equal(out.scales, grid.scales(w))
 
 
 @pytest.mark.parametrize("shape, group, blocksize", [
@@ -76,21 +82,21 @@ def test_blocked_cholesky_walk_equals_the_unblocked_obs_reference(shape, group, 
     n, k = shape
     w, h = _weight(2, n, k), _hessian(_inputs(3, k))
     grid = Grid(4, group)
-    out = gptq(w, h.clone(), 4, group, blocksize=blocksize)
+    q, out = _rounded(w, h.clone(), 4, group, blocksize=blocksize)
     ref = _obs_reference(w, h, grid, static_scales=grid.scales(w) if group is None else None)
-    torch.testing.assert_close(out.weight.double(), ref, rtol=0, atol=1e-5)
-    assert not torch.equal(out.weight, grid.nearest(w))  # the compensation changed some rounding
+    torch.testing.assert_close(q.double(), ref, rtol=0, atol=1e-5)
+    assert not torch.equal(q, grid.nearest(w))  # the compensation changed some rounding
 
 
 def test_act_order_walks_by_decreasing_hessian_diagonal_with_contiguous_static_groups():
     w, x = _weight(4, 4, 12), _inputs(5, 12)
     h = _hessian(x)
     grid = Grid(4, 4)
-    out = gptq(w, h.clone(), 4, 4, act_order=True, blocksize=5)  # any block size: the groups are fixed up front
+    q, out = _rounded(w, h.clone(), 4, 4, act_order=True, blocksize=5)  # any block size: the groups are fixed up front
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
     assert not torch.equal(order, torch.arange(12))
     ref = _obs_reference(w, h, grid, order=order, static_scales=grid.scales(w))
-    torch.testing.assert_close(out.weight.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(q.double(), ref, rtol=0, atol=1e-5)
     assert torch.equal(out.scales, grid.scales(w))
 
 
@@ -99,18 +105,18 @@ def test_act_order_walks_by_decreasing_hessian_diagonal_with_contiguous_static_g
 def test_weights_lie_exactly_on_the_returned_grid_and_the_formats_store_them(bits, group, act_order):
     """w / scale is an integer in range; the export's numpy grid, given the scales, stores q * scale."""
     w, h = _weight(6, 8, 40) * 2, _hessian(_inputs(7, 40))
-    out = gptq(w, h.clone(), bits, group, act_order=act_order, blocksize=48 if group == 24 else 16)
+    q, out = _rounded(w, h.clone(), bits, group, act_order=act_order, blocksize=48 if group == 24 else 16)
     grid = Grid(bits, group)
-    ratio = out.weight / grid.per_column(out.scales, 40)
+    ratio = q / grid.per_column(out.scales, 40)
     assert (ratio - ratio.round()).abs().max() < 1e-5
     assert grid.levels[0] <= ratio.round().min() and ratio.round().max() <= grid.levels[1]
     if bits == 4:
-        q, scale = int4_blocks(out.weight.T.numpy(), group, out.scales.T.numpy())
-        stored = q.astype(np.float32) * np.repeat(scale, group, 0)[:40]
-        assert np.array_equal(stored.T, out.weight.numpy())
+        ints, scale = int4_blocks(q.T.numpy(), group, out.scales.T.numpy())
+        stored = ints.astype(np.float32) * np.repeat(scale, group, 0)[:40]
+        assert np.array_equal(stored.T, q.numpy())
     else:
-        q, scale = int8_per_channel(out.weight.numpy(), 0, out.scales[:, 0].numpy())
-        assert np.array_equal(q.astype(np.float32) * scale[:, None], out.weight.numpy())
+        ints, scale = int8_per_channel(q.numpy(), 0, out.scales[:, 0].numpy())
+        assert np.array_equal(ints.astype(np.float32) * scale[:, None], q.numpy())
 
 
 def test_output_error_by_slices_of_rows_equals_the_whole_trace(monkeypatch):
@@ -128,14 +134,14 @@ def test_layer_output_error_below_round_to_nearest(seed, bits, group):
     x, w = _inputs(10 + seed, 64, tokens=512), _weight(20 + seed, 32, 64)
     h = _hessian(x)
     for act_order in (False, True):
-        out = gptq(w, h.clone(), bits, group, act_order=act_order, blocksize=32)
+        q, out = _rounded(w, h.clone(), bits, group, act_order=act_order, blocksize=32)
         rtn = Grid(bits, group).nearest(w)
-        gptq_err, rtn_err = (x @ (w - out.weight).T).norm(), (x @ (w - rtn).T).norm()
+        gptq_err, rtn_err = (x @ (w - q).T).norm(), (x @ (w - rtn).T).norm()
         assert gptq_err < 0.9 * rtn_err, (act_order, gptq_err, rtn_err)
-        loss = output_error(w, out.weight, h)
+        loss = output_error(w, q, h)
         assert loss == pytest.approx(float(gptq_err.double() ** 2 / 512), rel=1e-4)  # mean ||(W - Q) x||^2
         assert loss < output_error(w, rtn, h)
-        rows = [output_error(w[r:r + 1], out.weight[r:r + 1], h) for r in range(32)]  # the walk's own errors
+        rows = [output_error(w[r:r + 1], q[r:r + 1], h) for r in range(32)]  # the walk's own errors
         torch.testing.assert_close(out.row_error, torch.tensor(rows, dtype=torch.float64), rtol=1e-3, atol=1e-7)
 
 
@@ -145,9 +151,9 @@ def test_the_hessian_is_consumed_and_dead_inputs_count_no_error():
     x[:, 3] = 0
     w, h = _weight(61, 4, 16), _hessian(x)
     given = h.clone()
-    out = gptq(w, given, 4, 8, blocksize=8)
+    q, out = _rounded(w, given, 4, 8, blocksize=8)
     assert not torch.equal(given, h)  # overwritten in place
-    torch.testing.assert_close(out.row_error.sum().item(), output_error(w, out.weight, h), rtol=1e-3, atol=0)
+    torch.testing.assert_close(out.row_error.sum().item(), output_error(w, q, h), rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -158,10 +164,10 @@ def test_pruned_zeros_stay_zero_and_dead_inputs_are_zeroed(act_order):
     keep = torch.zeros(16, 8, 4, dtype=torch.bool)
     keep[:, :, :2] = True  # 2:4: the first two of every four kept
     w2 = w * keep.view(16, 32)
-    out = gptq(w2, _hessian(x), 4, 8, act_order=act_order, blocksize=16)
-    assert (out.weight[w2 == 0] == 0).all() and (out.weight[:, 5] == 0).all()
-    assert ((out.weight.view(16, 8, 4) != 0).sum(-1) <= 2).all()  # still 2:4
-    moved = out.weight != Grid(4, 8).nearest(w2)
+    q, out = _rounded(w2, _hessian(x), 4, 8, act_order=act_order, blocksize=16)
+    assert (q[w2 == 0] == 0).all() and (q[:, 5] == 0).all()
+    assert ((q.view(16, 8, 4) != 0).sum(-1) <= 2).all()  # still 2:4
+    moved = q != Grid(4, 8).nearest(w2)
     assert moved[:, 6:].any()  # the kept weights did compensate
 
 
@@ -169,7 +175,7 @@ def test_errors():
     w, h = _weight(40, 3, 8), _hessian(_inputs(41, 8))
     with pytest.raises(ValueError, match="blocksize 12 must be a multiple of group_size 8"):
         gptq(w, h.clone(), 4, 8, blocksize=12)
-    gptq(w, h.clone(), 4, 8, blocksize=12, act_order=True)  # static groups: any block size
+    _rounded(w, h.clone(), 4, 8, blocksize=12, act_order=True)  # static groups: any block size
     with pytest.raises(ValueError, match="bits 3: the formats store 4 or 8"):
         gptq(w, h.clone(), 3, 8)
     with pytest.raises(ValueError, match=r"Hessian \(8, 8\) does not match weight \(3, 4\)"):
@@ -182,8 +188,17 @@ def test_errors():
 def test_slices_of_rows_walk_as_the_whole_matrix(monkeypatch, group, act_order):
     """Rows are independent given the factor: walking 3 rows at a time gives the one-slice result."""
     w, h = _weight(70, 10, 32), _hessian(_inputs(71, 32))
-    whole = gptq(w, h.clone(), 4, group, act_order=act_order, blocksize=16)
+    q, whole = _rounded(w, h.clone(), 4, group, act_order=act_order, blocksize=16)
     monkeypatch.setattr(gptq_module, "_ROWS", 3 * 32)
-    sliced = gptq(w, h.clone(), 4, group, act_order=act_order, blocksize=16)
-    for a, b in zip((whole.weight, whole.scales, whole.row_error), (sliced.weight, sliced.scales, sliced.row_error)):
+    q_sliced, sliced = _rounded(w, h.clone(), 4, group, act_order=act_order, blocksize=16)
+    for a, b in zip((q, whole.scales, whole.row_error), (q_sliced, sliced.scales, sliced.row_error)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_narrower_weight_is_rounded_in_place_to_the_fp32_result_cast_once():
+    w, h = _weight(80, 8, 32), _hessian(_inputs(81, 32))
+    half = w.bfloat16()
+    q, _ = _rounded(half.float(), h.clone(), 4, 16, blocksize=16)
+    storage = half.data_ptr()
+    gptq(half, h.clone(), 4, 16, blocksize=16)
+    assert half.data_ptr() == storage and torch.equal(half, q.bfloat16())
