@@ -136,6 +136,7 @@ def stage_records(run: Path) -> list[dict]:
     for path in sorted((base / "stages").glob("*/result.json")):
         r = json.loads(path.read_text())
         rows.append({"stage": path.parent.name, "seconds": r["seconds"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
+                     "start_rss_mib": r["memory"].get("start_rss_mib"),  # records before it was measured lack it
                      "metrics": {k: v for k, v in r["metrics"].items() if not isinstance(v, (dict, list))}})
     return rows
 
@@ -159,6 +160,9 @@ def report(run: Path, args, wall: float | None, finished: bool) -> Path:
     for s in stages:
         s["above_baseline_mib"] = round(s["peak_rss_mib"] - base, 1)
         s["above_baseline_in_blocks"] = round(s["above_baseline_mib"] / size["block_mib"], 2)
+        if s["start_rss_mib"] is not None:  # the stage's own share: above what the process held when it began
+            s["above_start_mib"] = round(s["peak_rss_mib"] - s["start_rss_mib"], 1)
+            s["above_start_in_blocks"] = round(s["above_start_mib"] / size["block_mib"], 2)
         if s["stage"].split("-", 1)[1] in ("prune_weights", "gptq"):
             s["seconds_per_block"] = round(s["seconds"] / blocks, 1)
     manifest = run / "manifest.json"

@@ -19,32 +19,49 @@ _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def reset_peak(device: torch.device) -> str:
-    """Start a new peak; returns what the next `peak` covers: "stage" or "process"."""
+def reset_peak(device: torch.device) -> dict:
+    """Start a new peak; returns what the next `peak` reports beside it: what the peak covers
+    ("stage" or "process") and the resident set at the start (MiB), what the stage found already held
+    (the imported libraries, the model's skeleton, the calibration set), so its own share is the difference."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         _CLEAR_REFS.write_text("5")
+        since = "stage"
     except OSError:
-        return "process"
-    return "stage"
+        since = "process"
+    return {"since": since, "start_rss_mib": round(_resident_kib() / 1024, 1)}
 
 
-def peak(device: torch.device, since: str) -> dict:
-    """The peaks since `reset_peak`, in MiB: resident set, and CUDA allocations on a GPU."""
-    out = {"peak_rss_mib": round(_rss_high_water_kib() / 1024, 1), "since": since}
+def peak(device: torch.device, start: dict) -> dict:
+    """The peaks since `reset_peak` (whose ``start`` it carries), in MiB: resident set, and CUDA
+    allocations on a GPU."""
+    out = {"peak_rss_mib": round(_rss_high_water_kib() / 1024, 1), **start}
     if device.type == "cuda":
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
-def _rss_high_water_kib() -> float:
+def _status_kib(field: str) -> float | None:
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return float(line.split()[1])
     except OSError:
         pass
+    return None
+
+
+def _resident_kib() -> float:
+    """The resident set now (the high-water mark where /proc is missing)."""
+    now = _status_kib("VmRSS")
+    return now if now is not None else _rss_high_water_kib()
+
+
+def _rss_high_water_kib() -> float:
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return maxrss / 1024 if sys.platform == "darwin" else float(maxrss)
 

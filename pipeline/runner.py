@@ -261,11 +261,11 @@ def _run_stage(ctx: RunContext, stage: Stage, label: str, sdir: Path, fingerprin
         write_atomic(sdir / STARTED, fingerprint)
     ctx.events.log(f"[bold]{label}[/] ({REGISTRY[stage.type].describe(stage.args)})")
     ctx.events.emit("stage_start", type=stage.type, params=stage.args.model_dump(mode="json"))
-    since = memory.reset_peak(ctx.device)
+    start = memory.reset_peak(ctx.device)
     t = time.perf_counter()
     result = stage.run(ctx, sdir)
     seconds = round(time.perf_counter() - t, 3)
-    used = memory.peak(ctx.device, since)
+    used = memory.peak(ctx.device, start)
     if stage.changes_model:
         _save(ctx, sdir / MODEL)
     write_atomic(sdir / "result.json", dump({

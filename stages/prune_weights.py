@@ -88,8 +88,7 @@ class PruneWeights(Stage):
             for name in names:
                 module = ctx.model.get_submodule(name)
                 with torch.no_grad():
-                    weight, _ = criterion.prune(name, module.weight.data, Stats(stats[name]) if stats else None)
-                    module.weight.data.copy_(weight)
+                    criterion.prune(name, module.weight.data, Stats(stats[name]) if stats else None)
                 w = module.weight.data
                 pruned[name] = ("x".join(map(str, w.shape)), w.numel() - int(torch.count_nonzero(w)), w.numel())
             trim_heap()  # a block's freed activations fragment the heap: in memory, +40 MiB resident per block

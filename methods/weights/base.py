@@ -103,8 +103,8 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 class Criterion(ABC):
     """One importance score per weight, and the data it reads; `prune` is what the stage calls.
 
-    Most criteria only score: `prune` zeroes the masked weights and keeps the rest. A criterion that
-    also moves the kept weights (SparseGPT's error compensation) overrides `prune`.
+    Most criteria only score: `prune` zeroes the masked weights in place and keeps the rest. A criterion
+    that also moves the kept weights (SparseGPT's error compensation) overrides `prune`.
 
     The declarations decide what the stage asks of calibration, so a new criterion never edits the
     stage: ``activations`` (input-statistic kinds of calibration/collectors.py; empty = weights
@@ -152,7 +152,9 @@ class Criterion(ABC):
             mask[rows] = nm_mask(score, *self.args.nm) if self.args.nm else row_mask(score, self.args.sparsity)
         return mask
 
-    def prune(self, name: str, weight: torch.Tensor, stats: Stats | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new weight, mask): the weight with its masked entries zeroed, in the weight's dtype."""
+    def prune(self, name: str, weight: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+        """Zero the masked entries of ``weight`` in place (no second Linear-sized tensor: 48 MiB at a 3B
+        model's MLP in bfloat16) and return the mask."""
         mask = self.mask(name, weight, stats)
-        return weight.masked_fill(mask, 0), mask
+        weight.masked_fill_(mask, 0)
+        return mask

@@ -63,7 +63,8 @@ class SparseGPT(Criterion):
             w[:, start:end] = block
             w[:, end:] -= errors @ factor[start:end, end:]  # the block's errors, spread to later columns
         mask |= dead.unsqueeze(0)
-        return w.to(weight.dtype).masked_fill(mask, 0), mask
+        weight.copy_(w.masked_fill_(mask, 0))
+        return mask
 
     def _prune_block(self, w: torch.Tensor, mask: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         """Prune ``w`` (one column block) in place, filling ``mask`` (a view); returns the scaled errors."""

@@ -84,12 +84,20 @@ def test_criteria_are_registered_by_name():
         Magnitude, Wanda, GBLM, SparseGPT)
 
 
+def _pruned(criterion, weight: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pruned copy of ``weight`` (criteria prune in place) and the mask."""
+    new = weight.clone()
+    return new, criterion.prune("l", new, stats)
+
+
 def test_default_prune_zeroes_the_mask_and_keeps_the_rest():
     w = torch.tensor([[1.0, -3.0, 0.5, 2.0], [4.0, 0.1, -0.2, 3.0]], dtype=torch.float16)
     magnitude = CRITERIA["magnitude"](_args(method="magnitude", pattern="2:4"))
-    new, mask = magnitude.prune("l", w, None)
+    storage = w.data_ptr()
+    mask = magnitude.prune("l", w, None)
     assert mask.tolist() == [[True, False, True, False], [False, True, True, False]]
-    assert new.dtype == torch.float16 and new.tolist() == [[0.0, -3.0, 0.0, 2.0], [4.0, 0.0, 0.0, 3.0]]
+    assert w.data_ptr() == storage and w.dtype == torch.float16  # in place
+    assert w.tolist() == [[0.0, -3.0, 0.0, 2.0], [4.0, 0.0, 0.0, 3.0]]
 
 
 @pytest.mark.parametrize("method, propagation, dense", [

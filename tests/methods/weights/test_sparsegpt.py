@@ -17,6 +17,7 @@ from methods.weights.sparsegpt import SparseGPT
 from pipeline.runner import run
 
 from ...conftest import text_recipe, write_recipe
+from .test_base import _pruned
 
 
 def _stats(x: torch.Tensor) -> Stats:
@@ -46,7 +47,7 @@ def _damped(stats: Stats, dampening: float = 0.01) -> torch.Tensor:
 def test_exact_nm_after_pruning(pattern, blocksize):
     n, m = map(int, pattern.split(":"))
     w = torch.randn(24, 64)
-    new, mask = _sparsegpt(pattern=pattern, blocksize=blocksize).prune("l", w, _stats(_inputs(0)))
+    new, mask = _pruned(_sparsegpt(pattern=pattern, blocksize=blocksize), w, _stats(_inputs(0)))
     assert (mask.view(24, -1, m).sum(-1) == m - n).all()
     assert (new[mask] == 0).all() and (new[~mask] != 0).all()
     assert new.dtype == w.dtype and not torch.equal(new[~mask], w[~mask])  # the kept weights moved
@@ -54,7 +55,7 @@ def test_exact_nm_after_pruning(pattern, blocksize):
 
 def test_unstructured_target_per_column_block_over_all_rows():
     w = torch.randn(16, 64)
-    new, mask = _sparsegpt(sparsity=0.5, blocksize=16).prune("l", w, _stats(_inputs(1)))
+    new, mask = _pruned(_sparsegpt(sparsity=0.5, blocksize=16), w, _stats(_inputs(1)))
     assert mask.view(16, 4, 16).sum((0, 2)).tolist() == [128] * 4  # floor(16 * 16 * 0.5) per block
     assert len(set(mask.sum(1).tolist())) > 1  # rows compete: not a per-row quota
     assert int((new == 0).sum()) == 512
@@ -69,7 +70,7 @@ def test_layer_output_error_below_wanda_and_magnitude(seed, shape):
     stats, flat = Stats(s.tensors()), x.reshape(-1, 64)
     errors = {}
     for name in ("magnitude", "wanda", "sparsegpt"):
-        new, _ = CRITERIA[name](CRITERIA[name].Args(method=name, **shape)).prune("l", w, stats)
+        new, _ = _pruned(CRITERIA[name](CRITERIA[name].Args(method=name, **shape)), w, stats)
         assert (new == 0).float().mean() == 0.5
         errors[name] = (flat @ w.T - flat @ new.T).norm()
     assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], errors
@@ -80,7 +81,7 @@ def test_one_pruned_weight_is_the_obs_update_and_the_least_squares_optimum():
     x = _inputs(3, channels=4, tokens=64)
     stats = _stats(x)
     w = torch.tensor([[0.01, 1.0, -2.0, 1.5]], dtype=torch.float64)  # w_0 has by far the lowest saliency
-    new, mask = _sparsegpt(pattern="3:4").prune("l", w, stats)
+    new, mask = _pruned(_sparsegpt(pattern="3:4"), w, stats)
     assert mask.tolist() == [[True, False, False, False]]
 
     hinv = torch.linalg.inv(_damped(stats))
@@ -98,7 +99,7 @@ def test_columns_after_the_last_pruned_one_are_least_squares_optimal():
     """Every update, across column blocks too, keeps the later columns optimal given the fixed ones."""
     g = torch.Generator().manual_seed(4)  # not the global RNG: other tests' seeds would decide which rows get checked
     stats, w = _stats(_inputs(4, channels=32)), torch.randn(6, 32, dtype=torch.float64, generator=g)
-    new, mask = _sparsegpt(sparsity=0.3, blocksize=8).prune("l", w, stats)
+    new, mask = _pruned(_sparsegpt(sparsity=0.3, blocksize=8), w, stats)
     h = _damped(stats)
     checked = 0
     for r in range(6):
@@ -130,7 +131,7 @@ def test_factor_and_dead_inputs():
     assert torch.equal(u, u.triu())
     x = _inputs(5, channels=8, tokens=64)
     x[..., 3] = 0  # an input channel the calibration never excites
-    new, mask = _sparsegpt(pattern="2:4").prune("l", torch.randn(4, 8), _stats(x))
+    new, mask = _pruned(_sparsegpt(pattern="2:4"), torch.randn(4, 8), _stats(x))
     assert (new[:, 3] == 0).all() and mask[:, 3].all()
 
 
