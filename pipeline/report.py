@@ -127,6 +127,8 @@ def _peak(memory: dict | None) -> str:
     if not memory:
         return ""
     text = f"{memory['peak_rss_mib']:,.0f}" + ("" if memory["since"] == "stage" else " (process)")
+    if "start_rss_mib" in memory:  # what the process held as the stage began (older runs lack it)
+        text += f" (start {memory['start_rss_mib']:,.0f})"
     return text + (f", CUDA {memory['peak_cuda_mib']:,.0f}" if "peak_cuda_mib" in memory else "")
 
 

@@ -155,7 +155,10 @@ def test_force_resume_and_failed_stage(bert_dir, tmp_path):
     assert [s["status"] for s in m["stages"]] == ["resumed", "resumed", "ran"]
     # each stage's own peak memory, carried over from the partial run for the reused ones
     assert all(s["memory"]["peak_rss_mib"] > 50 and s["memory"]["since"] == "stage" for s in m["stages"])
-    assert "| peak memory (MiB) |" in (out / "report.md").read_text()
+    assert all(50 < s["memory"]["start_rss_mib"] <= s["memory"]["peak_rss_mib"] for s in m["stages"])
+    report = (out / "report.md").read_text()
+    assert "| peak memory (MiB) |" in report
+    assert f"{m['stages'][2]['memory']['peak_rss_mib']:,.0f} (start {m['stages'][2]['memory']['start_rss_mib']:,.0f})" in report
     events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert events.count("stage_reused") == 2
     assert not (out / "stages" / "01-prune_weights" / "model").exists()  # resume snapshots are dropped
