@@ -111,6 +111,7 @@ def test_int4_graph_stores_gptq_integers_and_resume_restores_the_scales(bert_dir
     assert metrics["layers"] == 12 and metrics["act_order"] and metrics["mean_loss_ratio"] < 1
     assert m["onnx"]["quantization"]["scale"] == "max|w| / 7 per group of K; chosen by gptq for 12 layers"
     scales = load_file(out / "stages" / "01-gptq" / "scales.safetensors")
+    assert not (out / "stages" / "01-gptq" / "scales-by-block").exists()  # each block's, merged into one file
     stored = _stored(out, onnx.load(out / "model.onnx"))
     assert sorted(stored) == sorted(scales)
     for name, (w, q, scale) in stored.items():  # MatMul layout: q [K, N], scale [groups, N]
