@@ -35,8 +35,10 @@ def reset_peak(device: torch.device) -> dict:
 
 def peak(device: torch.device, start: dict) -> dict:
     """The peaks since `reset_peak` (whose ``start`` it carries), in MiB: resident set, and CUDA
-    allocations on a GPU."""
-    out = {"peak_rss_mib": round(_rss_high_water_kib() / 1024, 1), **start}
+    allocations on a GPU. The kernel updates the high-water mark lazily, so a stage that only freed
+    memory can read below its own start: the start, itself resident during the stage, bounds it."""
+    high = max(round(_rss_high_water_kib() / 1024, 1), start["start_rss_mib"])
+    out = {"peak_rss_mib": high, **start}
     if device.type == "cuda":
         out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
