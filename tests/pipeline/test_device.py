@@ -33,7 +33,8 @@ EVALUATED = [*STAGES, {"type": "evaluate"}]
 # (commit 124f799, torch 2.13.0, onnxruntime 1.31.1): the checkpoint, the preprocessor, the golden inputs, the
 # distillation loss curve and the ONNX graph. Not compared: files with timings (events, results, report), ONNX
 # Runtime's golden outputs (not bit-stable across runs), the exporter's metadata (it names the Python files
-# the graph was traced through, so the checkout's path), and recipe.yaml, which lost distill's `device: auto`.
+# the graph was traced through, so the checkout's path), the config's `transformers_version`, and recipe.yaml,
+# which lost distill's `device: auto`.
 BEFORE = json.loads((Path(__file__).parent / "data" / "cpu_run_before_device.json").read_text())
 FIXED = Path("/tmp/edgeprune-test-device")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.py)")
@@ -182,9 +183,17 @@ def _graph_digest(path: Path) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
+def _config_digest(path: Path) -> str:
+    """sha256 of the checkpoint's config without the transformers version that wrote it (a new release of
+    transformers changes that field and nothing the pipeline decided)."""
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k != "transformers_version"}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
 def _hashes(folder: Path, manifest: dict) -> dict[str, str]:
     out = {a["path"]: a["sha256"] for a in manifest["artifacts"] if a["path"] in BEFORE}
-    return {**out, "model.onnx without exporter metadata": _graph_digest(folder / "model.onnx")}
+    return {**out, "model.onnx without exporter metadata": _graph_digest(folder / "model.onnx"),
+            "checkpoint/config.json without transformers_version": _config_digest(folder / "checkpoint" / "config.json")}
 
 
 def test_a_cpu_run_writes_the_files_of_the_code_before_the_device_setting(bert_dir):
