@@ -39,6 +39,8 @@ def summarize(x: torch.Tensor, mask: torch.Tensor | None, kinds: frozenset[str],
     for key in sorted({key for kind in kinds for key in _SUMS[kind]} - sums.keys()):
         dtype = torch.float32 if key == "xtx" else torch.float64
         sums[key] = torch.zeros((c, c) if key == "xtx" else (c,), dtype=dtype, device=x.device)
+    if not sums:  # no kinds (a pass that only reads the execution order): nothing to upcast
+        return
     for rows in row_slices(x, _UPCAST):
         _accumulate(sums, x[rows].float())  # upcast before squaring: fp16/bf16 squares of 1e3-1e4 overflow
 
