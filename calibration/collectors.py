@@ -15,11 +15,15 @@ Kinds (what a stage can ask the calibrate stage for):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from core import tensorfile
 from core.memory import row_slices
 
 KINDS = ("sq_norm", "mean_var", "abs_max", "hessian")
@@ -188,6 +192,43 @@ class InputHooks:
             h.remove()
         self._last = None
         return {name: s.tensors() for name, s in self.stats.items()}
+
+
+class InputSpill:
+    """One module's input over a pass written to ``folder`` (a file per batch) instead of summarized, the
+    forward stopped right there; `stats` sums the files afterwards exactly as `InputHooks` would have.
+
+    For an offloaded block (calibration/layerwise.py): the block produces the input, and is released but
+    for the modules the statistics are for before a K x K Hessian is summed beside them (a 3B model's
+    down_proj: 256 MiB, beside a 192 MiB block). The input on disk is tokens x K in the compute dtype
+    (32 MiB at 8 x 256 tokens there, 4 GiB at 128 x 2048: not something to hold)."""
+
+    def __init__(self, module: nn.Module, folder: Path):
+        self.folder, self.batches, self.mask = folder, 0, None
+        folder.mkdir(parents=True, exist_ok=True)
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        tensors = {"x": args[0].detach().contiguous()} | ({} if self.mask is None else {"mask": self.mask})
+        save_file(tensors, str(self.folder / f"{self.batches:05d}.safetensors"))
+        self.batches += 1
+        raise _StopForward
+
+    def run(self, fn, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+        with contextlib.suppress(_StopForward):
+            fn()
+
+    def stats(self, kinds: Iterable[str], device: torch.device) -> InputStats:
+        """The statistics of every batch written, in order; the files are deleted."""
+        self._handle.remove()
+        stats = InputStats(kinds)
+        for i in range(self.batches):
+            path = self.folder / f"{i:05d}.safetensors"
+            batch = {k: t.to(device) for k, t in tensorfile.read(path).items()}
+            stats.update(batch["x"], batch.get("mask"))
+            path.unlink()
+        return stats
 
 
 class GradientHooks:

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from core import tensorfile
 from core.files import sha256_path
 
 from .adapters import Adapter, pretrained
@@ -42,10 +42,7 @@ class Shards:
         if index.is_file():
             self.files = {n: folder / f for n, f in json.loads(index.read_text())["weight_map"].items()}
         else:
-            self.files = {}
-            for path in sorted(folder.glob("*.safetensors")):
-                with safe_open(path, framework="pt") as f:
-                    self.files.update(dict.fromkeys(f.keys(), path))
+            self.files = {n: path for path in sorted(folder.glob("*.safetensors")) for n in tensorfile.header(path)[0]}
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """``names``, each file opened once; floating tensors cast to ``dtype``."""
@@ -56,13 +53,10 @@ class Shards:
 
 
 def read_file(path: Path, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """``names`` from one safetensors file; floating tensors cast to ``dtype``."""
-    out = {}
-    with safe_open(path, framework="pt", device=str(device)) as f:
-        for name in names:
-            t = f.get_tensor(name)
-            out[name] = t.to(dtype) if t.is_floating_point() else t
-    return out
+    """``names`` from one safetensors file into memory of their own (core/tensorfile.py: released
+    tensors give their memory back), on ``device``; floating tensors cast to ``dtype``."""
+    return {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            for n, t in tensorfile.read(path, names).items()}
 
 
 def skeleton(cls, config) -> nn.Module:
@@ -154,6 +148,21 @@ class Offloaded:
             self._release(names)
             self.resident.discard(prefix)
             trim_heap()
+
+    @contextlib.contextmanager
+    def only(self, prefix: str, modules: set[str]) -> Iterator[None]:
+        """Within the materialized block at ``prefix``, every tensor outside ``modules`` (full names)
+        released, and read again afterwards: for work on a few of its Linears (a 3B model's down_proj
+        GPTQ: its 256 MiB Hessian beside 48 MiB of weight, not the 192 MiB block). What is released must
+        be unchanged since the block was read: it comes back from the same file."""
+        names = [n for n in self._names(prefix) if not any(n.startswith(f"{m}.") for m in modules)]
+        self._release(names)
+        trim_heap()
+        try:
+            yield
+        finally:
+            for name, tensor in self._read(prefix, names).items():
+                self._put(name, tensor)
 
     def _stage(self, prefix: str, names: list[str]) -> None:
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -262,7 +271,11 @@ class Offloaded:
 
     def nonzero(self) -> int:
         """Nonzero entries over every weight file tensor, read one group at a time."""
-        return sum(int(torch.count_nonzero(t)) for _, group in self.tensors() for t in group.values())
+        total = 0
+        for _, group in self.tensors():
+            total += sum(int(torch.count_nonzero(t)) for t in group.values())
+            del group  # before the next group is read (a loop variable lives until it is rebound)
+        return total
 
     def save(self, folder: Path, extra: dict[str, torch.Tensor]) -> None:
         """Write the weights as sharded safetensors (one file per group, ``extra``'s tensors in one more: the
@@ -273,6 +286,7 @@ class Offloaded:
             file = f"{group}.safetensors"
             save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(folder / file))
             weight_map.update(dict.fromkeys(tensors, file))
+            del tensors  # before the next group is read: the embedding and the head were 2 x 288 MiB at 3B
         (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         self.rebase(folder)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from calibration.collectors import Stats
 from calibration.layerwise import LayerwiseEngine
 from calibration.spec import CalibrationSpec
 from core.errors import RecipeError
@@ -71,6 +72,44 @@ def test_statistics_equal_and_one_block_at_a_time(sharded, tmp_path):
     assert (off.loads, off.most_resident, off.resident) == (LAYERS, 1, set())
     assert all(p.is_meta for p in off.model.parameters())  # every block and the embeddings released
     assert not off.staged and not (tmp_path / "staging").exists()  # statistics change nothing
+
+
+def test_one_input_at_a_time_holds_only_its_linears_and_the_changed(sharded, tmp_path):
+    """Offloaded ``by_input``: the group's input goes to disk and, while its statistics are summed and the
+    callback runs, the block holds only the group's Linears and those changed before (the rest is read
+    back for the next pass); statistics and pruned weights equal the in-memory run's."""
+    spec = ModelSpec(source=str(sharded), task="causal-lm")
+    model, tok = loading.load_model(spec, loading.resolve_source(spec), TASKS["causal-lm"])
+    batches = TASKS["causal-lm"].calibration_batches(tok, CalibrationSpec(num_samples=6, seq_len=16, batch_size=4))
+    adapter = adapter_for("llama", "causal-lm")
+    off = _opened(sharded, tmp_path)
+    runs = []
+    for m, offload in ((model, None), (off.model, off)):
+        held: list[list[str]] = []
+
+        def halve(block, stats, m=m, held=held):
+            held.append(sorted(n.removeprefix(f"{block.prefix}.") for n, p in block.module.named_parameters()
+                               if not p.is_meta))
+            for name in stats:
+                w = m.get_submodule(name).weight.data
+                w[Stats(stats[name]).sq_norm.expand_as(w) * w.abs() < w.abs().median()] = 0
+
+        targets = {b.index: {n: m.get_submodule(n) for n in b.linears} for b in adapter.blocks(m)}
+        stats = LayerwiseEngine(m, adapter, batches, offload=offload).run(
+            targets, {"sq_norm", "hessian"}, "sequential", on_block=halve, by_input=True)
+        runs.append((stats, held))
+    (mem, every), (got, held) = runs
+    weights = [f"{name}.weight" for name in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj",
+                                              "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    assert held == [sorted(weights[:1]), sorted(weights[:3]), sorted(weights[:4]), sorted(weights)] * LAYERS
+    assert len(every[0]) == 9  # in memory: the whole block, norms included
+    assert mem.keys() == got.keys()
+    for name, fields in mem.items():
+        for field, value in fields.items():
+            assert torch.equal(got[name][field], value), (name, field)
+    _assert_same({n: p for n, p in model.named_parameters() if "layers" in n},
+                 {n: t for prefix, group in off.tensors() if "layers" in prefix for n, t in group.items()})
+    assert not list((tmp_path / "staging" / "inputs").iterdir())  # the spilled inputs are deleted
 
 
 def _run(recipe: dict, tmp_path, name: str):
