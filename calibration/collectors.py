@@ -204,7 +204,8 @@ class InputSpill:
     (32 MiB at 8 x 256 tokens there, 4 GiB at 128 x 2048: not something to hold)."""
 
     def __init__(self, module: nn.Module, folder: Path):
-        self.folder, self.batches, self.mask = folder, 0, None
+        self.folder, self.batches = folder, 0
+        self.mask: torch.Tensor | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self._handle = module.register_forward_pre_hook(self._hook)
 

@@ -48,7 +48,8 @@ def read(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
             tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
             begin, end = entry["data_offsets"]
             f.seek(start + begin)
-            if f.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+            into = tensor.reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, written by the read
+            if f.readinto(into) != end - begin:  # type: ignore[arg-type]  # (numpy's stubs omit its buffer protocol)
                 raise ValueError(f"{path}: tensor {name} ends past the end of the file (a truncated download?)")
             out[name] = tensor
     return out
