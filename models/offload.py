@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -44,12 +45,15 @@ class Shards:
         else:
             self.files = {n: path for path in sorted(folder.glob("*.safetensors")) for n in tensorfile.header(path)[0]}
 
-    def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """``names``, each file opened once; floating tensors cast to ``dtype``."""
+    def read(self, names: list[str], dtype: torch.dtype, device: torch.device,
+             mapped: bool = False) -> dict[str, torch.Tensor]:
+        """``names``, each file opened once (`map_file` with ``mapped``, else `read_file`); floating tensors
+        cast to ``dtype``."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
-        return {n: t for path, some in by_file.items() for n, t in read_file(path, some, dtype, device).items()}
+        reader = map_file if mapped else read_file
+        return {n: t for path, some in by_file.items() for n, t in reader(path, some, dtype, device).items()}
 
 
 def read_file(path: Path, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -57,6 +61,15 @@ def read_file(path: Path, names: list[str], dtype: torch.dtype, device: torch.de
     tensors give their memory back), on ``device``; floating tensors cast to ``dtype``."""
     return {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
             for n, t in tensorfile.read(path, names).items()}
+
+
+def map_file(path: Path, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """``names`` as views of the memory-mapped file (safetensors' reader) where no cast or move copies
+    them: only the pages a computation touches become resident, which suits an embedding table looked
+    up for a few thousand tokens (a 3B model's is 288 MiB), as long as every tensor from the file is
+    released together (its pages stay resident until the last one goes: blocks use `read_file`)."""
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        return {n: t.to(dtype) if t.is_floating_point() else t for n, t in ((n, f.get_tensor(n)) for n in names)}
 
 
 def skeleton(cls, config) -> nn.Module:
@@ -182,10 +195,11 @@ class Offloaded:
 
     @contextlib.contextmanager
     def inputs(self) -> Iterator[None]:
-        """What runs before block 0 (embeddings, their norms) materialized, released afterwards."""
+        """What runs before block 0 (embeddings, their norms) materialized, released afterwards; mapped
+        (`map_file`): the lookup makes only the calibration tokens' rows resident."""
         names = self._outside_blocks()
         skeleton = self.model.state_dict(keep_vars=True)
-        for name, tensor in self.shards.read(names, self.dtype, self.device).items():
+        for name, tensor in self.shards.read(names, self.dtype, self.device, mapped=True).items():
             self._put(name, tensor)
         try:
             yield
