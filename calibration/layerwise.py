@@ -22,7 +22,7 @@ written back (when a callback changed it) and released before the next one is re
 there also writes the input of the group to disk instead of summing it in the pass, and releases
 the block but for the group (and the modules changed before it) while the statistics are summed
 and the callback runs: at a 3B model that is down_proj's 256 MiB Hessian beside 48 MiB of weight,
-not beside the 192 MiB block (2.3 blocks: above the issue's bound of 2 plus activations).
+not beside the 192 MiB block (together 2.3 blocks).
 """
 
 from __future__ import annotations
