@@ -205,29 +205,26 @@ class InputSpill:
 
     def __init__(self, module: nn.Module, folder: Path):
         self.folder, self.batches = folder, 0
-        self.mask: torch.Tensor | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self._handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
-        tensors = {"x": args[0].detach().contiguous()} | ({} if self.mask is None else {"mask": self.mask})
-        save_file(tensors, str(self.folder / f"{self.batches:05d}.safetensors"))
+        save_file({"x": args[0].detach().contiguous()}, str(self.folder / f"{self.batches:05d}.safetensors"))
         self.batches += 1
         raise _StopForward
 
-    def run(self, fn, mask: torch.Tensor | None) -> None:
-        self.mask = mask
+    def run(self, fn) -> None:
         with contextlib.suppress(_StopForward):
             fn()
 
-    def stats(self, kinds: Iterable[str], device: torch.device) -> InputStats:
-        """The statistics of every batch written, in order; the files are deleted."""
+    def stats(self, kinds: Iterable[str], masks: list[torch.Tensor | None], device: torch.device) -> InputStats:
+        """The statistics of every batch written, in order, under each batch's padding mask (``masks``,
+        which the caller holds anyway); the files are deleted."""
         self._handle.remove()
         stats = InputStats(kinds)
-        for i in range(self.batches):
+        for i, mask in zip(range(self.batches), masks, strict=True):
             path = self.folder / f"{i:05d}.safetensors"
-            batch = {k: t.to(device) for k, t in tensorfile.read(path).items()}
-            stats.update(batch["x"], batch.get("mask"))
+            stats.update(tensorfile.read(path, ["x"])["x"].to(device), mask)
             path.unlink()
         return stats
 

@@ -202,10 +202,10 @@ class LayerwiseEngine:
             yield self._pass(block, inputs, group, kinds, keep_outputs)
             return
         spill = InputSpill(next(iter(group.values())), self.offload.staging / "inputs")
-        for hidden, args, kwargs, mask in zip(inputs.hidden, inputs.args, inputs.kwargs, inputs.masks):
-            spill.run(functools.partial(_forward, block.module, hidden, args, kwargs), mask)
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            spill.run(functools.partial(_forward, block.module, hidden, args, kwargs))
         with self.offload.only(block.prefix, set(group) | done):
-            shared = spill.stats(kinds, self.offload.device).tensors()  # one input: one set of sums for the group
+            shared = spill.stats(kinds, inputs.masks, self.offload.device).tensors()  # one input: one set of sums
             stats = {name: dict(shared) for name in group}
             del shared  # the caller may free a Hessian (GPTQ pops it) before the rest of the block is read back
             yield stats
